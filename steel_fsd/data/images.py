@@ -1,0 +1,46 @@
+"""Image reading by content (not extension), with errors that name the file."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DatasetError
+
+
+def read_image(path: str, format: str = "BGR") -> np.ndarray:
+    """Read an image fully (so truncated files fail here) as HxWx3 uint8 in ``format``.
+
+    ``format`` is ``"BGR"``, ``"RGB"`` or ``"L"`` (HxWx1). Files are opened by content: Severstal's
+    PNG-encoded ``.jpg`` files read correctly.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = "L" if format == "L" else "RGB"
+            arr = np.asarray(img.convert(mode))
+    except FileNotFoundError:
+        raise DatasetError(path, "image file not found") from None
+    except UnidentifiedImageError:
+        raise DatasetError(path, "not a readable image (corrupt or unknown format)") from None
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(path, f"corrupt or truncated image ({e})") from None
+    if format == "L":
+        return arr[:, :, None]
+    return arr[:, :, ::-1].copy() if format == "BGR" else arr
+
+
+def read_dataset_image(dataset_dict: dict, format: str = "BGR") -> np.ndarray:
+    """Read the image of a Detectron2 dataset dict, applying its ``crop_box`` (tiles) if present.
+
+    ``crop_box`` is ``[x0, y0, x1, y1]`` in the source image; the result has the dict's height/width.
+    """
+    img = read_image(dataset_dict["file_name"], format)
+    box = dataset_dict.get("crop_box")
+    if box is not None:
+        x0, y0, x1, y1 = (int(v) for v in box)
+        img = img[y0:y1, x0:x1]
+    h, w = dataset_dict.get("height"), dataset_dict.get("width")
+    if (h is not None and img.shape[0] != h) or (w is not None and img.shape[1] != w):
+        raise DatasetError(dataset_dict["file_name"],
+                           f"image is {img.shape[1]}x{img.shape[0]} but the annotation says {w}x{h}")
+    return img
