@@ -1,0 +1,28 @@
+# steel-fsd: `make demo` and `make test` set everything up on a fresh machine (idempotent).
+# VENV may point at an existing environment (e.g. one with Detectron2 built from source): it is reused.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.steel_fsd_deps
+PYTEST_ARGS ?=
+
+.PHONY: env demo test bench clean-demo
+
+env: $(DEPS_STAMP)
+	@$(PY) -c "import steel_fsd, pathlib; assert pathlib.Path(steel_fsd.__file__).resolve().parent == pathlib.Path('steel_fsd').resolve()" 2>/dev/null \
+	  || { echo "[make] installing steel_fsd (editable) from $(CURDIR)"; $(PY) -m pip install -q --no-deps --no-build-isolation -e .; }
+
+$(DEPS_STAMP): requirements.txt tools/install_detectron2.py setup.py
+	@test -x $(PY) || { echo "[make] creating virtual environment $(VENV)"; python3 -m venv $(VENV); }
+	@echo "[make] installing requirements into $(VENV) (torch/torchvision: a few minutes the first time)"
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) tools/install_detectron2.py
+	@touch $(DEPS_STAMP)
+
+demo: env
+	$(PY) tools/demo.py
+
+test: env
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+bench: env
+	$(PY) benchmarks/run_all.py

@@ -1,0 +1,48 @@
+"""Config keys added by steel-fsd (``add_steel_fsd_config``), in the style of Detectron2 projects."""
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN
+
+
+def add_steel_fsd_config(cfg: CN) -> CN:
+    """Add every steel-fsd key, with defaults, to a Detectron2 config (in place; also returned)."""
+    _C = cfg
+    # Harmonization applied at train and test time (each switchable; all off = "no preprocessing").
+    _C.INPUT.HARMONIZE = CN()
+    _C.INPUT.HARMONIZE.RESIZE = 512            # target size in pixels; 0 keeps the native size
+    _C.INPUT.HARMONIZE.RESIZE_POLICY = "stretch"  # stretch (to SxS) | shortest_edge | longest_edge
+    _C.INPUT.HARMONIZE.NORMALIZE = True        # MODEL.PIXEL_MEAN/STD from the training set's statistics
+    _C.INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES = 200  # images sampled to estimate mean/std
+    _C.INPUT.HARMONIZE.CLAHE = True
+    _C.INPUT.HARMONIZE.CLAHE_CLIP = 2.0
+    _C.INPUT.HARMONIZE.CLAHE_TILES = 8
+    # Random augmentation, train time only.
+    _C.INPUT.AUG = CN()
+    _C.INPUT.AUG.ENABLED = True                # master switch for all of the below
+    _C.INPUT.AUG.GAMMA = True
+    _C.INPUT.AUG.GAMMA_RANGE = [0.8, 1.2]
+    _C.INPUT.AUG.NOISE = True
+    _C.INPUT.AUG.NOISE_SIGMA = 0.01            # std of additive Gaussian noise, fraction of 255
+    _C.INPUT.AUG.ROTATION = True
+    _C.INPUT.AUG.ROTATION_DEG = 30.0           # uniform in [-deg, +deg]; boxes follow
+    _C.INPUT.AUG.HFLIP = True
+    _C.INPUT.AUG.VFLIP = True
+    _C.INPUT.AUG.CROP = True
+    _C.INPUT.AUG.CROP_RANGE = [0.8, 1.0]       # relative crop side, per axis
+    # Evaluation.
+    _C.TEST.PRF_SCORE_THRESH = 0.5             # detections >= this score count for precision/recall/F1
+    _C.TEST.PRF_IOU_THRESH = 0.5
+    add_prototype_config(cfg)
+    return cfg
+
+
+def add_prototype_config(cfg: CN) -> CN:
+    """Keys of the prototype ROI head (MODEL.PROTOTYPE.*)."""
+    cfg.MODEL.PROTOTYPE = CN()
+    cfg.MODEL.PROTOTYPE.EMBED_DIM = 256
+    cfg.MODEL.PROTOTYPE.TAU_INIT = 10.0          # initial tau; learned as exp(log_tau)
+    cfg.MODEL.PROTOTYPE.MOMENTUM = 0.9           # EMA momentum of the prototype memory bank
+    cfg.MODEL.PROTOTYPE.TRIPLET_MARGIN = 0.3     # alpha
+    cfg.MODEL.PROTOTYPE.TRIPLET_WEIGHT = 1.0     # lambda; 0 disables the triplet loss (ablation B)
+    cfg.MODEL.PROTOTYPE.SUPPORT_FILE = ""        # prototypes from tools/register_support.py
+    return cfg

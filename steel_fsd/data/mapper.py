@@ -1,0 +1,60 @@
+"""Dataset mapper: Detectron2's ``DatasetMapper`` with steel-fsd image reading and augmentation."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from .images import read_dataset_image
+from .transforms import build_augmentations
+
+__all__ = ["SteelDatasetMapper"]
+
+
+class SteelDatasetMapper(DatasetMapper):
+    """``DatasetMapper`` that reads images with :func:`read_dataset_image` and uses
+    :func:`build_augmentations`.
+
+    Reading by content applies the dict's ``crop_box`` (tiles), reads PNG data behind ``.jpg``
+    names, and raises :class:`~steel_fsd.data.errors.DatasetError` naming the file for a missing,
+    corrupt or truncated image. Annotations go through the parent's transformation: boxes follow
+    every transform, are clipped to the image, and instances with empty boxes are dropped; at test
+    time annotations are removed. Semantic-segmentation files are not supported.
+    """
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, is_train: bool = True) -> dict:
+        ret = super().from_config(cfg, is_train)
+        augs = build_augmentations(cfg, is_train)
+        ret["augmentations"] = augs
+        # Cropped/rotated boxes are loose; with masks, recompute tight boxes from them.
+        geometric = any(isinstance(a, (T.RandomCrop, T.RandomRotation)) for a in augs)
+        ret["recompute_boxes"] = bool(is_train and cfg.MODEL.MASK_ON and geometric)
+        return ret
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        """Map one dataset dict to the model's input format (``image`` CHW uint8, ``instances``)."""
+        dataset_dict = copy.deepcopy(dataset_dict)
+        aug_input = T.AugInput(read_dataset_image(dataset_dict, self.image_format))
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        if image.ndim == 2:  # cv2 drops a single channel (format "L")
+            image = image[:, :, None]
+        image_shape = image.shape[:2]
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        if self.proposal_topk is not None:
+            utils.transform_proposals(
+                dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk
+            )
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        if "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image_shape)
+        return dataset_dict

@@ -1,0 +1,82 @@
+"""Training and evaluation through Detectron2's DefaultTrainer, with steel-fsd's data and metrics."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import DatasetEvaluators
+from detectron2.utils.file_io import PathManager
+
+from ..data.mapper import SteelDatasetMapper
+from ..evaluation.coco import SteelCOCOEvaluator
+from ..evaluation.prf import PRFEvaluator
+
+logger = logging.getLogger("steel_fsd")
+
+
+class WeightsError(RuntimeError):
+    """MODEL.WEIGHTS names a file that cannot be read."""
+
+
+def check_weights(path: str) -> None:
+    """Raise :class:`WeightsError` with a way forward if ``path`` (local or URL) cannot be read."""
+    if not path:
+        return
+    try:
+        local = PathManager.get_local_path(path)
+        ok = os.path.isfile(local) and os.access(local, os.R_OK)
+        reason = "no such readable file"
+    except Exception as e:  # download or handler failures: offline machines, bad URLs
+        ok, reason = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        raise WeightsError(
+            f"MODEL.WEIGHTS '{path}' cannot be read ({reason}). Download the weights and pass their local path "
+            "(MODEL.WEIGHTS /path/R-50.pkl), or train from scratch with MODEL.WEIGHTS \"\" — the *_scratch_GN "
+            "configs do this with GroupNorm, which trains well without pretraining.")
+
+
+def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluators:
+    """COCO AP/AP50/AP75 (+ per class) and precision/recall/F1 for one dataset."""
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    return DatasetEvaluators([
+        SteelCOCOEvaluator(dataset_name, output_dir=output_folder),
+        PRFEvaluator(dataset_name, score_thresh=cfg.TEST.PRF_SCORE_THRESH, iou_thresh=cfg.TEST.PRF_IOU_THRESH,
+                     output_dir=output_folder),
+    ])
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with steel-fsd's mapper (harmonization + augmentation) and evaluators."""
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=SteelDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=SteelDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+    def resume_or_load(self, resume: bool = True):
+        has_ckpt = resume and self.checkpointer.has_checkpoint()
+        if not has_ckpt:
+            check_weights(self.cfg.MODEL.WEIGHTS)
+        super().resume_or_load(resume=resume)
+
+
+def load_model_for_eval(cfg: CfgNode, resume: bool = False) -> torch.nn.Module:
+    """Build the model of ``cfg`` and load MODEL.WEIGHTS (or the last checkpoint with ``resume``)."""
+    model = Trainer.build_model(cfg)
+    checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    if not (resume and checkpointer.has_checkpoint()):
+        check_weights(cfg.MODEL.WEIGHTS)
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    return model

@@ -1,0 +1,33 @@
+"""Per-class metric tables from the evaluators' results."""
+from __future__ import annotations
+
+import math
+
+METRICS = ("AP", "AP50", "AP75", "P", "R", "F1")
+
+
+def per_class_rows(results: dict, class_names: list[str]) -> list[dict]:
+    """One row per class plus a ``mean`` row, merging COCO AP/AP50/AP75 and P/R/F1 (all in percent).
+
+    ``results`` is one dataset's evaluator output: ``{"bbox": {...}, "prf": {...}}``.
+    """
+    bbox, prf = results.get("bbox", {}), results.get("prf", {})
+    rows = []
+    for c in class_names:
+        rows.append({"class": c, "AP": bbox.get(f"AP-{c}", math.nan), "AP50": bbox.get(f"AP50-{c}", math.nan),
+                     "AP75": bbox.get(f"AP75-{c}", math.nan), "P": prf.get(f"P-{c}", math.nan),
+                     "R": prf.get(f"R-{c}", math.nan), "F1": prf.get(f"F1-{c}", math.nan)})
+    rows.append({"class": "mean", "AP": bbox.get("AP", math.nan), "AP50": bbox.get("AP50", math.nan),
+                 "AP75": bbox.get("AP75", math.nan), "P": prf.get("precision", math.nan),
+                 "R": prf.get("recall", math.nan), "F1": prf.get("f1", math.nan)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of :func:`per_class_rows` output."""
+    width = max(len(r["class"]) for r in rows)
+    head = f"{'class':<{width}}  " + "  ".join(f"{m:>6}" for m in METRICS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['class']:<{width}}  " + "  ".join(f"{r[m]:6.1f}" for m in METRICS))
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Load NEU-DET and/or Severstal, split them 70/15/15 (seeded, class-stratified) and write COCO files.
+
+    python tools/prepare_datasets.py --neu datasets/neu-det --severstal datasets/severstal --out datasets/splits
+
+Writes ``OUT/{neu,severstal}_{train,val,test}.json`` (COCO instances; ``file_name`` relative to the
+dataset root given, so register them with that root as ``image_root``) and ``OUT/splits.json`` (one
+manifest per dataset: seed, ratios, annotation-source digest, image keys and per-class counts per
+split; entries of datasets not named in this run are kept). Outputs hold no timestamps or absolute
+paths: the same inputs and seed give byte-identical files. Prints a per-class table of images and
+boxes per split, and the skip counts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+try:
+    import steel_fsd  # noqa: F401
+except ImportError:  # run as a script from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from steel_fsd.data.coco import to_coco, write_coco
+from steel_fsd.data.errors import DatasetError, SkipLog
+from steel_fsd.data.images import read_dataset_image
+from steel_fsd.data.splits import DEFAULT_RATIOS, SPLITS, split_manifest, stratified_split
+
+
+def load_dataset(name: str, root: Path, skips: SkipLog) -> tuple[list[dict], list[str], list[Path]]:
+    """Dataset dicts, class names and annotation source files of ``name`` ("neu" or "severstal").
+
+    The sources are the XML files of NEU's annotation folders, or the one CSV Severstal's loader
+    reads (``train.csv`` if present, else ``train_v2.csv``).
+    """
+    if name == "neu":
+        from steel_fsd.data.neu import NEU_CLASSES, annotation_dirs, load_neu_voc
+        dicts = load_neu_voc(root, skips=skips)
+        sources = [p for d in annotation_dirs(root) for p in d.iterdir() if p.suffix.lower() == ".xml"]
+        return dicts, list(NEU_CLASSES), sources
+    from steel_fsd.data.severstal import CSV_NAMES, SEVERSTAL_CLASSES, load_severstal
+    dicts = load_severstal(root, skips=skips)
+    return dicts, list(SEVERSTAL_CLASSES), [next(root / n for n in CSV_NAMES if (root / n).is_file())]
+
+
+def _fmt_time(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def verify_images(dicts: list[dict], skips: SkipLog, label: str) -> list[dict]:
+    """Fully decode every image (size checked against the dict); progress and ETA on stderr.
+
+    Unreadable images raise :class:`DatasetError` (naming the file) in strict mode, else are dropped
+    and counted in ``skips``. Returns the dicts whose images are good.
+    """
+    tty = sys.stderr.isatty()
+    every_s = 1.0 if tty else 10.0
+    good, t0, last = [], time.monotonic(), -every_s
+    for i, d in enumerate(dicts, 1):
+        try:
+            read_dataset_image(d)
+            good.append(d)
+        except DatasetError as e:
+            skips.problem("unreadable image", e.path, e.cause)
+        now = time.monotonic() - t0
+        if now - last >= every_s or i == len(dicts):
+            last = now
+            eta = now / i * (len(dicts) - i)
+            print(f"{chr(13) if tty else ''}verify {label}: {i}/{len(dicts)} images ({100 * i // len(dicts)}%), "
+                  f"elapsed {_fmt_time(now)}, ETA {_fmt_time(eta)}", end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+    if dicts and tty:
+        print(file=sys.stderr)
+    return good
+
+
+def summary_table(name: str, manifest: dict, skips: SkipLog) -> str:
+    """Per-class images/boxes per split, negatives and totals, and the skips, as aligned text."""
+    splits = manifest["splits"]
+    rows = [[c] + [f"{splits[s]['class_images'][c]}/{splits[s]['class_boxes'][c]}" for s in SPLITS]
+            for c in manifest["classes"]]
+    rows.append(["(no boxes)"] + [f"{splits[s]['negative_images']}/0" for s in SPLITS])
+    rows.append(["total"] + [f"{splits[s]['images']}/{splits[s]['boxes']}" for s in SPLITS])
+    header = [f"{name}: class"] + [f"{s} images/boxes" for s in SPLITS]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    fmt = "  ".join(("{:<%d}" if i == 0 else "{:>%d}") % w for i, w in enumerate(widths))
+    lines = [fmt.format(*header)] + [fmt.format(*r) for r in rows]
+    lines.append(f"{name}: skips: {skips.summary()}")
+    return "\n".join(lines)
+
+
+def prepare(name: str, root: Path, seed: int, strict: bool, check_images: bool) -> tuple[dict, dict[str, dict]]:
+    """Load, optionally verify, and split one dataset; its splits.json entry and COCO dicts by file name."""
+    skips = SkipLog(strict=strict)
+    dicts, classes, sources = load_dataset(name, root, skips)
+    if check_images:
+        dicts = verify_images(dicts, skips, name)
+    splits = stratified_split(dicts, seed, DEFAULT_RATIOS)
+    manifest = split_manifest(splits, seed, sources, DEFAULT_RATIOS, classes)
+    cocos = {f"{name}_{s}.json": to_coco(splits[s], classes, f"{name}_{s}", image_root=root) for s in SPLITS}
+    manifest["coco"] = dict(zip(SPLITS, cocos))
+    manifest["skips"] = dict(sorted(skips.counts.items()))
+    print(summary_table(name, manifest, skips))
+    return manifest, cocos
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--neu", type=Path, help="NEU-DET root (IMAGES/ + ANNOTATIONS/, or train/validation layout)")
+    p.add_argument("--severstal", type=Path, help="Severstal root (train.csv or train_v2.csv + train_images/)")
+    p.add_argument("--out", type=Path, required=True, help="output folder for the COCO files and splits.json")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--non-strict", action="store_true", help="skip and count bad items instead of stopping")
+    p.add_argument("--verify-images", action="store_true", help="fully decode every image before splitting")
+    args = p.parse_args(argv)
+    todo = {n: r for n, r in (("neu", args.neu), ("severstal", args.severstal)) if r is not None}
+    if not todo:
+        p.error("give --neu and/or --severstal")
+    manifest_path = args.out / "splits.json"
+    manifests = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    outputs: dict[str, dict] = {}
+    try:  # everything is computed before anything is written: a failed run leaves OUT as it was
+        for name, root in todo.items():
+            manifests[name], cocos = prepare(name, root, args.seed, not args.non_strict, args.verify_images)
+            outputs.update(cocos)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for file_name, coco in outputs.items():
+        write_coco(args.out / file_name, coco)
+    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
+    tmp.write_text(json.dumps(dict(sorted(manifests.items())), indent=1) + "\n")
+    os.replace(tmp, manifest_path)
+    print(f"wrote {', '.join(outputs)} and splits.json to {args.out}")
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
