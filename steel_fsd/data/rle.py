@@ -55,7 +55,7 @@ def rle_decode(rle: str, shape: tuple[int, int] = SEVERSTAL_SHAPE) -> np.ndarray
     edges = np.zeros(h * w + 1, dtype=np.int32)
     np.add.at(edges, starts, 1)
     np.add.at(edges, starts + lengths, -1)
-    flat = np.cumsum(edges[:-1]) > 0
+    flat = np.cumsum(edges[:-1], dtype=np.int32) > 0
     return flat.reshape(w, h).T  # column-major numbering: pixel k is (row k % h, col k // h)
 
 

@@ -1,0 +1,188 @@
+"""Detectron2 registration of NEU-DET, Severstal, their synthetic versions and their unions.
+
+Registration is lazy: only folder existence is checked when registering; the annotations are loaded
+on the first ``DatasetCatalog.get`` of any split and the load is shared by all splits of a dataset
+(cached per process: a dataset rewritten on disk after its first load is not reloaded). Every ``get``
+returns a fresh copy, so callers may modify the dicts.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pickle
+from collections import Counter
+from typing import Sequence
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from .errors import SkipLog
+from .neu import NEU_CLASSES, load_neu_voc
+from .severstal import SEVERSTAL_CLASSES, load_severstal, tile_dataset_dicts
+
+SPLITS = ("train", "val", "test")
+DEFAULT_TILE = 256
+UNION_ID_OFFSET = 10**7
+# (folder under the datasets root, registered name prefix) per loader kind
+NEU_FOLDERS = (("neu-det", "neu"), ("neu-synth", "neu_synth"))
+SEVERSTAL_FOLDERS = (("severstal", "severstal"), ("severstal-synth", "severstal_synth"))
+UNIONS = (("steel_mixed", ("neu", "severstal")), ("steel_mixed_synth", ("neu_synth", "severstal_synth")))
+
+logger = logging.getLogger("steel_fsd")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(kind: str, root: str, class_names: tuple[str, ...], strict: bool) -> tuple[list[dict], SkipLog]:
+    """The whole dataset and its skip counts, loaded once per process."""
+    skips = SkipLog(strict=strict)
+    loader = load_neu_voc if kind == "neu" else load_severstal
+    return loader(root, class_names, skips=skips), skips
+
+
+@functools.lru_cache(maxsize=None)
+def _split(kind: str, root: str, class_names: tuple[str, ...], strict: bool, seed: int) -> dict[str, list[dict]]:
+    from .splits import stratified_split
+
+    return stratified_split(_load(kind, root, class_names, strict)[0], seed=seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _pickled(kind: str, root: str, class_names: tuple[str, ...], strict: bool, split: str | None, seed: int,
+             tile: int | None) -> bytes:
+    """One split's final dicts (tiled, or without the private ``_rles``), pickled for cheap fresh copies.
+
+    Severstal is split by whole images first, then tiled, so no strip has tiles in two splits.
+    """
+    dicts = _load(kind, root, class_names, strict)[0] if split is None else \
+        _split(kind, root, class_names, strict, seed)[split]
+    if tile:
+        dicts = tile_dataset_dicts(dicts, tile=tile)
+    else:
+        dicts = [{k: v for k, v in d.items() if k != "_rles"} for d in dicts]
+    return pickle.dumps(dicts, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def summary_line(name: str, dicts: list[dict], class_names: Sequence[str], skips: SkipLog | None = None) -> str:
+    """``"<name>: N images, boxes per class {...}, K negatives[, skips: ...]"``."""
+    boxes = Counter(a["category_id"] for d in dicts for a in d.get("annotations", []))
+    per_class = ", ".join(f"{c}: {boxes[i]}" for i, c in enumerate(class_names))
+    negatives = sum(1 for d in dicts if not d.get("annotations"))
+    line = f"{name}: {len(dicts)} images, boxes per class {{{per_class}}}, {negatives} negatives"
+    return line if skips is None else f"{line}, skips: {skips.summary()}"
+
+
+def _get(name: str, kind: str, root: str, class_names: tuple[str, ...], strict: bool, split: str | None,
+         seed: int, tile: int | None) -> list[dict]:
+    dicts = pickle.loads(_pickled(kind, root, class_names, strict, split, seed, tile))
+    logger.info(summary_line(name, dicts, class_names, _load(kind, root, class_names, strict)[1]))
+    return dicts
+
+
+def _register(name: str, kind: str, root: str | os.PathLike, class_names: Sequence[str], split: str | None,
+              seed: int, tile: int | None, strict: bool) -> None:
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: dataset folder not found (registering {name!r})")
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    classes = tuple(class_names)
+    DatasetCatalog.register(name, functools.partial(_get, name, kind, root, classes, strict, split, seed, tile))
+    MetadataCatalog.get(name).set(thing_classes=list(classes), evaluator_type="coco", dataset_root=root,
+                                  split=split or "all", seed=seed)
+
+
+def register_neu(name: str, root: str | os.PathLike, class_names: Sequence[str] = NEU_CLASSES,
+                 split: str | None = None, seed: int = 0, strict: bool = True) -> None:
+    """Register NEU-DET at ``root`` (see :func:`~steel_fsd.data.neu.load_neu_voc`) as ``name``.
+
+    ``split`` is ``"train"``, ``"val"``, ``"test"`` (seeded stratified 70/15/15 split) or None (all
+    images). Raises FileNotFoundError when ``root`` is not a folder, AssertionError if ``name`` is taken.
+    """
+    _register(name, "neu", root, class_names, split, seed, None, strict)
+
+
+def register_severstal(name: str, root: str | os.PathLike, split: str | None = None, seed: int = 0,
+                       tile: int | None = None, strict: bool = True,
+                       class_names: Sequence[str] = SEVERSTAL_CLASSES) -> None:
+    """Register Severstal at ``root`` (see :func:`~steel_fsd.data.severstal.load_severstal`) as ``name``.
+
+    ``split`` as in :func:`register_neu` (whole strips are split); ``tile`` (e.g. 256) registers
+    square tiles of each split (32-pixel overlap) instead of the 1600x256 strips.
+    """
+    _register(name, "severstal", root, class_names, split, seed, tile, strict)
+
+
+def register_union(name: str, parts: Sequence[str], id_offset: int = UNION_ID_OFFSET) -> None:
+    """Register the concatenation of registered datasets ``parts`` as ``name``.
+
+    Classes are the parts' ``thing_classes`` in order (category ids shifted accordingly); image ids of
+    part ``i`` are shifted by ``i * id_offset``. Loading raises ValueError if image ids collide.
+    """
+    metas = [MetadataCatalog.get(p) for p in parts]
+    offsets, classes = [], []
+    for m in metas:
+        offsets.append(len(classes))
+        classes += list(m.thing_classes)
+
+    def load() -> list[dict]:
+        out = []
+        for i, (part, cat_offset) in enumerate(zip(parts, offsets)):
+            out += [dict(d, image_id=int(d["image_id"]) + i * id_offset,
+                         annotations=[dict(a, category_id=a["category_id"] + cat_offset) for a in d["annotations"]])
+                    for d in DatasetCatalog.get(part)]
+        if len({d["image_id"] for d in out}) != len(out):
+            raise ValueError(f"{name}: image ids of {list(parts)} collide with offset {id_offset}")
+        logger.info(summary_line(name, out, classes))
+        return out
+
+    roots = [m.get("dataset_root") for m in metas]
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(
+        thing_classes=classes, evaluator_type="coco", parts=list(parts),
+        dataset_root=os.path.commonpath(roots) if all(roots) else None,
+        split=metas[0].get("split") if len({m.get("split") for m in metas}) == 1 else "mixed",
+        seed=metas[0].get("seed") if len({m.get("seed") for m in metas}) == 1 else None)
+
+
+def datasets_root() -> str:
+    """``$STEEL_FSD_DATASETS`` if set, else ``./datasets`` (absolute)."""
+    return os.path.abspath(os.environ.get("STEEL_FSD_DATASETS", "datasets"))
+
+
+def register_all(root: str | os.PathLike | None = None) -> list[str]:
+    """Register every dataset found under ``root`` and return the names registered by this call.
+
+    ``root`` defaults to ``$STEEL_FSD_DATASETS``, else ``./datasets``. Folders: ``neu-det/``,
+    ``neu-synth/`` (NEU layout), ``severstal/``, ``severstal-synth/`` (Severstal layout). Names:
+    ``{neu,neu_synth,severstal,severstal_synth}_{train,val,test}``, ``severstal[_synth]_tiled_{split}``
+    (256-pixel tiles) and the unions ``steel_mixed_{split}`` (neu + severstal strips) and
+    ``steel_mixed_synth_{split}``. Absent folders are skipped; names already registered are kept as
+    they are (so calling it twice is harmless).
+    """
+    root = os.path.abspath(os.fspath(root)) if root is not None else datasets_root()
+    new: list[str] = []
+
+    def add(name: str, register, *args, **kwargs) -> None:
+        if name in DatasetCatalog.list():
+            logger.debug("%s already registered (root %s); not re-registered", name,
+                         MetadataCatalog.get(name).get("dataset_root"))
+            return
+        register(name, *args, **kwargs)
+        new.append(name)
+
+    for folder, prefix in NEU_FOLDERS + SEVERSTAL_FOLDERS:
+        path = os.path.join(root, folder)
+        if not os.path.isdir(path):
+            continue
+        for s in SPLITS:
+            if (folder, prefix) in NEU_FOLDERS:
+                add(f"{prefix}_{s}", register_neu, path, split=s)
+            else:
+                add(f"{prefix}_{s}", register_severstal, path, split=s)
+                add(f"{prefix}_tiled_{s}", register_severstal, path, split=s, tile=DEFAULT_TILE)
+    for union, prefixes in UNIONS:
+        for s in SPLITS:
+            parts = [f"{p}_{s}" for p in prefixes]
+            if all(p in DatasetCatalog.list() for p in parts):
+                add(f"{union}_{s}", register_union, parts)
+    return new

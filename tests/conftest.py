@@ -1,0 +1,98 @@
+"""Shared fixtures: the real data samples and writers of tiny datasets for bad-input tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _real(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data sample {path} not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def neu_real_root() -> Path:
+    """The real NEU-DET sample (flat IMAGES/ + ANNOTATIONS/, 1,440 images)."""
+    return _real("neu-det")
+
+
+@pytest.fixture(scope="session")
+def severstal_real_root() -> Path:
+    """The real Severstal 20-image sample (train.csv, train_v2.csv, train_images/)."""
+    return _real("severstal")
+
+
+def voc_xml(filename: str | None, objects: list[tuple], size: tuple[int, int] | None = (200, 200)) -> str:
+    """Pascal VOC text. ``objects``: ``(name, xmin, ymin, xmax, ymax[, difficult])``; ``size``: (w, h) or None."""
+    lines = ["<annotation>", "\t<folder>x</folder>"]
+    if filename is not None:
+        lines.append(f"\t<filename>{filename}</filename>")
+    if size is not None:
+        lines += ["\t<size>", f"\t\t<width>{size[0]}</width>", f"\t\t<height>{size[1]}</height>",
+                  "\t\t<depth>1</depth>", "\t</size>"]
+    for name, x0, y0, x1, y1, *rest in objects:
+        lines += ["\t<object>", f"\t\t<name>{name}</name>", f"\t\t<difficult>{rest[0] if rest else 0}</difficult>",
+                  "\t\t<bndbox>", f"\t\t\t<xmin>{x0}</xmin>", f"\t\t\t<ymin>{y0}</ymin>",
+                  f"\t\t\t<xmax>{x1}</xmax>", f"\t\t\t<ymax>{y1}</ymax>", "\t\t</bndbox>", "\t</object>"]
+    return "\n".join(lines + ["</annotation>"]) + "\n"
+
+
+def write_image(path: Path, width: int = 200, height: int = 200) -> Path:
+    """A small grayscale image (format from the extension)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((height, width), 128, np.uint8), "L").save(path)
+    return path
+
+
+@pytest.fixture
+def neu_tmp(tmp_path):
+    """Writer of a flat NEU-DET dataset under ``tmp_path/neu``: ``add(stem, objects, filename=..., size=...,
+    image=True, xml=None)`` writes ``ANNOTATIONS/<stem>.xml`` (``xml`` = raw text overrides) and, with
+    ``image``, ``IMAGES/<stem>.jpg`` (or the name given by ``image`` when it is a str)."""
+    root = tmp_path / "neu"
+    (root / "ANNOTATIONS").mkdir(parents=True)
+    (root / "IMAGES").mkdir()
+
+    def add(stem: str, objects=(), filename: str | None = "", size=(200, 200), image: bool | str = True,
+            xml: str | None = None) -> Path:
+        fn = f"{stem}.jpg" if filename == "" else filename
+        path = root / "ANNOTATIONS" / f"{stem}.xml"
+        path.write_text(xml if xml is not None else voc_xml(fn, list(objects), size))
+        if image:
+            write_image(root / "IMAGES" / (image if isinstance(image, str) else f"{stem}.jpg"))
+        return path
+
+    add.root = root
+    return add
+
+
+@pytest.fixture
+def severstal_tmp(tmp_path):
+    """Writer of a Severstal dataset under ``tmp_path/sev``: ``write(rows, header="v2", images=None)``
+    writes ``train.csv`` (v1 header) or ``train_v2.csv`` from raw ``rows`` (lists of fields) and an
+    empty file per image name in ``images`` (default: the CSV's image ids). Returns the CSV path."""
+    root = tmp_path / "sev"
+    (root / "train_images").mkdir(parents=True)
+
+    def write(rows: list[list[str]], header: str = "v2", images: list[str] | None = None) -> Path:
+        if header == "v1":
+            path, head = root / "train.csv", "ImageId_ClassId,EncodedPixels"
+            ids = [r[0].rpartition("_")[0] for r in rows]
+        else:
+            path, head = root / "train_v2.csv", "ImageId,ClassId,EncodedPixels"
+            ids = [r[0] for r in rows]
+        path.write_text("\n".join([head] + [",".join(r) for r in rows]) + "\n")
+        for name in (ids if images is None else images):
+            (root / "train_images" / name).touch()
+        return path
+
+    write.root = root
+    return write
