@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
+from .data.episodic import add_episodic_config
+
 
 def add_steel_fsd_config(cfg: CN) -> CN:
     """Add every steel-fsd key, with defaults, to a Detectron2 config (in place; also returned)."""
@@ -33,6 +35,7 @@ def add_steel_fsd_config(cfg: CN) -> CN:
     _C.TEST.PRF_SCORE_THRESH = 0.5             # detections >= this score count for precision/recall/F1
     _C.TEST.PRF_IOU_THRESH = 0.5
     add_prototype_config(cfg)
+    add_episodic_config(cfg)
     return cfg
 
 

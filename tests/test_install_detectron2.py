@@ -70,3 +70,33 @@ def test_installed_detectron2_imports_modules_that_need_C():
     import detectron2.layers.rotated_boxes  # noqa: F401
     from detectron2.data.transforms import ExtentTransform
     assert ExtentTransform.__init__.__defaults__[0] is not None  # Image.BILINEAR resolved at import
+
+
+def fake_detectron2(tmp_path: Path, c_source: str | None) -> Path:
+    pkg = tmp_path / "site" / "detectron2"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("__version__ = '0.6'\n")
+    if c_source is not None:
+        (pkg / "_C.py").write_text(c_source)
+    return tmp_path / "site"
+
+
+@pytest.mark.parametrize("c_source,reused", [
+    (None, True),  # a user's build whose _C fails to import is still theirs: never replaced
+    ("def nms(): pass\n", True),  # a real extension (here: any module without IS_STUB)
+    (inst.STUB_SOURCE, True),  # the current stand-in
+    ("IS_STUB = True\ndef __getattr__(n):\n    raise RuntimeError(n)\n", False),  # an outdated stand-in
+])
+def test_outdated_stand_in_is_reinstalled_but_user_builds_are_kept(tmp_path, monkeypatch, c_source, reused):
+    monkeypatch.setenv("PYTHONPATH", str(fake_detectron2(tmp_path, c_source)))
+    assert (inst.existing_detectron2(sys.executable) is not None) == reused
+
+
+def test_stand_in_answers_collect_env_queries(tmp_path):
+    stub = tmp_path / "_C.py"
+    stub.write_text(inst.STUB_SOURCE)
+    spec = importlib.util.spec_from_file_location("stub_C2", stub)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.STUB_VERSION == inst.STUB_VERSION and mod.has_cuda() is False
+    assert "no compiled extension" in mod.get_compiler_version()

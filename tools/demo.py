@@ -32,8 +32,17 @@ def make_data(root: str, seed: int) -> None:
     subprocess.run([sys.executable, tool, "--out", root, "--seed", str(seed)], check=True)
 
 
+def one_per_class(dicts: list[dict], n: int) -> list[dict]:
+    """The first image holding each class (in class order), topped up to ``n`` images."""
+    picked: list[dict] = []
+    for c in sorted({a["category_id"] for d in dicts for a in d["annotations"]}):
+        first = next((d for d in dicts if d not in picked and any(a["category_id"] == c for a in d["annotations"])), None)
+        picked += [first] if first is not None else []
+    return (picked + [d for d in dicts if d not in picked])[:n]
+
+
 def save_overlays(cfg, model, dataset_name: str, path: str, n: int = 6) -> None:
-    dicts = DatasetCatalog.get(dataset_name)[:n]
+    dicts = one_per_class(DatasetCatalog.get(dataset_name), n)
     meta = MetadataCatalog.get(dataset_name)
     mapper = SteelDatasetMapper(cfg, is_train=False)  # the same mapper as evaluation
     model.eval()
@@ -65,8 +74,7 @@ def main(argv=None) -> dict:
         f.write(cfg.dump())
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)
-    trainer.train()
-    results = Trainer.test(cfg, trainer.model)
+    results = trainer.train()
     test_name = cfg.DATASETS.TEST[0]
     classes = MetadataCatalog.get(test_name).thing_classes
     rows = per_class_rows(results[test_name], classes)

@@ -34,12 +34,26 @@ RUNTIME_DEPS = [
     "omegaconf>=2.1", "hydra-core>=1.1",
 ]
 
+STUB_VERSION = 2  # bump when STUB_SOURCE changes: older stand-ins are then reinstalled
 STUB_SOURCE = '''"""Stand-in for Detectron2's compiled extension, written by steel-fsd's installer.
 
 This Detectron2 was installed from Python sources only. Ops that exist only in C++/CUDA
 (deformable conv, rotated boxes, fast COCO eval) are unavailable; everything else works.
 """
 IS_STUB = True
+STUB_VERSION = %(version)d
+
+
+def get_compiler_version():  # informational, used by detectron2.utils.collect_env
+    return "none (Python-only Detectron2: no compiled extension)"
+
+
+def get_cuda_version():
+    return "none (Python-only Detectron2: no compiled extension)"
+
+
+def has_cuda():
+    return False
 
 
 def __getattr__(name):
@@ -50,7 +64,7 @@ def __getattr__(name):
         "without its C++/CUDA extension (steel-fsd's registry fallback). Build Detectron2 from "
         "source to use it, or avoid the op (e.g. COCOEvaluator(use_fast_impl=False))."
     )
-'''
+''' % {"version": STUB_VERSION}
 
 
 def log(msg: str) -> None:
@@ -58,8 +72,16 @@ def log(msg: str) -> None:
 
 
 def existing_detectron2(python: str) -> str | None:
-    """Return ``'version at path'`` if ``python`` can already import detectron2, else None."""
-    code = "import detectron2, os; print(detectron2.__version__, os.path.dirname(detectron2.__file__))"
+    """Return ``'version at path'`` if ``python`` can already import detectron2, else None.
+
+    A registry-fallback install whose ``_C`` stand-in is older than this installer's counts as absent,
+    so that it is reinstalled with the current fixes.
+    """
+    code = ("import detectron2, os\n"
+            "try:\n    from detectron2 import _C\nexcept ImportError:\n    _C = None\n"  # a user's build: keep it
+            "stub = _C is not None and _C.__dict__.get('IS_STUB', False)\n"
+            f"assert not stub or _C.__dict__.get('STUB_VERSION', 1) >= {STUB_VERSION}, 'outdated stand-in'\n"
+            "print(detectron2.__version__, os.path.dirname(detectron2.__file__))")
     res = subprocess.run([python, "-c", code], capture_output=True, text=True)
     return res.stdout.strip() if res.returncode == 0 else None
 
@@ -134,7 +156,7 @@ def install(sdist: Path | None) -> None:
             log(f"patched {change}")
         pip("setuptools<81", "wheel")
         pip(*RUNTIME_DEPS)
-        pip("--no-deps", "--no-build-isolation", str(src))
+        pip("--no-deps", "--no-build-isolation", "--force-reinstall", str(src))
 
 
 def main(argv: list[str] | None = None) -> int:

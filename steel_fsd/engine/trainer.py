@@ -7,14 +7,16 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils.file_io import PathManager
 
+from ..data.episodic import SAMPLER_NAME, build_episodic_train_loader
 from ..data.mapper import SteelDatasetMapper
 from ..evaluation.coco import SteelCOCOEvaluator
 from ..evaluation.prf import PRFEvaluator
+from ..modeling.support import attach_support
 
 logger = logging.getLogger("steel_fsd")
 
@@ -55,7 +57,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=SteelDatasetMapper(cfg, is_train=True))
+        mapper = SteelDatasetMapper(cfg, is_train=True)
+        if cfg.DATALOADER.SAMPLER_TRAIN == SAMPLER_NAME:
+            return build_episodic_train_loader(cfg, mapper)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -65,11 +70,29 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
 
+    def train(self) -> dict[str, dict]:
+        """Train, then return the final evaluation as ``{dataset_name: results}`` (see :func:`evaluate`)."""
+        super().train()
+        results = getattr(self, "_last_eval_results", None)  # set by DefaultTrainer's final EvalHook
+        return _by_dataset(self.cfg, results) if results is not None else evaluate(self.cfg, self.model)
+
     def resume_or_load(self, resume: bool = True):
         has_ckpt = resume and self.checkpointer.has_checkpoint()
         if not has_ckpt:
             check_weights(self.cfg.MODEL.WEIGHTS)
         super().resume_or_load(resume=resume)
+
+
+def evaluate(cfg: CfgNode, model: torch.nn.Module) -> dict[str, dict]:
+    """Evaluate on every dataset of DATASETS.TEST: ``{dataset_name: {"bbox": ..., "prf": ...}}``."""
+    return _by_dataset(cfg, Trainer.test(cfg, model))
+
+
+def _by_dataset(cfg: CfgNode, results: dict) -> dict[str, dict]:
+    names = list(cfg.DATASETS.TEST)
+    if len(names) == 1 and names[0] not in results:  # DefaultTrainer.test unwraps a single dataset
+        results = {names[0]: results}
+    return dict(results)
 
 
 def load_model_for_eval(cfg: CfgNode, resume: bool = False) -> torch.nn.Module:
@@ -79,4 +102,14 @@ def load_model_for_eval(cfg: CfgNode, resume: bool = False) -> torch.nn.Module:
     if not (resume and checkpointer.has_checkpoint()):
         check_weights(cfg.MODEL.WEIGHTS)
     checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    if cfg.MODEL.PROTOTYPE.SUPPORT_FILE:
+        attach_support(model, cfg, test_class_names(cfg))
     return model
+
+
+def test_class_names(cfg: CfgNode) -> list[str]:
+    """The class names shared by every DATASETS.TEST dataset (a prototype file must match them)."""
+    names = [list(MetadataCatalog.get(d).thing_classes) for d in cfg.DATASETS.TEST]
+    if any(n != names[0] for n in names):
+        raise ValueError(f"DATASETS.TEST {list(cfg.DATASETS.TEST)} have different classes: evaluate them in separate runs")
+    return names[0]

@@ -1,0 +1,2 @@
+"""Model components registered with Detectron2 (importing registers them)."""
+from .prototype_heads import PrototypeOutputLayers, PrototypeROIHeads, prototype_logits  # noqa: F401

@@ -1,0 +1,63 @@
+"""Few-shot adaptation by prototype swap: build a prototype file from K supports, evaluate with it."""
+from __future__ import annotations
+
+import logging
+import time
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ..data.mapper import SteelDatasetMapper
+from ..modeling.prototypes import PrototypeSet, append_class, build_prototypes, file_sha256, load_prototypes, save_prototypes
+from ..modeling.support import relevant_config, support_dicts_from_manifest
+from .trainer import evaluate, load_model_for_eval
+
+logger = logging.getLogger("steel_fsd")
+
+
+def restrict_classes(dicts: list[dict], class_names: list[str], keep: list[str]) -> list[dict]:
+    """Dataset dicts with only the boxes of ``keep`` (re-indexed in ``keep`` order)."""
+    unknown = sorted(set(keep) - set(class_names))
+    if unknown:
+        raise ValueError(f"classes {unknown} are not among {class_names}")
+    idx = [class_names.index(c) for c in keep]
+    return [dict(d, annotations=[dict(a, category_id=idx.index(a["category_id"])) for a in d["annotations"]
+                                 if a["category_id"] in idx]) for d in dicts]
+
+
+def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed: int, out: str,
+                     classes: list[str] | None = None, manifest: list[dict] | None = None,
+                     manifest_path: str = "manifest", append_to: str | None = None,
+                     progress: bool = True) -> PrototypeSet:
+    """Prototypes of ``dataset``'s classes (or ``classes``) from K seeded supports; written to ``out``."""
+    start = time.perf_counter()
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS, cfg.MODEL.PROTOTYPE.SUPPORT_FILE = weights, ""
+    cfg.freeze()
+    model = load_model_for_eval(cfg)
+    dicts = DatasetCatalog.get(dataset)
+    class_names = list(MetadataCatalog.get(dataset).thing_classes)
+    if manifest is not None:
+        dicts = support_dicts_from_manifest(dicts, manifest, manifest_path)
+    if classes:
+        dicts, class_names = restrict_classes(dicts, class_names, list(classes)), list(classes)
+    logger.info("register_support: %s classes %s, K=%d, seed=%d", dataset, class_names, shots, seed)
+    ps = build_prototypes(model, dicts, class_names, SteelDatasetMapper(cfg, is_train=False), shots, seed, progress)
+    ps.weights_sha256, ps.config = file_sha256(weights), relevant_config(cfg)
+    if append_to:
+        ps = append_class(load_prototypes(append_to), ps)
+    save_prototypes(ps, out)
+    logger.info("register_support: wrote %s (%d classes x %d, %d support boxes) in %.1f s", out, len(ps.class_names),
+                ps.embed_dim, len(ps.support), time.perf_counter() - start)
+    return ps
+
+
+def evaluate_with_support(cfg: CfgNode, weights: str, support_file: str, datasets: list[str]) -> dict[str, dict]:
+    """Evaluate ``weights`` on ``datasets`` predicting exactly the classes of ``support_file``."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS, cfg.MODEL.PROTOTYPE.SUPPORT_FILE = weights, support_file
+    cfg.DATASETS.TEST = tuple(datasets)
+    cfg.freeze()
+    return evaluate(cfg, load_model_for_eval(cfg))

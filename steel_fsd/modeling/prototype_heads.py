@@ -1,0 +1,157 @@
+"""Prototype ROI head: L2-normalized ROI embeddings classified by distance to class prototypes.
+
+logit_c = -tau * ||z - mu_c||^2 for every foreground class c, with tau = exp(log_tau) learnable.
+Background is a learned prototype (a free vector in the embedding space, not normalized), so the
+background logit has the same form and tau scales all classes alike. Box regression is class-agnostic,
+so classes never seen in training are still localized.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec, cat
+from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.utils.events import get_event_storage
+
+from .losses import batch_hard_triplet_loss
+
+
+def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``-tau * squared Euclidean distance`` between each row of ``z`` (N, D) and each prototype (C, D)."""
+    return -tau * (z.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
+
+
+def _put_scalars(values: dict) -> None:
+    """Log to the trainer's EventStorage (metrics.json, TensorBoard) when one is active."""
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # called outside a trainer (tests, tools)
+        return
+    for k, v in values.items():
+        storage.put_scalar(k, v)
+
+
+class PrototypeOutputLayers(FastRCNNOutputLayers):
+    """Replaces the softmax classifier of :class:`FastRCNNOutputLayers` by prototype logits.
+
+    ``forward`` returns ``(z, deltas)``: the unit-norm embeddings and class-agnostic box deltas.
+    Prototypes: an EMA memory bank of class means (buffer ``bank``, saved in checkpoints) during
+    training, or prototypes set with :meth:`set_support` (e.g. from ``register_support.py``) for
+    inference on any class set.
+    """
+
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, embed_dim: int = 256, tau_init: float = 10.0,
+                 momentum: float = 0.9, triplet_margin: float = 0.3, triplet_weight: float = 1.0, **kwargs):
+        kwargs["cls_agnostic_bbox_reg"] = True
+        super().__init__(input_shape, **kwargs)
+        del self.cls_score  # the prototype logits replace it
+        in_dim = input_shape.channels * (input_shape.width or 1) * (input_shape.height or 1)
+        self.embed = torch.nn.Linear(in_dim, embed_dim)
+        self.log_tau = torch.nn.Parameter(torch.tensor(math.log(tau_init)))
+        self.bg_prototype = torch.nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("bank", torch.zeros(self.num_classes, embed_dim))
+        self.register_buffer("bank_filled", torch.zeros(self.num_classes, dtype=torch.bool))
+        self.momentum, self.triplet_margin, self.triplet_weight = momentum, triplet_margin, triplet_weight
+        self.support: torch.Tensor | None = None  # (C', D), not part of the state dict
+        self.support_classes: list[str] | None = None
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        p = cfg.MODEL.PROTOTYPE
+        ret.update(embed_dim=p.EMBED_DIM, tau_init=p.TAU_INIT, momentum=p.MOMENTUM,
+                   triplet_margin=p.TRIPLET_MARGIN, triplet_weight=p.TRIPLET_WEIGHT)
+        return ret
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.log_tau.exp()
+
+    def embed_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Box-head features (N, ...) -> unit-norm embeddings (N, D)."""
+        return F.normalize(self.embed(x.flatten(1)), dim=1)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.embed_features(x), self.bbox_pred(x)
+
+    def set_support(self, prototypes: torch.Tensor | None, class_names: list[str] | None = None) -> None:
+        """Use these (C', D) prototypes at inference instead of the training bank (None: back to the bank)."""
+        if prototypes is not None and prototypes.shape[1] != self.embed.out_features:
+            raise ValueError(f"prototype dim {prototypes.shape[1]} != model embed dim {self.embed.out_features}")
+        self.support = None if prototypes is None else prototypes.to(self.bank.device, self.bank.dtype)
+        self.support_classes = class_names
+
+    def active_prototypes(self) -> torch.Tensor:
+        """Foreground prototypes used at inference: the support set if given, else the bank."""
+        return self.support if self.support is not None else self.bank
+
+    def logits(self, z: torch.Tensor, fg_prototypes: torch.Tensor) -> torch.Tensor:
+        """(N, C+1) logits, background last (Detectron2's convention)."""
+        protos = torch.cat([fg_prototypes, self.bg_prototype.unsqueeze(0)], 0)
+        return prototype_logits(z, protos, self.tau)
+
+    def training_prototypes(self, z: torch.Tensor, gt_classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prototypes for this batch and which classes have one.
+
+        A class present in the batch (foreground ROIs, i.e. matched to a ground truth at the ROI head's
+        IoU threshold) uses ``momentum * bank + (1 - momentum) * batch mean`` (the batch mean alone if the
+        bank has not seen it yet), with gradient through the batch mean; absent classes use the bank.
+        The bank is then updated by the same EMA, without gradient.
+        """
+        C = self.num_classes
+        fg = (gt_classes >= 0) & (gt_classes < C)
+        onehot = F.one_hot(gt_classes[fg], C).to(z.dtype)  # (n_fg, C)
+        counts = onehot.sum(0)
+        present = counts > 0
+        means = (onehot.t() @ z[fg]) / counts.clamp_min(1).unsqueeze(1)
+        bank, filled = self.bank.detach().clone(), self.bank_filled.clone()
+        mix = torch.where(filled.unsqueeze(1), self.momentum * bank + (1 - self.momentum) * means, means)
+        protos = torch.where(present.unsqueeze(1), mix, bank)
+        with torch.no_grad():
+            self.bank.copy_(torch.where(present.unsqueeze(1), mix.detach(), bank))
+            self.bank_filled |= present
+        return protos, self.bank_filled.clone()
+
+    def losses(self, predictions, proposals):
+        z, deltas = predictions
+        gt_classes = cat([p.gt_classes for p in proposals], 0) if len(proposals) else torch.empty(0, dtype=torch.long)
+        protos, available = self.training_prototypes(z, gt_classes)
+        logits = self.logits(z, protos)
+        unavailable = torch.cat([~available, available.new_zeros(1)])  # never-seen classes cannot be predicted
+        logits = logits.masked_fill(unavailable.unsqueeze(0), float("-inf"))
+        if len(proposals):
+            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], 0)
+            gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], 0)
+        else:
+            proposal_boxes = gt_boxes = torch.empty((0, 4), device=deltas.device)
+        fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
+        _put_scalars({"prototype/tau": self.tau.item(), "prototype/num_fg_embeddings": int(fg.sum())})
+        losses = {
+            "loss_cls": F.cross_entropy(logits, gt_classes) if len(gt_classes) else z.sum() * 0.0,
+            "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes),
+            "loss_triplet": self.triplet_weight * batch_hard_triplet_loss(z[fg], gt_classes[fg], self.triplet_margin),
+        }
+        return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+
+    def predict_probs(self, predictions, proposals):
+        z, _ = predictions
+        probs = F.softmax(self.logits(z, self.active_prototypes()), dim=-1)
+        return probs.split([len(p) for p in proposals], dim=0)
+
+
+@ROI_HEADS_REGISTRY.register()
+class PrototypeROIHeads(StandardROIHeads):
+    """:class:`StandardROIHeads` whose box predictor is :class:`PrototypeOutputLayers`."""
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        ret["box_predictor"] = PrototypeOutputLayers(cfg, ret["box_head"].output_shape)
+        return ret

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Build class prototypes from K support instances per class, for a prototype-head model.
+
+    python tools/register_support.py --config-file CFG --weights MODEL.pth --dataset severstal_synth_tiled_train \
+        --shots 5 --seed 0 --out protos.pt [--support-manifest FILE] [--classes NAME ...] [--append-to OLD.pt]
+
+Then evaluate with exactly those classes, no retraining:
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS MODEL.pth \
+        MODEL.PROTOTYPE.SUPPORT_FILE protos.pt DATASETS.TEST "('severstal_synth_tiled_test',)"
+"""
+import argparse
+import json
+
+import _path  # noqa: F401
+from detectron2.utils.logger import setup_logger
+
+import steel_fsd  # noqa: F401  (registers datasets and heads)
+from steel_fsd.engine.fewshot import register_support
+from steel_fsd.engine.setup import build_config, finalize_config
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config-file", required=True)
+    ap.add_argument("--weights", required=True, help="model checkpoint (.pth)")
+    ap.add_argument("--dataset", required=True, help="registered dataset to draw the support set from")
+    ap.add_argument("--shots", type=int, required=True, help="K instances (boxes) per class")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="prototype file to write")
+    ap.add_argument("--support-manifest", help="JSON list of {image_key[, bbox]}: draw supports only from these")
+    ap.add_argument("--classes", nargs="+", help="only these classes (e.g. one new rare defect)")
+    ap.add_argument("--append-to", help="add the new classes to this existing prototype file")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = ap.parse_args(argv)
+    setup_logger(name="steel_fsd")
+    cfg = finalize_config(build_config(args.config_file, args.opts))
+    manifest = None
+    if args.support_manifest:
+        with open(args.support_manifest) as f:
+            manifest = json.load(f)
+    ps = register_support(cfg, args.weights, args.dataset, args.shots, args.seed, args.out, args.classes,
+                          manifest, args.support_manifest or "manifest", args.append_to)
+    print(f"[register_support] {args.out}: classes {ps.class_names}, K={args.shots}, seed={args.seed}")
+
+
+if __name__ == "__main__":
+    main()
