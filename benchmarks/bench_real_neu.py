@@ -11,12 +11,15 @@ import time
 
 from common import REPO, save
 
-DEFAULT_CONFIGS = ["configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml"]
+DEFAULT_CONFIGS = ["configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml",
+                   "configs/prototype/proto_R18_FPN_GN_neu_cpu.yaml"]
+SHOTS = [1, 5, 10]
 
 
-def run(config_file: str, opts: list[str]) -> dict:
+def run(config_file: str, opts: list[str], seed: int) -> dict:
     from detectron2.utils.logger import setup_logger
 
+    from steel_fsd.engine.fewshot import kshot_results
     from steel_fsd.engine.setup import build_config, finalize_config
     from steel_fsd.engine.trainer import Trainer
     from steel_fsd.evaluation.report import per_class_rows
@@ -30,10 +33,17 @@ def run(config_file: str, opts: list[str]) -> dict:
     trainer.resume_or_load(resume=True)
     results = trainer.train()["neu_test"]
     from detectron2.data import MetadataCatalog
-    rows = per_class_rows(results, MetadataCatalog.get("neu_test").thing_classes)
-    return {"config": config_file, "iterations": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH,
-            "input_px": cfg.INPUT.HARMONIZE.RESIZE, "wall_s_this_run": round(time.time() - start),
-            "mean": rows[-1], "per_class": rows[:-1]}
+    classes = MetadataCatalog.get("neu_test").thing_classes
+    rows = per_class_rows(results, classes)
+    out = {"config": config_file, "iterations": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH,
+           "input_px": cfg.INPUT.HARMONIZE.RESIZE, "wall_s_this_run": round(time.time() - start),
+           "mean": rows[-1], "per_class": rows[:-1]}
+    if cfg.MODEL.ROI_HEADS.NAME == "PrototypeROIHeads":  # support-built prototypes instead of the bank
+        weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+        kshot = kshot_results(cfg, weights, "neu_train", "neu_test", SHOTS, seed, cfg.OUTPUT_DIR)
+        out["support_prototypes"] = {k: {"seed": seed, "register_s": r["register_s"],
+                                         "mean": per_class_rows(r, classes)[-1]} for k, r in kshot.items()}
+    return out
 
 
 def main() -> None:
@@ -41,13 +51,14 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding neu-det/")
     ap.add_argument("--name", default="real_neu")
+    ap.add_argument("--seed", type=int, default=0, help="support sampling seed")
     ap.add_argument("opts", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     if not os.path.isdir(os.path.join(args.data, "neu-det")):
         raise SystemExit(f"{args.data}/neu-det not found: pass --data DIR holding the NEU-DET download")
     os.environ["STEEL_FSD_DATASETS"] = args.data  # read when steel_fsd.data registers the datasets
     import steel_fsd  # noqa: F401
-    save(args.name, {"data": args.data, "runs": [run(c, args.opts) for c in args.configs]})
+    save(args.name, {"data": args.data, "runs": [run(c, args.opts, args.seed) for c in args.configs]})
 
 
 if __name__ == "__main__":

@@ -3,13 +3,9 @@ measured in one run on the same machine (synthetic NEU data)."""
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 
-from common import REPO, config, save, time_inference, time_training
+from common import config, save, synthetic_datasets, time_inference, time_training
 
-from steel_fsd.data import register_all
-from steel_fsd.data.catalog import datasets_root
 
 SETUPS = {
     "demo_R18_FPN_200px": ("configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", []),
@@ -24,9 +20,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--images", type=int, default=10)
     args = ap.parse_args()
-    root = datasets_root()
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", root], check=True)
-    register_all(root)
+    synthetic_datasets()
     out = {}
     for name, (cfg_file, opts) in SETUPS.items():
         cfg = config(cfg_file, opts + ["OUTPUT_DIR", f"output/bench/{name}"])

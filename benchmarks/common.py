@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,16 @@ def save(name: str, result: dict) -> Path:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return path
+
+
+def synthetic_datasets() -> None:
+    """Generate (or reuse) the synthetic datasets under the datasets root and register them."""
+    from steel_fsd.data import register_all
+    from steel_fsd.data.catalog import datasets_root
+
+    root = datasets_root()
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", root], check=True)
+    register_all(root)
 
 
 def config(config_file: str, opts: list[str]):

@@ -44,8 +44,10 @@ def add_prototype_config(cfg: CN) -> CN:
     cfg.MODEL.PROTOTYPE = CN()
     cfg.MODEL.PROTOTYPE.EMBED_DIM = 256
     cfg.MODEL.PROTOTYPE.TAU_INIT = 10.0          # initial tau; learned as exp(log_tau)
+    cfg.MODEL.PROTOTYPE.TAU_RANGE = [1.0, 64.0]  # tau is kept in this range (projected after each step)
     cfg.MODEL.PROTOTYPE.MOMENTUM = 0.9           # EMA momentum of the prototype memory bank
     cfg.MODEL.PROTOTYPE.TRIPLET_MARGIN = 0.3     # alpha
     cfg.MODEL.PROTOTYPE.TRIPLET_WEIGHT = 1.0     # lambda; 0 disables the triplet loss (ablation B)
+    cfg.MODEL.PROTOTYPE.BACKGROUND = "logit"     # "logit" (learned, from the box feature) or "prototype"
     cfg.MODEL.PROTOTYPE.SUPPORT_FILE = ""        # prototypes from tools/register_support.py
     return cfg

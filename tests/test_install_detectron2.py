@@ -35,12 +35,18 @@ def test_patch_source_applies_each_fix_once(tmp_path):
     assert inst.patch_source(src) == []  # idempotent
 
 
-def test_stub_raises_clear_error_naming_the_op(tmp_path):
+def load_stub(tmp_path: Path):
+    """Import the stand-in source as a module."""
     stub = tmp_path / "_C.py"
     stub.write_text(inst.STUB_SOURCE)
-    spec = importlib.util.spec_from_file_location("stub_C", stub)
+    spec = importlib.util.spec_from_file_location(f"stub_C_{tmp_path.name}", stub)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stub_raises_clear_error_naming_the_op(tmp_path):
+    mod = load_stub(tmp_path)
     assert mod.IS_STUB is True
     with pytest.raises(RuntimeError, match=r"box_iou_rotated.*without its C\+\+/CUDA extension"):
         mod.box_iou_rotated
@@ -93,10 +99,6 @@ def test_outdated_stand_in_is_reinstalled_but_user_builds_are_kept(tmp_path, mon
 
 
 def test_stand_in_answers_collect_env_queries(tmp_path):
-    stub = tmp_path / "_C.py"
-    stub.write_text(inst.STUB_SOURCE)
-    spec = importlib.util.spec_from_file_location("stub_C2", stub)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_stub(tmp_path)
     assert mod.STUB_VERSION == inst.STUB_VERSION and mod.has_cuda() is False
     assert "no compiled extension" in mod.get_compiler_version()

@@ -178,3 +178,10 @@ def test_nested_train_validation_layout(neu_real_root, tmp_path):
 def test_root_without_annotations_is_an_error(tmp_path):
     with pytest.raises(DatasetError, match="no NEU-DET annotations"):
         load_neu_voc(tmp_path)
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "ANNOTATIONS").mkdir()
+    (tmp_path / "IMAGES").mkdir()
+    with pytest.raises(DatasetError, match="empty dataset"):
+        load_neu_voc(tmp_path)

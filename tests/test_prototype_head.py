@@ -128,3 +128,36 @@ def test_support_prototypes_change_the_class_set(model):
     finally:
         pred.set_support(None)
         pred.test_score_thresh = 0.05
+
+
+@pytest.mark.parametrize("background", ["logit", "prototype"])
+def test_head_logits_by_hand_for_both_background_kinds(background):
+    cfg = build_config(CFG, ["MODEL.ROI_HEADS.NAME", "PrototypeROIHeads", "MODEL.PROTOTYPE.EMBED_DIM", "8",
+                             "MODEL.PROTOTYPE.BACKGROUND", background])
+    torch.manual_seed(0)
+    from detectron2.layers import ShapeSpec
+    head = PrototypeOutputLayers(cfg, ShapeSpec(channels=16))
+    x = torch.randn(5, 16)
+    feats, deltas = head(x)
+    z, bg = head.split(feats)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
+    protos = torch.randn(6, 8)
+    logits = head.logits(feats, protos)
+    tau = head.tau.item()
+    for i in range(5):
+        for c in range(6):
+            assert logits[i, c].item() == pytest.approx(-tau * float(((z[i] - protos[c]) ** 2).sum()), rel=1e-5)
+        expected_bg = (head.bg_score(x[i:i + 1]).item() if background == "logit"
+                       else -tau * float(((z[i] - head.bg_prototype) ** 2).sum()))
+        assert logits[i, 6].item() == pytest.approx(expected_bg, rel=1e-5, abs=1e-6)
+    assert deltas.shape == (5, 4)
+
+
+def test_tau_is_projected_into_its_range(model):
+    pred = model.roi_heads.box_predictor
+    with torch.no_grad():
+        pred.log_tau.fill_(10.0)  # tau = e^10, far above TAU_RANGE's 64
+    model.train()
+    with EventStorage():
+        model(batch(1))
+    assert pred.tau.item() == pytest.approx(64.0)

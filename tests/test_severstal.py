@@ -201,3 +201,10 @@ def test_tiles_cover_every_component_pixel(severstal_real_root, real):
 def test_tiling_needs_the_masks():
     with pytest.raises(ValueError, match="_rles"):
         tile_dataset_dicts([{"file_name": "x.jpg", "image_id": 1, "height": 256, "width": 1600, "annotations": []}])
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    (tmp_path / "train_images").mkdir()
+    (tmp_path / "train.csv").write_text("ImageId,ClassId,EncodedPixels\n")
+    with pytest.raises(DatasetError, match=r"train.csv: empty dataset"):
+        load_severstal(tmp_path)

@@ -209,4 +209,7 @@ def load_neu_voc(root: str | os.PathLike, class_names: Sequence[str] = NEU_CLASS
         if d is not None:
             d["image_id"] = image_id
             out.append(d)
+    if not out:
+        raise DatasetError(str(root), "empty dataset: no usable VOC annotation (.xml) found under ANNOTATIONS/ or "
+                           "{train,validation}/annotations/" + (f" ({skips.summary()})" if skips.counts else ""))
     return out

@@ -171,6 +171,9 @@ def load_severstal(root: str | os.PathLike, class_names: Sequence[str] = SEVERST
                 skips.note("small component", dropped)
             out.append({"file_name": os.path.abspath(path), "image_id": image_id, "image_key": Path(name).stem,
                         "height": height, "width": width, "annotations": anns, "_rles": rles})
+    if not out:
+        raise DatasetError(str(csv_path), "empty dataset: no usable image listed" +
+                           (f" ({skips.summary()})" if skips.counts else ""))
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from detectron2.config import CfgNode
@@ -61,3 +62,20 @@ def evaluate_with_support(cfg: CfgNode, weights: str, support_file: str, dataset
     cfg.DATASETS.TEST = tuple(datasets)
     cfg.freeze()
     return evaluate(cfg, load_model_for_eval(cfg))
+
+
+def kshot_results(cfg: CfgNode, weights: str, support_dataset: str, test_dataset: str, shots: list[int],
+                  seed: int, out_dir: str) -> dict[int, dict]:
+    """For each K: register K supports per class from ``support_dataset``, evaluate on ``test_dataset``.
+
+    Returns ``{K: {"bbox": ..., "prf": ..., "register_s": seconds}}``; prototype files are kept in ``out_dir``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    out = {}
+    for k in shots:
+        path = os.path.join(out_dir, f"protos_{support_dataset}_K{k}_seed{seed}.pt")
+        start = time.perf_counter()
+        register_support(cfg, weights, support_dataset, k, seed, path, progress=False)
+        elapsed = time.perf_counter() - start
+        out[k] = dict(evaluate_with_support(cfg, weights, path, [test_dataset])[test_dataset], register_s=round(elapsed, 2))
+    return out

@@ -96,8 +96,9 @@ def _by_dataset(cfg: CfgNode, results: dict) -> dict[str, dict]:
 
 
 def load_model_for_eval(cfg: CfgNode, resume: bool = False) -> torch.nn.Module:
-    """Build the model of ``cfg`` and load MODEL.WEIGHTS (or the last checkpoint with ``resume``)."""
-    model = Trainer.build_model(cfg)
+    """Build the model of ``cfg`` in eval mode and load MODEL.WEIGHTS (or the last checkpoint with ``resume``),
+    then MODEL.PROTOTYPE.SUPPORT_FILE if set."""
+    model = Trainer.build_model(cfg).eval()
     checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
     if not (resume and checkpointer.has_checkpoint()):
         check_weights(cfg.MODEL.WEIGHTS)

@@ -1,9 +1,13 @@
 """Prototype ROI head: L2-normalized ROI embeddings classified by distance to class prototypes.
 
 logit_c = -tau * ||z - mu_c||^2 for every foreground class c, with tau = exp(log_tau) learnable.
-Background is a learned prototype (a free vector in the embedding space, not normalized), so the
-background logit has the same form and tau scales all classes alike. Box regression is class-agnostic,
-so classes never seen in training are still localized.
+Background (MODEL.PROTOTYPE.BACKGROUND):
+  * "logit" (default): a learned background logit, a linear function of the box-head feature. It is
+    class-agnostic, so it keeps working when prototypes are swapped for a new class set.
+  * "prototype": a learned background prototype (a free vector in the embedding space), whose logit
+    has the same form as the classes'. Measured to stall training from scratch: background ROIs embed
+    near the class means, so tau is driven to its floor (see README).
+Box regression is class-agnostic, so classes never seen in training are still localized.
 """
 from __future__ import annotations
 
@@ -24,6 +28,18 @@ from .losses import batch_hard_triplet_loss
 def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``-tau * squared Euclidean distance`` between each row of ``z`` (N, D) and each prototype (C, D)."""
     return -tau * (z.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
+
+
+def classification_accuracy(logits: torch.Tensor, gt_classes: torch.Tensor, num_classes: int) -> dict:
+    """Overall and foreground accuracy, under the names Detectron2's softmax head logs."""
+    if not len(gt_classes):
+        return {}
+    pred = logits.argmax(1)
+    fg = (gt_classes >= 0) & (gt_classes < num_classes)
+    out = {"fast_rcnn/cls_accuracy": float((pred == gt_classes).float().mean())}
+    if fg.any():
+        out["fast_rcnn/fg_cls_accuracy"] = float((pred[fg] == gt_classes[fg]).float().mean())
+    return out
 
 
 def _put_scalars(values: dict) -> None:
@@ -47,14 +63,24 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, embed_dim: int = 256, tau_init: float = 10.0,
-                 momentum: float = 0.9, triplet_margin: float = 0.3, triplet_weight: float = 1.0, **kwargs):
+                 tau_range: tuple[float, float] = (1.0, 64.0), momentum: float = 0.9, triplet_margin: float = 0.3,
+                 triplet_weight: float = 1.0, background: str = "logit", **kwargs):
         kwargs["cls_agnostic_bbox_reg"] = True
         super().__init__(input_shape, **kwargs)
         del self.cls_score  # the prototype logits replace it
         in_dim = input_shape.channels * (input_shape.width or 1) * (input_shape.height or 1)
         self.embed = torch.nn.Linear(in_dim, embed_dim)
         self.log_tau = torch.nn.Parameter(torch.tensor(math.log(tau_init)))
-        self.bg_prototype = torch.nn.Parameter(torch.zeros(embed_dim))
+        self.log_tau_range = (math.log(tau_range[0]), math.log(tau_range[1]))
+        if background not in ("logit", "prototype"):
+            raise ValueError(f"MODEL.PROTOTYPE.BACKGROUND must be 'logit' or 'prototype', got {background!r}")
+        self.background = background
+        if background == "prototype":
+            self.bg_prototype = torch.nn.Parameter(torch.zeros(embed_dim))
+        else:
+            self.bg_score = torch.nn.Linear(in_dim, 1)
+            torch.nn.init.normal_(self.bg_score.weight, std=0.01)
+            torch.nn.init.constant_(self.bg_score.bias, 0.0)
         self.register_buffer("bank", torch.zeros(self.num_classes, embed_dim))
         self.register_buffer("bank_filled", torch.zeros(self.num_classes, dtype=torch.bool))
         self.momentum, self.triplet_margin, self.triplet_weight = momentum, triplet_margin, triplet_weight
@@ -65,8 +91,8 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
     def from_config(cls, cfg, input_shape):
         ret = super().from_config(cfg, input_shape)
         p = cfg.MODEL.PROTOTYPE
-        ret.update(embed_dim=p.EMBED_DIM, tau_init=p.TAU_INIT, momentum=p.MOMENTUM,
-                   triplet_margin=p.TRIPLET_MARGIN, triplet_weight=p.TRIPLET_WEIGHT)
+        ret.update(embed_dim=p.EMBED_DIM, tau_init=p.TAU_INIT, tau_range=tuple(p.TAU_RANGE), momentum=p.MOMENTUM,
+                   triplet_margin=p.TRIPLET_MARGIN, triplet_weight=p.TRIPLET_WEIGHT, background=p.BACKGROUND)
         return ret
 
     @property
@@ -78,8 +104,22 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         return F.normalize(self.embed(x.flatten(1)), dim=1)
 
     def forward(self, x):
+        """Returns ``(features, deltas)``: ``features`` is ``[z | background logit]`` (N, D+1) with the
+        "logit" background, else z (N, D); use :meth:`split` to take it apart."""
+        if self.training:  # projected gradient step: keep tau in TAU_RANGE (a collapsing tau flattens all logits)
+            with torch.no_grad():
+                self.log_tau.clamp_(*self.log_tau_range)
         x = x.flatten(1)
-        return self.embed_features(x), self.bbox_pred(x)
+        z = self.embed_features(x)
+        if self.background == "logit":
+            z = torch.cat([z, self.bg_score(x)], 1)
+        return z, self.bbox_pred(x)
+
+    def split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward``'s first output -> (z, background logit or None)."""
+        if self.background == "logit":
+            return features[:, :-1], features[:, -1]
+        return features, None
 
     def set_support(self, prototypes: torch.Tensor | None, class_names: list[str] | None = None) -> None:
         """Use these (C', D) prototypes at inference instead of the training bank (None: back to the bank)."""
@@ -92,10 +132,12 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         """Foreground prototypes used at inference: the support set if given, else the bank."""
         return self.support if self.support is not None else self.bank
 
-    def logits(self, z: torch.Tensor, fg_prototypes: torch.Tensor) -> torch.Tensor:
-        """(N, C+1) logits, background last (Detectron2's convention)."""
-        protos = torch.cat([fg_prototypes, self.bg_prototype.unsqueeze(0)], 0)
-        return prototype_logits(z, protos, self.tau)
+    def logits(self, features: torch.Tensor, fg_prototypes: torch.Tensor) -> torch.Tensor:
+        """(N, C+1) logits from ``forward``'s features, background last (Detectron2's convention)."""
+        z, bg = self.split(features)
+        if bg is None:
+            return prototype_logits(z, torch.cat([fg_prototypes, self.bg_prototype.unsqueeze(0)], 0), self.tau)
+        return torch.cat([prototype_logits(z, fg_prototypes, self.tau), bg.unsqueeze(1)], 1)
 
     def training_prototypes(self, z: torch.Tensor, gt_classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prototypes for this batch and which classes have one.
@@ -120,10 +162,11 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         return protos, self.bank_filled.clone()
 
     def losses(self, predictions, proposals):
-        z, deltas = predictions
+        features, deltas = predictions
+        z, _ = self.split(features)
         gt_classes = cat([p.gt_classes for p in proposals], 0) if len(proposals) else torch.empty(0, dtype=torch.long)
         protos, available = self.training_prototypes(z, gt_classes)
-        logits = self.logits(z, protos)
+        logits = self.logits(features, protos)
         unavailable = torch.cat([~available, available.new_zeros(1)])  # never-seen classes cannot be predicted
         logits = logits.masked_fill(unavailable.unsqueeze(0), float("-inf"))
         if len(proposals):
@@ -132,17 +175,18 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         else:
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=deltas.device)
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
-        _put_scalars({"prototype/tau": self.tau.item(), "prototype/num_fg_embeddings": int(fg.sum())})
+        _put_scalars({"prototype/tau": self.tau.item(), "prototype/num_fg_embeddings": int(fg.sum()),
+                      **classification_accuracy(logits, gt_classes, self.num_classes)})
         losses = {
-            "loss_cls": F.cross_entropy(logits, gt_classes) if len(gt_classes) else z.sum() * 0.0,
+            "loss_cls": F.cross_entropy(logits, gt_classes) if len(gt_classes) else features.sum() * 0.0,
             "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes),
             "loss_triplet": self.triplet_weight * batch_hard_triplet_loss(z[fg], gt_classes[fg], self.triplet_margin),
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
     def predict_probs(self, predictions, proposals):
-        z, _ = predictions
-        probs = F.softmax(self.logits(z, self.active_prototypes()), dim=-1)
+        features, _ = predictions
+        probs = F.softmax(self.logits(features, self.active_prototypes()), dim=-1)
         return probs.split([len(p) for p in proposals], dim=0)
 
 

@@ -135,34 +135,39 @@ def embed_boxes(model, mapped: dict, boxes_xyxy: torch.Tensor) -> torch.Tensor:
     return heads.box_predictor.embed_features(heads.box_head(pooled))
 
 
-def build_prototypes(model, dataset_dicts: list[dict], class_names: list[str], mapper, shots: int, seed: int,
-                     progress: bool = False) -> PrototypeSet:
-    """Prototypes (class means of support embeddings) from K seeded support instances per class.
+def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool = False) -> torch.Tensor:
+    """Embeddings (N, D) of the annotated boxes ``[(dataset_dict, annotation_index), ...]``.
 
     ``mapper`` is the evaluation mapper (test-time harmonization); boxes are scaled into its output size.
+    Each image goes through the backbone once, however many of its boxes are listed.
     """
-    picks = sample_support(dataset_dicts, len(class_names), shots, seed)
     by_image: dict[int, list[int]] = {}
     for n, (d, _) in enumerate(picks):
         by_image.setdefault(id(d), []).append(n)
-    was_training = model.training
-    model.eval()
-    embeddings = torch.zeros(len(picks), model.roi_heads.box_predictor.embed.out_features)
     groups = list(by_image.values())
-    iterator = groups
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(groups, desc="support images", unit="img")
-    for group in iterator:
+        groups = tqdm(groups, desc="support images", unit="img")
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(picks), model.roi_heads.box_predictor.embed.out_features)
+    for group in groups:
         d = picks[group[0]][0]
         mapped = mapper(dict(d))
-        sy = mapped["image"].shape[1] / d["height"]
-        sx = mapped["image"].shape[2] / d["width"]
-        boxes = torch.tensor([BoxMode.convert(d["annotations"][picks[n][1]]["bbox"],
-                                              d["annotations"][picks[n][1]]["bbox_mode"], BoxMode.XYXY_ABS)
-                              for n in group], dtype=torch.float32) * torch.tensor([sx, sy, sx, sy])
-        embeddings[group] = embed_boxes(model, mapped, boxes).cpu()
+        sy, sx = mapped["image"].shape[1] / d["height"], mapped["image"].shape[2] / d["width"]
+        anns = [d["annotations"][picks[n][1]] for n in group]
+        boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
+                             dtype=torch.float32) * torch.tensor([sx, sy, sx, sy])
+        out[group] = embed_boxes(model, mapped, boxes).cpu()
     model.train(was_training)
+    return out
+
+
+def build_prototypes(model, dataset_dicts: list[dict], class_names: list[str], mapper, shots: int, seed: int,
+                     progress: bool = False) -> PrototypeSet:
+    """Prototypes (class means of support embeddings) from K seeded support instances per class."""
+    picks = sample_support(dataset_dicts, len(class_names), shots, seed)
+    embeddings = embed_instances(model, picks, mapper, progress)
     labels = torch.tensor([d["annotations"][i]["category_id"] for d, i in picks])
     protos = torch.stack([embeddings[labels == c].mean(0) for c in range(len(class_names))])
     support = [{"class": class_names[d["annotations"][i]["category_id"]], "image_key": str(d.get("image_key", d["image_id"])),

@@ -1,0 +1,108 @@
+"""End to end: train the prototype head on synthetic NEU, register synthetic Severstal supports, evaluate
+Severstal by prototype swap (no retraining); plus the episodic sampler."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.utils.logger import setup_logger
+
+from steel_fsd.data import register_neu, register_severstal
+from steel_fsd.data.episodic import EpisodicBatchSampler
+from steel_fsd.data.synthetic import make_neu_synthetic, make_severstal_synthetic
+from steel_fsd.engine.fewshot import evaluate_with_support, register_support
+from steel_fsd.engine.setup import build_config, finalize_config
+from steel_fsd.engine.trainer import Trainer, load_model_for_eval
+from steel_fsd.modeling.prototypes import PrototypeFileError, load_prototypes
+
+CFG = "configs/demo/proto_R18_FPN_synth_neu.yaml"
+
+
+def test_episodic_sampler_batches_are_n_classes_by_k_images():
+    rng = np.random.default_rng(0)
+    dicts = [{"annotations": [{"category_id": int(c)} for c in rng.choice(6, size=rng.integers(1, 3))]}
+             for _ in range(60)]
+    sampler = EpisodicBatchSampler(dicts, n_way=3, k_images=2, seed=7)
+    batches = list(itertools.islice(iter(sampler), 50))
+    assert batches == list(itertools.islice(iter(EpisodicBatchSampler(dicts, 3, 2, seed=7)), 50))  # seeded
+    for b in batches:
+        assert len(b) == 6 and len(set(b)) == 6
+        classes = [{a["category_id"] for a in dicts[i]["annotations"]} for i in b]
+        # each consecutive pair of images shares a class, and the batch covers >= 2 classes (positives + negatives)
+        assert all(classes[2 * j] & classes[2 * j + 1] for j in range(3))
+        assert len(set().union(*classes)) >= 2
+    with pytest.raises(ValueError, match="need 7 classes"):
+        EpisodicBatchSampler(dicts, 7, 1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fewshot")
+    register_neu("t_fs_neu_train", make_neu_synthetic(root / "neu", n_per_class=7, seed=1), split="train")
+    register_neu("t_fs_neu_test", root / "neu", split="test")
+    sev = make_severstal_synthetic(root / "sev", n_images=24, seed=1)
+    for s in ("train", "test"):
+        register_severstal(f"t_fs_sev_{s}", sev, split=s, tile=256)
+    setup_logger(name="steel_fsd")
+    cfg = build_config(CFG, ["DATASETS.TRAIN", "('t_fs_neu_train',)", "DATASETS.TEST", "('t_fs_neu_test',)",
+                             "OUTPUT_DIR", str(root / "out"), "SOLVER.MAX_ITER", "40", "SOLVER.STEPS", "(30,)",
+                             "SOLVER.WARMUP_ITERS", "5", "INPUT.HARMONIZE.RESIZE", "128", "DATALOADER.NUM_WORKERS", "0",
+                             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SOLVER.CHECKPOINT_PERIOD", "1000",
+                             "MODEL.PROTOTYPE.EMBED_DIM", "64"])
+    finalize_config(cfg)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return cfg, str(root / "out" / "model_final.pth"), root
+
+
+@pytest.mark.slow
+def test_register_severstal_supports_and_evaluate_by_prototype_swap(trained):
+    cfg, weights, root = trained
+    out = str(root / "protos.pt")
+    ps = register_support(cfg, weights, "t_fs_sev_train", shots=2, seed=0, out=out, progress=False)
+    assert ps.class_names == ["defect_1", "defect_2", "defect_3", "defect_4"] and ps.embed_dim == 64
+    assert len(ps.support) == 8 and ps.weights_sha256
+    back = load_prototypes(out)
+    assert torch.equal(back.prototypes, ps.prototypes)
+    res = evaluate_with_support(cfg, weights, out, ["t_fs_sev_test"])["t_fs_sev_test"]
+    assert res["bbox"]["AP50"] > 0
+    assert set(k.split("-", 1)[1] for k in res["bbox"] if k.startswith("AP50-")) == set(ps.class_names)
+
+    # the swapped model predicts only the 4 Severstal classes, although it was built with 6
+    c = cfg.clone()
+    c.defrost()
+    c.MODEL.WEIGHTS, c.MODEL.PROTOTYPE.SUPPORT_FILE, c.DATASETS.TEST = weights, out, ("t_fs_sev_test",)
+    model = load_model_for_eval(c)
+    assert model.roi_heads.box_predictor.num_classes == 6
+    mapper = Trainer.build_test_loader(c, "t_fs_sev_test")
+    with torch.no_grad():
+        labels = torch.cat([model(b)[0]["instances"].pred_classes for b, _ in zip(mapper, range(6))])
+    assert len(labels) and labels.max() <= 3
+
+    # a prototype file whose classes do not match the evaluation dataset is a clear error
+    c.DATASETS.TEST = ("t_fs_neu_test",)
+    with pytest.raises(PrototypeFileError, match="do not match the dataset"):
+        load_model_for_eval(c)
+
+
+@pytest.mark.slow
+def test_append_a_rare_class_and_manifest(trained, tmp_path):
+    cfg, weights, _ = trained
+    base = str(tmp_path / "base.pt")
+    register_support(cfg, weights, "t_fs_sev_train", 1, 0, base, classes=["defect_1", "defect_2", "defect_3"],
+                     progress=False)
+    dicts = DatasetCatalog.get("t_fs_sev_train")
+    rare = next(d for d in dicts if any(a["category_id"] == 3 for a in d["annotations"]))
+    box = next(a["bbox"] for a in rare["annotations"] if a["category_id"] == 3)
+    manifest = [{"image_key": rare["image_key"], "bbox": box}]
+    both = register_support(cfg, weights, "t_fs_sev_train", 1, 0, str(tmp_path / "both.pt"), classes=["defect_4"],
+                            manifest=manifest, append_to=base, progress=False)
+    old = load_prototypes(base)
+    assert both.class_names == old.class_names + ["defect_4"]
+    assert torch.equal(both.prototypes[:3], old.prototypes)
+    assert both.support[-1]["image_key"] == rare["image_key"] and both.support[-1]["bbox"] == box
+    json.dumps(both.support)  # plain data
