@@ -56,8 +56,8 @@ def main() -> None:
     args = ap.parse_args()
     if not os.path.isdir(os.path.join(args.data, "neu-det")):
         raise SystemExit(f"{args.data}/neu-det not found: pass --data DIR holding the NEU-DET download")
-    os.environ["STEEL_FSD_DATASETS"] = args.data  # read when steel_fsd.data registers the datasets
-    import steel_fsd  # noqa: F401
+    from steel_fsd.data import register_all
+    register_all(args.data)
     save(args.name, {"data": args.data, "runs": [run(c, args.opts, args.seed) for c in args.configs]})
 
 

@@ -53,7 +53,7 @@ def plot_pca(query, q_labels, support, s_labels, protos, names, path: str) -> No
         if len(s2):
             ax.scatter(*s2[s_labels == c].T, s=40, marker="^", edgecolor="k", color=colors[c])
         ax.scatter(*p2[c], s=220, marker="*", edgecolor="k", color=colors[c])
-    ax.set_title("PCA of ROI embeddings: dots = query boxes, triangles = supports, stars = prototypes")
+    ax.set_title("ROI embeddings (PCA): dots query, triangles support, stars prototypes", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

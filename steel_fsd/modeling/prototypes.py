@@ -147,7 +147,7 @@ def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool
     groups = list(by_image.values())
     if progress:
         from tqdm import tqdm
-        groups = tqdm(groups, desc="support images", unit="img")
+        groups = tqdm(groups, desc="embedding boxes", unit="img")
     was_training = model.training
     model.eval()
     out = torch.zeros(len(picks), model.roi_heads.box_predictor.embed.out_features)
