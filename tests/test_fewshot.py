@@ -106,3 +106,18 @@ def test_append_a_rare_class_and_manifest(trained, tmp_path):
     assert torch.equal(both.prototypes[:3], old.prototypes)
     assert both.support[-1]["image_key"] == rare["image_key"] and both.support[-1]["bbox"] == box
     json.dumps(both.support)  # plain data
+
+
+@pytest.mark.slow
+def test_register_support_uses_exactly_a_kshot_manifest(trained, tmp_path):
+    from steel_fsd.data.fewshot_splits import kshot_manifest
+
+    cfg, weights, _ = trained
+    dicts = DatasetCatalog.get("t_fs_sev_train")
+    names = ["defect_1", "defect_2", "defect_3", "defect_4"]
+    manifest = kshot_manifest(dicts, names, shots=2, seed=3, source_sha256="0" * 64, dataset_name="t_fs_sev_train")
+    ps = register_support(cfg, weights, "t_fs_sev_train", 2, seed=0, out=str(tmp_path / "m.pt"), manifest=manifest,
+                          progress=False)
+    got = sorted((s["image_key"], s["class"], tuple(s["bbox"])) for s in ps.support)
+    want = sorted((s["image_key"], s["class"], tuple(s["bbox"])) for s in manifest["supports"])
+    assert got == want

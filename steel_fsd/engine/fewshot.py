@@ -27,7 +27,7 @@ def restrict_classes(dicts: list[dict], class_names: list[str], keep: list[str])
 
 
 def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed: int, out: str,
-                     classes: list[str] | None = None, manifest: list[dict] | None = None,
+                     classes: list[str] | None = None, manifest: list[dict] | dict | None = None,
                      manifest_path: str = "manifest", append_to: str | None = None,
                      progress: bool = True) -> PrototypeSet:
     """Prototypes of ``dataset``'s classes (or ``classes``) from K seeded supports; written to ``out``."""
@@ -39,8 +39,9 @@ def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed:
     model = load_model_for_eval(cfg)
     dicts = DatasetCatalog.get(dataset)
     class_names = list(MetadataCatalog.get(dataset).thing_classes)
-    if manifest is not None:
-        dicts = support_dicts_from_manifest(dicts, manifest, manifest_path)
+    if manifest is not None:  # a list of {image_key[, bbox]}, or a K-shot manifest from tools/prepare_fewshot.py
+        entries = manifest["supports"] if isinstance(manifest, dict) else manifest
+        dicts = support_dicts_from_manifest(dicts, entries, manifest_path)
     if classes:
         dicts, class_names = restrict_classes(dicts, class_names, list(classes)), list(classes)
     logger.info("register_support: %s classes %s, K=%d, seed=%d", dataset, class_names, shots, seed)

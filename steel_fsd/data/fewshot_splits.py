@@ -1,0 +1,193 @@
+"""Seeded K-shot support manifests: which boxes are the K supports per class, written as canonical JSON.
+
+A manifest is a pure function of the dataset dicts, the class names, K and the seed: the boxes are
+chosen by :func:`steel_fsd.modeling.prototypes.sample_support`, so a manifest and
+``tools/register_support.py`` with the same (K, seed) pick the same boxes. It holds no timestamps or
+absolute paths, and :func:`write_manifest` writes it byte-identically for equal content.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from detectron2.structures import BoxMode
+
+from ..modeling.prototypes import sample_support
+
+FORMAT = "steel_fsd.kshot_manifest"
+VERSION = 1
+RULE = ("K counts instances (boxes) per class, not images. Per class, the candidates are its non-crowd boxes "
+        "sorted by (image_key, annotation index); K of them are drawn without replacement by one "
+        "numpy.random.default_rng(seed) used for the classes in class-id order "
+        "(steel_fsd.modeling.prototypes.sample_support). An image may give several boxes of a class; only the "
+        "sampled boxes are supports, its other boxes are not used (unless sampled for their own class). A class "
+        "with fewer than K instances uses all of them and records the shortfall in counts.")
+REQUIRED = {"format": str, "version": int, "dataset": str, "class_names": list, "shots": int, "seed": int,
+            "rule": str, "source_sha256": str, "counts": dict, "supports": list}
+ENTRY_FIELDS = {"class": str, "category_id": int, "image_key": str, "annotation_index": int, "bbox": list,
+                "bbox_mode": str}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _key(d: dict) -> str:
+    """An image's key, as :func:`sample_support` sorts by it."""
+    return str(d.get("image_key", d["image_id"]))
+
+
+def _available(dataset_dicts: list[dict], num_classes: int) -> Counter:
+    """Candidate instances per class id: non-crowd boxes (the filter of :func:`sample_support`)."""
+    return Counter(int(a["category_id"]) for d in dataset_dicts for a in d.get("annotations", [])
+                   if not a.get("iscrowd", 0) and 0 <= int(a["category_id"]) < num_classes)
+
+
+def annotation_sources(root: str | os.PathLike) -> list[Path]:
+    """The annotation files a dataset root is loaded from (the same files tools/prepare_datasets.py digests).
+
+    Severstal: the one CSV its loader reads (``train.csv`` if present, else ``train_v2.csv``);
+    otherwise NEU: the XML files of its annotation folders.
+    """
+    from .neu import annotation_dirs
+    from .severstal import CSV_NAMES
+
+    root = Path(root)
+    csv = next((root / n for n in CSV_NAMES if (root / n).is_file()), None)
+    if csv is not None:
+        return [csv]
+    return sorted(p for d in annotation_dirs(root) for p in d.iterdir() if p.suffix.lower() == ".xml")
+
+
+def kshot_manifest(dataset_dicts: list[dict], class_names: Sequence[str], shots: int, seed: int,
+                   source_sha256: str, dataset_name: str) -> dict:
+    """The K-shot support manifest of ``dataset_dicts`` (see :data:`RULE`), JSON-ready.
+
+    ``supports`` lists ``{class, category_id, image_key, annotation_index, bbox, bbox_mode}`` in class
+    order, then (image_key, annotation index) order; ``counts[class]`` gives the ``available``,
+    ``selected`` and ``shortfall`` (K - selected) instances. Raises ValueError when a class has no instance.
+    """
+    if int(shots) < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    if not _SHA256.fullmatch(str(source_sha256)):
+        raise ValueError(f"source_sha256 must be 64 lowercase hex digits, got {source_sha256!r}")
+    names = [str(c) for c in class_names]
+    available = _available(dataset_dicts, len(names))
+    empty = [names[c] for c in range(len(names)) if not available[c]]
+    if empty:
+        raise ValueError(f"{dataset_name}: classes {empty} have no annotated instance to use as support")
+    supports = []
+    for d, i in sample_support(dataset_dicts, len(names), int(shots), int(seed)):
+        a = d["annotations"][i]
+        supports.append({"class": names[a["category_id"]], "category_id": int(a["category_id"]),
+                         "image_key": _key(d), "annotation_index": int(i),
+                         "bbox": [float(v) for v in a["bbox"]], "bbox_mode": BoxMode(a["bbox_mode"]).name})
+    selected = Counter(e["category_id"] for e in supports)
+    counts = {names[c]: {"available": available[c], "selected": selected[c], "shortfall": int(shots) - selected[c]}
+              for c in range(len(names))}
+    return {"format": FORMAT, "version": VERSION, "dataset": str(dataset_name), "class_names": names,
+            "shots": int(shots), "seed": int(seed), "rule": RULE, "source_sha256": str(source_sha256),
+            "counts": counts, "supports": supports}
+
+
+def _fail(path: str, msg: str) -> None:
+    raise ValueError(f"{path}: invalid K-shot manifest: {msg}")
+
+
+def validate_manifest(m: object, path: str = "manifest") -> dict:
+    """Check fields, types and internal consistency (entries vs counts vs K); ValueError naming ``path``."""
+    if not isinstance(m, dict):
+        _fail(path, f"expected a JSON object, got {type(m).__name__}")
+    if m.get("format") != FORMAT:
+        _fail(path, f"format is {m.get('format')!r}, expected {FORMAT!r}")
+    for field, kind in REQUIRED.items():
+        if field not in m:
+            _fail(path, f"missing field {field!r}")
+        if not isinstance(m[field], kind) or (kind is int and isinstance(m[field], bool)):
+            _fail(path, f"field {field!r} should be {kind.__name__}, got {type(m[field]).__name__}")
+    if m["version"] != VERSION:
+        _fail(path, f"version {m['version']}, this code reads {VERSION}")
+    names, shots = m["class_names"], m["shots"]
+    if shots < 1 or not _SHA256.fullmatch(m["source_sha256"]):
+        _fail(path, f"shots {shots} < 1 or source_sha256 {m['source_sha256']!r} is not a sha256 hex digest")
+    for n, e in enumerate(m["supports"]):
+        bad = [f for f, kind in ENTRY_FIELDS.items() if not isinstance(e, dict) or not isinstance(e.get(f), kind)]
+        if bad or len(e["bbox"]) != 4 or e["class"] not in names or names.index(e["class"]) != e["category_id"]:
+            _fail(path, f"supports[{n}] is malformed (bad fields {bad or 'class/category_id/bbox'}): {e!r}")
+    selected = Counter(e["class"] for e in m["supports"])
+    if sorted(m["counts"]) != sorted(names):
+        _fail(path, f"counts name {sorted(m['counts'])}, class_names are {names}")
+    for c in names:
+        cnt = m["counts"][c]
+        want = {"available": cnt.get("available"), "selected": selected[c],
+                "shortfall": shots - selected[c]} if isinstance(cnt, dict) else None
+        if cnt != want or not isinstance(cnt["available"], int) or selected[c] != min(shots, cnt["available"]):
+            _fail(path, f"class {c!r}: counts {cnt!r} disagree with its {selected[c]} support entries and K={shots}")
+    if len({(e["image_key"], e["annotation_index"]) for e in m["supports"]}) != len(m["supports"]):
+        _fail(path, "a box is listed twice")
+    return m
+
+
+def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
+    """Validate and write ``manifest`` as canonical JSON (sorted keys, indent 1, trailing newline), atomically."""
+    path = Path(path)
+    validate_manifest(manifest, str(path))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """Read and validate a manifest; ValueError naming the file when it is unreadable, truncated or inconsistent."""
+    try:
+        m = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read K-shot manifest ({type(e).__name__}: {e})") from None
+    return validate_manifest(m, str(path))
+
+
+def source_image(key: str) -> str:
+    """The image a key comes from: Severstal tile keys ``<strip>@<x0>[,<y0>]`` map to ``<strip>``."""
+    return key.split("@", 1)[0]
+
+
+def assert_disjoint(manifest: dict, eval_dicts: list[dict]) -> None:
+    """Raise ValueError naming the support images that also appear in ``eval_dicts``.
+
+    Images are compared by :func:`source_image`, so a tile and its whole strip count as the same image.
+    """
+    support = {source_image(e["image_key"]) for e in manifest["supports"]}
+    overlap = sorted(support & {source_image(_key(d)) for d in eval_dicts})
+    if overlap:
+        raise ValueError(f"{manifest['dataset']} K={manifest['shots']} seed={manifest['seed']}: {len(overlap)} support "
+                         f"images are in the evaluation split: {overlap[:20]}{' ...' if len(overlap) > 20 else ''}")
+
+
+def manifest_support_dicts(manifest: dict, dataset_dicts: list[dict]) -> list[dict]:
+    """The dicts of the manifest's images, each with only its manifest boxes (original order), by image_key.
+
+    Raises ValueError naming every support image missing from ``dataset_dicts`` and every box that is
+    not there (index out of range, or a different bbox/class at that index).
+    """
+    by_key = {_key(d): d for d in dataset_dicts}
+    wanted: dict[str, list[dict]] = {}
+    for e in manifest["supports"]:
+        wanted.setdefault(e["image_key"], []).append(e)
+    missing_images = sorted(k for k in wanted if k not in by_key)
+    missing_boxes = []
+    out = []
+    for k in sorted(set(wanted) - set(missing_images)):
+        anns = by_key[k].get("annotations", [])
+        for e in wanted[k]:
+            i = e["annotation_index"]
+            a = anns[i] if 0 <= i < len(anns) else None
+            if a is None or [float(v) for v in a["bbox"]] != [float(v) for v in e["bbox"]] \
+                    or int(a["category_id"]) != e["category_id"]:
+                missing_boxes.append(f"{k}[{i}] {e['class']} {e['bbox']}")
+        keep = sorted(e["annotation_index"] for e in wanted[k])
+        out.append(dict(by_key[k], annotations=[anns[i] for i in keep if 0 <= i < len(anns)]))
+    if missing_images or missing_boxes:
+        raise ValueError(f"{manifest['dataset']} K={manifest['shots']} seed={manifest['seed']}: support images not in "
+                         f"the dataset: {missing_images}; support boxes not found: {missing_boxes}")
+    return out

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Write seeded K-shot support manifests of a registered dataset, one per (K, seed).
+
+    python tools/prepare_fewshot.py --dataset neu_train --shots 1 5 10 --seeds 0 1 2 --out datasets/fewshot \
+        [--eval-dataset neu_test] [--datasets-root DIR]
+
+Writes ``OUT/<dataset>_<K>shot_seed<S>.json`` (see :mod:`steel_fsd.data.fewshot_splits`; the file name
+is only a label, the manifest's fields are the source of truth) and nothing else. Same data and seeds
+give byte-identical files. With ``--eval-dataset`` it refuses (exit 1, nothing written) when a support
+image is also in that split. Prints one summary line per manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+try:
+    import steel_fsd  # noqa: F401
+except ImportError:  # run as a script from a source checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from steel_fsd.data import register_all
+from steel_fsd.data.catalog import datasets_root
+from steel_fsd.data.errors import DatasetError
+from steel_fsd.data.fewshot_splits import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
+from steel_fsd.data.splits import sha256_files
+
+
+def registered_sources(name: str) -> list[Path]:
+    """Annotation files of a registered dataset (of each part, for a union), from its metadata."""
+    meta = MetadataCatalog.get(name)
+    if meta.get("parts"):
+        return [p for part in meta.parts for p in registered_sources(part)]
+    root = meta.get("dataset_root")
+    if not root:
+        raise ValueError(f"{name}: its metadata has no dataset_root, so its annotation files are unknown")
+    return annotation_sources(root)
+
+
+def _get(name: str) -> list[dict]:
+    if name not in DatasetCatalog.list():
+        raise ValueError(f"dataset {name!r} is not registered (registered: {', '.join(sorted(DatasetCatalog.list()))})")
+    return DatasetCatalog.get(name)
+
+
+def _check_root(name: str, root: str) -> None:
+    """Refuse a dataset registered from outside ``root`` (e.g. an earlier registration from ./datasets)."""
+    got = MetadataCatalog.get(name).get("dataset_root")
+    if got and os.path.commonpath([os.path.abspath(got), root]) != root:
+        raise ValueError(f"{name} is registered from {got}, not under --datasets-root {root}")
+
+
+def summary(file_name: str, m: dict) -> str:
+    """``"<file>: <dataset> K=.. seed=..: N supports in M images, per class {...}[, shortfall {...}]"``."""
+    per_class = ", ".join(f"{c}: {v['selected']}" for c, v in m["counts"].items())
+    short = {c: v["shortfall"] for c, v in m["counts"].items() if v["shortfall"]}
+    images = len({e["image_key"] for e in m["supports"]})
+    line = (f"{file_name}: {m['dataset']} K={m['shots']} seed={m['seed']}: {len(m['supports'])} supports in "
+            f"{images} images, per class {{{per_class}}}")
+    return line + (f", shortfall {short}" if short else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", required=True, help="registered dataset to draw supports from (normally a train split)")
+    p.add_argument("--shots", type=int, nargs="+", required=True, help="K values: instances (boxes) per class")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="sampling seeds")
+    p.add_argument("--out", type=Path, required=True, help="output folder for the manifests")
+    p.add_argument("--eval-dataset", help="registered evaluation split that must not contain any support image")
+    p.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
+    args = p.parse_args(argv)
+    if min(args.shots) < 1:
+        p.error("--shots must all be >= 1")
+    root = os.path.abspath(args.datasets_root) if args.datasets_root else datasets_root()
+    outputs: dict[str, dict] = {}
+    try:  # everything is computed and checked before anything is written
+        register_all(root)
+        if args.datasets_root:
+            _check_root(args.dataset, root)
+        dicts = _get(args.dataset)
+        eval_dicts = _get(args.eval_dataset) if args.eval_dataset else None
+        classes = list(MetadataCatalog.get(args.dataset).thing_classes)
+        digest = sha256_files(registered_sources(args.dataset))["sha256"]
+        for k in dict.fromkeys(args.shots):
+            for s in dict.fromkeys(args.seeds):
+                m = kshot_manifest(dicts, classes, k, s, digest, args.dataset)
+                if eval_dicts is not None:
+                    assert_disjoint(m, eval_dicts)
+                outputs[f"{args.dataset}_{k}shot_seed{s}.json"] = m
+    except (ValueError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    for file_name, m in outputs.items():
+        write_manifest(args.out / file_name, m)
+        print(summary(file_name, m))
+    print(f"wrote {len(outputs)} manifests to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
