@@ -19,10 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import steel_fsd  # noqa: F401
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
 
 from steel_fsd.data.coco import to_coco, write_coco
 from steel_fsd.data.errors import DatasetError, SkipLog

@@ -16,10 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-try:
-    import steel_fsd  # noqa: F401
-except ImportError:  # run as a script from a source checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
