@@ -10,6 +10,7 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import DatasetEvaluators
+from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
 from ..data.episodic import SAMPLER_NAME, build_episodic_train_loader
@@ -98,7 +99,7 @@ def _by_dataset(cfg: CfgNode, results: dict) -> dict[str, dict]:
 def load_model_for_eval(cfg: CfgNode, resume: bool = False) -> torch.nn.Module:
     """Build the model of ``cfg`` in eval mode and load MODEL.WEIGHTS (or the last checkpoint with ``resume``),
     then MODEL.PROTOTYPE.SUPPORT_FILE if set."""
-    model = Trainer.build_model(cfg).eval()
+    model = build_model(cfg).eval()  # (Trainer.build_model would also log the whole architecture)
     checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
     if not (resume and checkpointer.has_checkpoint()):
         check_weights(cfg.MODEL.WEIGHTS)
