@@ -16,7 +16,7 @@ from detectron2.utils.file_io import PathManager
 from ..data.episodic import SAMPLER_NAME, build_episodic_train_loader
 from ..data.mapper import SteelDatasetMapper
 from ..evaluation.coco import SteelCOCOEvaluator
-from ..evaluation.prf import PRFEvaluator
+from ..evaluation.prf import build_prf_evaluator
 from ..modeling.support import attach_support
 
 logger = logging.getLogger("steel_fsd")
@@ -40,7 +40,7 @@ def check_weights(path: str) -> None:
         raise WeightsError(
             f"MODEL.WEIGHTS '{path}' cannot be read ({reason}). Download the weights and pass their local path "
             "(MODEL.WEIGHTS /path/R-50.pkl), or train from scratch with MODEL.WEIGHTS \"\" — the *_scratch_GN "
-            "configs do this with GroupNorm, which trains well without pretraining.")
+            "configs do this with GroupNorm, the usual choice without pretraining.")
 
 
 def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluators:
@@ -48,8 +48,7 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None =
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
     return DatasetEvaluators([
         SteelCOCOEvaluator(dataset_name, output_dir=output_folder),
-        PRFEvaluator(dataset_name, score_thresh=cfg.TEST.PRF_SCORE_THRESH, iou_thresh=cfg.TEST.PRF_IOU_THRESH,
-                     output_dir=output_folder),
+        build_prf_evaluator(cfg, dataset_name, output_folder),
     ])
 
 
