@@ -6,14 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from common import REPO, config, save, synthetic_datasets
+from common import config, mean_row, save, synthetic_datasets
 
-from detectron2.data import MetadataCatalog
-from detectron2.utils.logger import setup_logger
 
 from steel_fsd.engine.fewshot import kshot_results
 from steel_fsd.engine.trainer import Trainer
-from steel_fsd.evaluation.report import per_class_rows
 
 SOURCES = {  # source model config -> (its test set, {target: (support set, test set)})
     "configs/demo/proto_R18_FPN_synth_neu.yaml": ("neu_synth_test", {
@@ -25,10 +22,6 @@ SOURCES = {  # source model config -> (its test set, {target: (support set, test
 }
 
 
-def mean_row(results: dict, dataset: str) -> dict:
-    return per_class_rows(results, MetadataCatalog.get(dataset).thing_classes)[-1]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
@@ -38,7 +31,6 @@ def main() -> None:
     out = {}
     for cfg_file, (own_test, targets) in SOURCES.items():
         cfg = config(cfg_file, [])
-        setup_logger(cfg.OUTPUT_DIR, name="steel_fsd")
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=True)
         bank = trainer.train()[own_test]

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-from common import REPO, save
+from common import REPO, mean_row, save, train_and_evaluate
 
 DEFAULT_CONFIGS = ["configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml",
                    "configs/prototype/proto_R18_FPN_GN_neu_cpu.yaml"]
@@ -17,32 +16,15 @@ SHOTS = [1, 5, 10]
 
 
 def run(config_file: str, opts: list[str], seed: int) -> dict:
-    from detectron2.utils.logger import setup_logger
-
+    """Train (resuming) and evaluate on neu_test; prototype models also with K-shot support prototypes."""
     from steel_fsd.engine.fewshot import kshot_results
-    from steel_fsd.engine.setup import build_config, finalize_config
-    from steel_fsd.engine.trainer import Trainer
-    from steel_fsd.evaluation.report import per_class_rows
 
-    cfg = build_config(str(REPO / config_file), opts)
-    for name in ("detectron2", "fvcore", "steel_fsd"):
-        setup_logger(cfg.OUTPUT_DIR, name=name)
-    finalize_config(cfg)
-    start = time.time()
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=True)
-    results = trainer.train()["neu_test"]
-    from detectron2.data import MetadataCatalog
-    classes = MetadataCatalog.get("neu_test").thing_classes
-    rows = per_class_rows(results, classes)
-    out = {"config": config_file, "iterations": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH,
-           "input_px": cfg.INPUT.HARMONIZE.RESIZE, "wall_s_this_run": round(time.time() - start),
-           "mean": rows[-1], "per_class": rows[:-1]}
+    out, cfg = train_and_evaluate(config_file, opts)
     if cfg.MODEL.ROI_HEADS.NAME == "PrototypeROIHeads":  # support-built prototypes instead of the bank
         weights = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
         kshot = kshot_results(cfg, weights, "neu_train", "neu_test", SHOTS, seed, cfg.OUTPUT_DIR)
-        out["support_prototypes"] = {k: {"seed": seed, "register_s": r["register_s"],
-                                         "mean": per_class_rows(r, classes)[-1]} for k, r in kshot.items()}
+        out["support_prototypes"] = {k: {"seed": seed, "register_s": r["register_s"], "mean": mean_row(r, "neu_test")}
+                                     for k, r in kshot.items()}
     return out
 
 

@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 import time
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,10 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
 from steel_fsd.engine.trainer import Trainer  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+for _name in ("detectron2", "fvcore", "steel_fsd"):  # once per process: progress, ETA and results on stdout
+    setup_logger(name=_name)
 
 
 def machine() -> dict:
@@ -83,3 +88,32 @@ def time_inference(cfg, n_images: int, warmup: int = 2, model=None) -> float:
     for b in inputs[warmup:]:
         model(b)
     return (time.perf_counter() - start) / max(1, len(inputs) - warmup)
+
+
+def mean_row(results: dict, dataset: str) -> dict:
+    """The ``mean`` row (AP, AP50, AP75, P, R, F1) of one dataset's evaluation results."""
+    from detectron2.data import MetadataCatalog
+
+    from steel_fsd.evaluation.report import per_class_rows
+    return per_class_rows(results, MetadataCatalog.get(dataset).thing_classes)[-1]
+
+
+def train_and_evaluate(config_file: str, opts: list[str]) -> tuple[dict, object]:
+    """Train ``config_file`` (resuming from its OUTPUT_DIR) and evaluate on its first DATASETS.TEST.
+
+    Returns ``(summary, cfg)``: iterations, batch, input size, wall time, mean and per-class rows.
+    """
+    from detectron2.data import MetadataCatalog
+
+    from steel_fsd.evaluation.report import per_class_rows
+
+    cfg = build_config(str(REPO / config_file), opts)
+    finalize_config(cfg)
+    start = time.time()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    test = cfg.DATASETS.TEST[0]
+    rows = per_class_rows(trainer.train()[test], MetadataCatalog.get(test).thing_classes)
+    return {"config": config_file, "test": test, "iterations": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH,
+            "input_px": cfg.INPUT.HARMONIZE.RESIZE, "wall_s_this_run": round(time.time() - start),
+            "mean": rows[-1], "per_class": rows[:-1]}, cfg
