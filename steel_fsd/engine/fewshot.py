@@ -8,6 +8,7 @@ import time
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..data.fewshot_splits import manifest_support_dicts
 from ..data.mapper import SteelDatasetMapper
 from ..modeling.prototypes import PrototypeSet, append_class, build_prototypes, file_sha256, load_prototypes, save_prototypes
 from ..modeling.support import relevant_config, support_dicts_from_manifest
@@ -39,9 +40,10 @@ def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed:
     model = load_model_for_eval(cfg)
     dicts = DatasetCatalog.get(dataset)
     class_names = list(MetadataCatalog.get(dataset).thing_classes)
-    if manifest is not None:  # a list of {image_key[, bbox]}, or a K-shot manifest from tools/prepare_fewshot.py
-        entries = manifest["supports"] if isinstance(manifest, dict) else manifest
-        dicts = support_dicts_from_manifest(dicts, entries, manifest_path)
+    if isinstance(manifest, dict):  # a K-shot manifest from tools/prepare_fewshot.py: exact boxes, classes checked
+        dicts = manifest_support_dicts(manifest, dicts)
+    elif manifest is not None:  # a hand-written list of {image_key[, bbox]}
+        dicts = support_dicts_from_manifest(dicts, manifest, manifest_path)
     if classes:
         dicts, class_names = restrict_classes(dicts, class_names, list(classes)), list(classes)
     logger.info("register_support: %s classes %s, K=%d, seed=%d", dataset, class_names, shots, seed)
