@@ -34,6 +34,13 @@ def add_steel_fsd_config(cfg: CN) -> CN:
     # Evaluation.
     _C.TEST.PRF_SCORE_THRESH = 0.5             # detections >= this score count for precision/recall/F1
     _C.TEST.PRF_IOU_THRESH = 0.5
+    # Validation loss during training (loss curves): the training losses on a fixed, unaugmented set of images.
+    _C.TEST.VAL_LOSS_DATASET = ""              # registered dataset ("" = off)
+    _C.TEST.VAL_LOSS_PERIOD = 0                # every N iterations and at the last one (0 = off)
+    _C.TEST.VAL_LOSS_IMAGES = 32               # the first N images (with annotations) of that dataset
+    # Fine-tuning: parameter-name prefixes kept frozen, e.g. ["backbone", "proposal_generator"] (two-phase
+    # transfer: only the ROI heads learn). Empty = everything trains (subject to MODEL.BACKBONE.FREEZE_AT).
+    _C.MODEL.FREEZE = []
     add_prototype_config(cfg)
     add_episodic_config(cfg)
     return cfg

@@ -10,21 +10,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..data.fewshot_splits import manifest_support_dicts
 from ..data.mapper import SteelDatasetMapper
+from ..data.subsets import restrict_classes
 from ..modeling.prototypes import PrototypeSet, append_class, build_prototypes, file_sha256, load_prototypes, save_prototypes
 from ..modeling.support import relevant_config, support_dicts_from_manifest
 from .trainer import evaluate, load_model_for_eval
 
 logger = logging.getLogger("steel_fsd")
-
-
-def restrict_classes(dicts: list[dict], class_names: list[str], keep: list[str]) -> list[dict]:
-    """Dataset dicts with only the boxes of ``keep`` (re-indexed in ``keep`` order)."""
-    unknown = sorted(set(keep) - set(class_names))
-    if unknown:
-        raise ValueError(f"classes {unknown} are not among {class_names}")
-    idx = [class_names.index(c) for c in keep]
-    return [dict(d, annotations=[dict(a, category_id=idx.index(a["category_id"])) for a in d["annotations"]
-                                 if a["category_id"] in idx]) for d in dicts]
 
 
 def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed: int, out: str,
@@ -57,12 +48,15 @@ def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed:
     return ps
 
 
-def evaluate_with_support(cfg: CfgNode, weights: str, support_file: str, datasets: list[str]) -> dict[str, dict]:
-    """Evaluate ``weights`` on ``datasets`` predicting exactly the classes of ``support_file``."""
+def evaluate_with_support(cfg: CfgNode, weights: str, support_file: str, datasets: list[str],
+                          output_dir: str | None = None) -> dict[str, dict]:
+    """Evaluate ``weights`` on ``datasets`` predicting exactly the classes of ``support_file``
+    (evaluator files under ``output_dir``/inference, default cfg.OUTPUT_DIR)."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS, cfg.MODEL.PROTOTYPE.SUPPORT_FILE = weights, support_file
     cfg.DATASETS.TEST = tuple(datasets)
+    cfg.OUTPUT_DIR = output_dir or cfg.OUTPUT_DIR
     cfg.freeze()
     return evaluate(cfg, load_model_for_eval(cfg))
 

@@ -8,9 +8,11 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.data import DatasetCatalog
+from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 from detectron2.utils.file_io import PathManager
 
 from ..data.episodic import SAMPLER_NAME, build_episodic_train_loader
@@ -56,6 +58,26 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with steel-fsd's mapper (harmonization + augmentation) and evaluators."""
 
     @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model, with the parameters named by MODEL.FREEZE frozen (fine-tuning)."""
+        from ..modeling.freeze import freeze_parameters
+
+        model = super().build_model(cfg)
+        if cfg.MODEL.FREEZE:
+            frozen = freeze_parameters(model, list(cfg.MODEL.FREEZE))
+            logger.info("MODEL.FREEZE %s: %d parameter tensors frozen, %d trainable", list(cfg.MODEL.FREEZE),
+                        len(frozen), sum(p.requires_grad for p in model.parameters()))
+        return model
+
+    def build_hooks(self):
+        """Detectron2's hooks plus :class:`ValidationLoss` (before the writers, so its values are written)."""
+        ret = super().build_hooks()
+        if self.cfg.TEST.VAL_LOSS_DATASET and self.cfg.TEST.VAL_LOSS_PERIOD > 0:
+            at = len(ret) - 1 if ret and isinstance(ret[-1], hooks.PeriodicWriter) else len(ret)
+            ret.insert(at, ValidationLoss(self.cfg))
+        return ret
+
+    @classmethod
     def build_train_loader(cls, cfg):
         mapper = SteelDatasetMapper(cfg, is_train=True)
         if cfg.DATALOADER.SAMPLER_TRAIN == SAMPLER_NAME:
@@ -81,6 +103,49 @@ class Trainer(DefaultTrainer):
         if not has_ckpt:
             check_weights(self.cfg.MODEL.WEIGHTS)
         super().resume_or_load(resume=resume)
+
+
+class ValidationLoss(HookBase):
+    """Log the training losses on TEST.VAL_LOSS_DATASET as ``val_<loss>`` and ``val_total_loss``.
+
+    Every TEST.VAL_LOSS_PERIOD iterations and at the last one; the same first TEST.VAL_LOSS_IMAGES
+    annotated images each time, with test-time harmonization and no augmentation. Runs in training
+    mode without gradient; buffers (e.g. the prototype memory bank) are restored afterwards and the
+    model's own logging goes to a scratch storage, so training is unaffected.
+    """
+
+    def __init__(self, cfg: CfgNode):
+        self.period, self.batch = cfg.TEST.VAL_LOSS_PERIOD, cfg.SOLVER.IMS_PER_BATCH
+        eval_cfg = cfg.clone()
+        eval_cfg.defrost()
+        eval_cfg.INPUT.AUG.ENABLED = False
+        mapper = SteelDatasetMapper(eval_cfg, is_train=True)
+        dicts = [d for d in DatasetCatalog.get(cfg.TEST.VAL_LOSS_DATASET) if d.get("annotations")]
+        self.inputs = [mapper(d) for d in dicts[:cfg.TEST.VAL_LOSS_IMAGES]]
+        if not self.inputs:
+            raise ValueError(f"TEST.VAL_LOSS_DATASET {cfg.TEST.VAL_LOSS_DATASET}: no annotated image")
+
+    def losses(self, model: torch.nn.Module) -> dict[str, float]:
+        """Mean of each loss over the fixed validation batches."""
+        saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+        totals: dict[str, float] = {}
+        try:
+            with torch.no_grad(), EventStorage(self.trainer.iter if hasattr(self, "trainer") else 0):
+                for i in range(0, len(self.inputs), self.batch):
+                    for k, v in model(self.inputs[i:i + self.batch]).items():
+                        totals[k] = totals.get(k, 0.0) + float(v) * len(self.inputs[i:i + self.batch])
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(saved[n])
+        out = {f"val_{k}": v / len(self.inputs) for k, v in totals.items()}
+        out["val_total_loss"] = sum(out.values())
+        return out
+
+    def after_step(self):
+        nxt = self.trainer.iter + 1
+        if nxt % self.period == 0 or nxt == self.trainer.max_iter:
+            self.trainer.storage.put_scalars(**self.losses(self.trainer.model), smoothing_hint=False)
 
 
 def evaluate(cfg: CfgNode, model: torch.nn.Module) -> dict[str, dict]:

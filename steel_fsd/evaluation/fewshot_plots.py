@@ -1,0 +1,216 @@
+"""PNG plots of few-shot results: bars with 95% CIs, per-class bars, loss curves and PR curves.
+
+Figures are drawn with :class:`matplotlib.figure.Figure` (Agg canvas, no pyplot state). Each plotting
+function returns the written path, or None (logged to ``steel_fsd``) when it has nothing to draw.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import warnings
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .aggregate import cell_file, matching_keys, method_key, metric_series, read_metrics
+from .coco import PR_IOUS, read_pr_curves
+from .fewshot_tables import settings_of
+
+logger = logging.getLogger("steel_fsd")
+DPI = 100
+
+
+def _save(fig: Figure, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _stat(row: dict | None, metric: str) -> tuple[float, float]:
+    """(mean, ci95) of a row's metric; NaN mean when missing, 0 error without a CI."""
+    stat = (row or {}).get(metric) or {}
+    mean, ci = stat.get("mean"), stat.get("ci95")
+    return (math.nan if mean is None else mean), (0.0 if ci is None else ci)
+
+
+def _grouped_bars(ax, groups: list[str], series: dict[str, list[tuple[float, float]]]) -> None:
+    """Bars of ``series`` (label -> (mean, ci) per group) side by side in each group, CI error bars."""
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(groups))
+    for i, (label, values) in enumerate(series.items()):
+        means, cis = zip(*values)
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=cis, capsize=3, color=f"C{i}",
+               label=label)
+    ax.set_xticks(x, groups)
+    ax.legend(fontsize=8)
+
+
+def bar_chart(rows: list[dict], setting: str, metric: str, path: str) -> str | None:
+    """Grouped bars of ``metric`` for one setting: x = K, one bar per method, 95% CI error bars."""
+    sub = [r for r in rows if r["setting"] == setting and (r.get(metric) or {}).get("mean") is not None]
+    if not sub:
+        logger.info("bar_chart: no %s for %s", metric, setting)
+        return None
+    shots = sorted({r["shots"] for r in sub})
+    methods = sorted({r["method"] for r in sub}, key=method_key)
+    by = {(r["method"], r["shots"]): r for r in sub}
+    fig = Figure(figsize=(max(5.0, 1.5 + 1.2 * len(shots) * max(1, len(methods) / 2)), 4))
+    ax = fig.subplots()
+    _grouped_bars(ax, [f"K={k}" for k in shots], {m: [_stat(by.get((m, k)), metric) for k in shots] for m in methods})
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{setting}\n{metric}, mean ± 95% CI over seeds", fontsize=9)
+    return _save(fig, path)
+
+
+def per_class_bars(rows: list[dict], setting: str, shots: int, path: str, metric: str = "AP50") -> str | None:
+    """Per-class ``metric`` bars of one setting at K = ``shots``, one bar per method, 95% CI error bars."""
+    sub = sorted((r for r in rows if r["setting"] == setting and r["shots"] == shots and r.get("per_class")),
+                 key=lambda r: method_key(r["method"]))
+    if not sub:
+        logger.info("per_class_bars: no rows for %s at K=%s", setting, shots)
+        return None
+    classes = list(dict.fromkeys(c for r in sub for c in r["per_class"]))
+    fig = Figure(figsize=(max(5.0, 2 + 0.9 * len(classes) * max(1, len(sub) / 2)), 4))
+    ax = fig.subplots()
+    _grouped_bars(ax, classes, {r["method"]: [_stat(r["per_class"].get(c), metric) for c in classes] for r in sub})
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{setting}, K={shots}\nper-class {metric}, mean ± 95% CI over seeds", fontsize=9)
+    return _save(fig, path)
+
+
+def moving_average(values: list[float], window: int) -> np.ndarray:
+    """Trailing mean over the last ``window`` points (fewer at the start); same length as ``values``."""
+    v = np.asarray(values, dtype=float)
+    csum = np.concatenate([[0.0], np.cumsum(v)])
+    i = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, i - window)
+    return (csum[i] - csum[lo]) / (i - lo)
+
+
+def loss_curves(metrics_paths: dict[str, str], path: str, key: str = "bbox/AP", window: int = 20) -> str | None:
+    """Training ``total_loss`` (raw, light, and its moving average) and ``val_total_loss`` vs iteration,
+    one colour per label; a second panel with the validation ``key`` (e.g. bbox/AP) when logged."""
+    loaded = {label: read_metrics(p) for label, p in metrics_paths.items()}
+    evals = {label: matching_keys(recs, key) for label, recs in loaded.items()}
+    if not any(metric_series(recs, n)[0] for recs in loaded.values() for n in ("total_loss", "val_total_loss")):
+        logger.info("loss_curves: no losses in %s", list(metrics_paths.values()))
+        return None
+    with_ap = any(evals.values())
+    fig = Figure(figsize=(12 if with_ap else 7, 4.5))
+    axes = fig.subplots(1, 2 if with_ap else 1, squeeze=False)[0]
+    for i, (label, recs) in enumerate(loaded.items()):
+        it, loss = metric_series(recs, "total_loss")
+        if it:
+            axes[0].plot(it, loss, color=f"C{i}", alpha=0.25, lw=0.8)
+            axes[0].plot(it, moving_average(loss, window), color=f"C{i}", lw=1.5, label=f"{label} train")
+        it, val = metric_series(recs, "val_total_loss")
+        if it:
+            axes[0].plot(it, val, color=f"C{i}", ls="--", marker="o", ms=3, label=f"{label} val")
+        for name in evals[label]:
+            it, ap = metric_series(recs, name)
+            axes[1].plot(it, ap, color=f"C{i}", marker="o", ms=3,
+                         label=label if len(evals[label]) == 1 else f"{label} {name}")
+    axes[0].set(xlabel="iteration", ylabel="loss", title=f"total loss (moving average over {window})")
+    axes[0].legend(fontsize=7)
+    if with_ap:
+        axes[1].set(xlabel="iteration", ylabel=f"{key} (%)", title=f"validation {key}")
+        axes[1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _mean_curve(precision: dict[str, np.ndarray], classes: list[str]) -> np.ndarray | None:
+    stack = [np.asarray(precision[c], dtype=float) for c in classes if c in precision]
+    if not stack:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # recall levels undefined for every class
+        return np.nanmean(np.vstack(stack), axis=0)
+
+
+def pr_curves(curves: dict[str, dict], path: str, classes: list[str] | None = None, iou: float = 0.5,
+              mean: bool = False) -> str | None:
+    """Precision vs recall at ``iou`` (0.5 or 0.75), one line per label (e.g. method at K).
+
+    One subplot per class (``classes``, default all), or a single one of the mean over classes (``mean``).
+    ``curves`` hold ``pr_curves.json`` contents (lists with nulls or :func:`~.coco.read_pr_curves` arrays).
+    """
+    field = {thr: f for f, thr in PR_IOUS.items()}[iou]
+    names = classes or list(dict.fromkeys(c for cur in curves.values() for c in cur.get(field, {})))
+    if not curves or not names:
+        logger.info("pr_curves: nothing to plot for %s", path)
+        return None
+    panels = ["mean over classes"] if mean else names
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4 * cols, 3.5 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels):
+        for i, (label, cur) in enumerate(curves.items()):
+            precision = cur.get(field, {})
+            y = _mean_curve(precision, names) if mean else precision.get(panel)
+            y = None if y is None else np.asarray(y, dtype=float)
+            if y is not None and not np.isnan(y).all():
+                ax.plot(np.asarray(cur["recall"], dtype=float), y, color=f"C{i}", label=label)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=f"{panel} (IoU {iou})")
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "undefined (no ground truth)", ha="center", va="center", fontsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    return _save(fig, path)
+
+
+def slug(setting: str) -> str:
+    """A file-name-safe form of a setting label."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", setting.replace("->", "_to_")).strip("_")
+
+
+def _first_seed(cells: list[dict]) -> dict[tuple[str, int], dict]:
+    """The lowest-seed cell per (method, K), in method order then K."""
+    out: dict[tuple[str, int], dict] = {}
+    for c in sorted(cells, key=lambda c: (method_key(c["method"]), int(c["shots"]), int(c["seed"]))):
+        out.setdefault((c["method"], int(c["shots"])), c)
+    return out
+
+
+def _loss_files(cells: list[dict]) -> dict[str, str]:
+    """Distinct base-training metrics files, then the fine-tune metrics file of each (method, K) at its lowest seed."""
+    base = list(dict.fromkeys(os.path.realpath(p) for p in (cell_file(c, "base_metrics") for c in cells) if p))
+    files = {("base" if len(base) == 1 else f"base: {os.path.basename(os.path.dirname(p))}"): p for p in base}
+    for (method, shots), c in _first_seed(cells).items():
+        p = cell_file(c, "train_metrics")
+        if p and os.path.realpath(p) not in files.values():
+            files[f"{method} K={shots}"] = os.path.realpath(p)
+    return files
+
+
+def write_all_plots(rows: list[dict], cells: list[dict], out_dir: str) -> list[str]:
+    """The standard plots per setting, returning the paths written:
+
+    ``<setting>_AP50.png`` / ``<setting>_AP.png`` (bars over K), ``<setting>_per_class_K<k>.png`` (largest K),
+    ``<setting>_loss.png`` (distinct base metrics + each method/K's lowest-seed fine-tune metrics) and
+    ``<setting>_pr_K<k>.png`` (lowest seed of each method at the largest K).
+    """
+    paths = []
+    for setting in settings_of(rows):
+        name = os.path.join(out_dir, slug(setting))
+        kmax = max(r["shots"] for r in rows if r["setting"] == setting)
+        paths += [bar_chart(rows, setting, m, f"{name}_{m}.png") for m in ("AP50", "AP")]
+        paths.append(per_class_bars(rows, setting, kmax, f"{name}_per_class_K{kmax}.png"))
+        sub = [c for c in cells if c["setting"] == setting]
+        files = _loss_files(sub)
+        paths.append(loss_curves(files, f"{name}_loss.png") if files else None)
+        curves = {f"{m} K={k}": read_pr_curves(p) for (m, k), c in _first_seed(sub).items()
+                  if k == kmax and (p := cell_file(c, "pr_curves"))}
+        paths.append(pr_curves(curves, f"{name}_pr_K{kmax}.png") if curves else None)
+        if not files or not curves:
+            logger.info("write_all_plots: %s has no %s", setting,
+                        " or ".join(w for w, have in (("metrics files", files), ("PR curves", curves)) if not have))
+    return [p for p in paths if p]

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Resize a detector checkpoint's class-specific layers to a new class list (two-phase fine-tuning).
+
+    python tools/ckpt_surgery.py --src model_final.pth --dst model_resized.pth \
+        (--source-classes A B ... | --source-dataset NAME) (--target-classes A B ... | --target-dataset NAME) \
+        [--seed 0] [--init-prototypes protos.pt] [--datasets-root DIR]
+
+Classes are matched by name (see :mod:`steel_fsd.modeling.surgery`); ``--*-dataset`` takes a registered
+dataset's ``thing_classes``. Only the model weights are written, so fine-tuning starts at iteration 0:
+    python tools/train_net.py --config-file CFG MODEL.WEIGHTS model_resized.pth ...
+Prints the report (copied, new and dropped classes, heads resized) as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from steel_fsd.data import register_all
+from steel_fsd.modeling.prototypes import PrototypeFileError, load_prototypes
+from steel_fsd.modeling.surgery import resize_checkpoint
+
+
+def dataset_classes(name: str) -> list[str]:
+    """``thing_classes`` of a registered dataset."""
+    if name not in DatasetCatalog.list():
+        raise ValueError(f"dataset {name!r} is not registered (registered: {', '.join(sorted(DatasetCatalog.list()))})")
+    return list(MetadataCatalog.get(name).thing_classes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--src", required=True, help="trained checkpoint (.pth)")
+    p.add_argument("--dst", required=True, help="resized checkpoint to write")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source-classes", nargs="+", help="class names of --src, in its order")
+    src.add_argument("--source-dataset", help="registered dataset whose thing_classes --src was trained on")
+    tgt = p.add_mutually_exclusive_group(required=True)
+    tgt.add_argument("--target-classes", nargs="+", help="class names of the fine-tuned model, in its order")
+    tgt.add_argument("--target-dataset", help="registered dataset whose thing_classes to resize to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new classes' random initialisation")
+    p.add_argument("--init-prototypes", help="prototype file (register_support.py): bank rows of new classes")
+    p.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
+    args = p.parse_args(argv)
+    try:
+        if args.source_dataset or args.target_dataset:
+            register_all(args.datasets_root)
+        source = args.source_classes or dataset_classes(args.source_dataset)
+        target = args.target_classes or dataset_classes(args.target_dataset)
+        init = None
+        if args.init_prototypes:
+            ps = load_prototypes(args.init_prototypes)
+            init = dict(zip(ps.class_names, ps.prototypes))
+        report = resize_checkpoint(args.src, args.dst, source, target, args.seed, init)
+    except (ValueError, PrototypeFileError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"src": args.src, "dst": args.dst, **report}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

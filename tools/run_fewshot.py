@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Run the few-shot protocol: every (setting, method, K, seed) cell, then the tables and plots.
+
+    python tools/run_fewshot.py --config configs/fewshot/synth_cpu.yaml [--shots 1 5 10] [--seeds 0..4] \
+        [--cross neu->severstal] [--settings base_novel cross kshot] [--only NAME ...] [--list] \
+        [--methods prototype finetune] [--no-variants] [--out DIR] [--datasets-root DIR] [--report-only]
+
+Resumable: finished cells (``OUT/cells/**.json``) and trained models are reused; an interrupted training
+resumes from its last checkpoint. Writes ``OUT/results.json``, ``OUT/results.csv``, ``OUT/report.md``
+(the tables, also printed) and ``OUT/plots/*.png``. See steel_fsd/engine/protocol.py for the settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import _path  # noqa: F401
+from detectron2.utils.logger import setup_logger
+
+from steel_fsd.data import register_all
+from steel_fsd.engine.protocol import Protocol, Setting
+
+logger = logging.getLogger("steel_fsd")
+
+
+def seeds_arg(values: list[str]) -> list[int]:
+    """``["0..4"]`` -> [0, 1, 2, 3, 4]; ``["0", "2"]`` -> [0, 2]."""
+    out: list[int] = []
+    for v in values:
+        lo, sep, hi = v.partition("..")
+        out += list(range(int(lo), int(hi) + 1)) if sep else [int(v)]
+    return out
+
+
+def select(protocol: Protocol, kinds: list[str] | None, cross: list[str] | None,
+           only: list[str] | None = None) -> list[Setting]:
+    """The protocol's settings of the given kinds, cross directions (``SRC->TGT``) or names (``--list``)."""
+    if only:
+        names = {s.name: s for s in protocol.settings}
+        if set(only) - set(names):
+            raise SystemExit(f"--only {sorted(set(only) - set(names))}: not in {protocol.path} (settings: {sorted(names)})")
+        return [names[n] for n in only]
+    chosen = []
+    for s in protocol.settings:
+        if cross and s.kind == "cross" and f"{s.source}->{s.target}" in cross:
+            chosen.append(s)
+        elif kinds and s.kind in kinds:
+            chosen.append(s)
+    if cross:
+        known = {f"{s.source}->{s.target}" for s in protocol.settings if s.kind == "cross"}
+        unknown = sorted(set(cross) - known)
+        if unknown:
+            raise SystemExit(f"--cross {unknown}: not in {protocol.path} (cross settings: {sorted(known)})")
+    return chosen if (kinds or cross) else list(protocol.settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="protocol file (configs/fewshot/*.yaml)")
+    ap.add_argument("--shots", type=int, nargs="+", help="K values (default: the file's SHOTS)")
+    ap.add_argument("--seeds", nargs="+", help="seeds, e.g. 0 1 2 or 0..4 (default: the file's SEEDS)")
+    ap.add_argument("--cross", nargs="+", help="only these cross-dataset directions, e.g. neu->severstal")
+    ap.add_argument("--settings", nargs="+", choices=("base_novel", "cross", "kshot"), help="only these kinds")
+    ap.add_argument("--only", nargs="+", help="only these settings, by the names --list prints")
+    ap.add_argument("--list", action="store_true", help="print the settings and the number of cells, run nothing")
+    ap.add_argument("--methods", nargs="+", help="only these methods (default: all of the file's)")
+    ap.add_argument("--no-variants", action="store_true", help="skip the VARIANTS rows (ablations, preprocessing)")
+    ap.add_argument("--out", help="output folder (default: the file's OUTPUT_DIR)")
+    ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from finished cells")
+    args = ap.parse_args(argv)
+    setup_logger(name="steel_fsd")
+    setup_logger(name="detectron2", abbrev_name="d2")
+    register_all(args.datasets_root)
+    protocol = Protocol(args.config, args.out, args.shots, seeds_arg(args.seeds) if args.seeds else None, args.methods)
+    settings = select(protocol, args.settings, args.cross, args.only)
+    if args.list:
+        for s in protocol.settings:
+            print(f"{s.name}  ({s.kind}: {s.source} -> {s.target}{', novel ' + str(list(s.novel)) if s.novel else ''})"
+                  f"{'' if s in settings else '  [not selected]'}")
+        print(f"{len(protocol.cells(settings))} cells: methods {list(protocol.methods)}, K {protocol.shots}, "
+              f"seeds {protocol.seeds}; variant rows: {sum(len(r) for r in protocol.variants.values())}")
+        return 0
+    if not args.report_only:
+        todo = protocol.cells(settings)
+        variants = [] if args.no_variants else \
+            [(kind, row, spec) for kind, rows in protocol.variants.items() for row, spec in rows.items()]
+        total, start = len(todo) + len(variants), time.perf_counter()
+        logger.info("[run_fewshot] %d cells + %d variant rows -> %s", len(todo), len(variants), protocol.out)
+        for i, job in enumerate(todo + variants, 1):
+            t0 = time.perf_counter()
+            cell = protocol.run_cell(*job) if isinstance(job[0], Setting) else protocol.run_variant(*job)
+            done = time.perf_counter() - start
+            logger.info("[run_fewshot] %d/%d %s %s K=%s seed=%s: AP50 %.1f (%.0f s; elapsed %.0f s, ETA %.0f s)", i,
+                        total, cell["setting"], cell["method"], cell["shots"], cell["seed"], cell["metrics"]["AP50"],
+                        time.perf_counter() - t0, done, done / i * (total - i))
+    from steel_fsd.evaluation.fewshot_report import write_report
+
+    report = write_report(protocol.out)
+    print(report["markdown"])
+    print(json.dumps({"results": str(protocol.out / "results.json"), "plots": report["plots"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
