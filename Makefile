@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.steel_fsd_deps
 PYTEST_ARGS ?=
 
-.PHONY: env demo test bench clean-demo
+.PHONY: env demo test bench fewshot-demo clean-demo
 
 env: $(DEPS_STAMP)
 	@$(PY) -c "import steel_fsd, pathlib; assert pathlib.Path(steel_fsd.__file__).resolve().parent == pathlib.Path('steel_fsd').resolve()" 2>/dev/null \
@@ -23,6 +23,12 @@ demo: env
 
 test: env
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# The few-shot protocol on the synthetic datasets at CPU size (resumable): tables in output/fewshot_synth/report.md.
+FEWSHOT_ARGS ?= --settings base_novel cross --methods prototype prototype_ft finetune
+fewshot-demo: env
+	$(PY) tools/make_synthetic.py --out $${STEEL_FSD_DATASETS:-datasets}
+	$(PY) tools/run_fewshot.py --config configs/fewshot/synth_cpu.yaml $(FEWSHOT_ARGS)
 
 bench: env
 	$(PY) benchmarks/run_all.py

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data.fewshot_splits import annotation_sources, assert_disjoint, kshot_manifest, load_manifest, write_manifest
+from ..data.fewshot_splits import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
 from ..data.splits import sha256_files
 from ..data.subsets import register_class_subset, register_manifest
 from ..evaluation.report import METRICS, per_class_rows
@@ -133,6 +134,11 @@ class Protocol:
                                  f"adapt (one of {ADAPT}), got {m}")
         self.settings = [Setting.parse(s, self.datasets) for s in spec["SETTINGS"]]
         self.variants: dict[str, dict] = spec.get("VARIANTS", {})
+        for kind, rows in self.variants.items():
+            for row, v in rows.items():
+                if v.get("model") not in self.models or v.get("dataset") not in self.datasets:
+                    raise ValueError(f"{self.path}: VARIANTS {kind} {row!r}: needs model (one of {sorted(self.models)}) "
+                                     f"and dataset (one of {sorted(self.datasets)}), got {v}")
         self.shots = list(shots or spec.get("SHOTS", [1, 5, 10]))
         self.seeds = list(seeds if seeds is not None else spec.get("SEEDS", [0, 1, 2]))
         self.out = Path(out_dir or spec.get("OUTPUT_DIR", "output/fewshot"))
@@ -219,47 +225,51 @@ class Protocol:
         path = self.cell_path(setting, method, shots, seed)
         if path.is_file():
             return json.loads(path.read_text())
-        spec = self.methods[method]
-        work = path.with_suffix("")
-        support_ds, manifest = self.manifest_dataset(setting.target, shots, seed)
-        test = self.split(setting.target, "test")
         classes = self.classes(setting.target)
-        start = time.perf_counter()
-        base_metrics = None
-        if setting.kind == "kshot":
-            cfg, weights = self.train(spec["model"], support_ds, self.split(setting.target, "val"), self.kshot_opts,
-                                      f"{spec['model']}_kshot_{support_ds.split(':', 1)[1]}", seed)
-            base_metrics = str(Path(cfg.OUTPUT_DIR) / "metrics.json")
-            results, iters, train_metrics = self._support_eval(cfg, weights, support_ds, manifest, shots, seed, test,
-                                                               work) if spec["adapt"] == "support" else \
-                (evaluate_to(cfg, weights, test, work), cfg.SOLVER.MAX_ITER, None)
-        else:
-            cfg, weights = self.base_model(spec["model"], setting)
-            base_metrics = str(Path(cfg.OUTPUT_DIR) / "metrics.json")
-            if spec["adapt"] == "support":
-                results, iters, train_metrics = self._support_eval(cfg, weights, support_ds, manifest, shots, seed,
-                                                                   test, work)
-            else:
-                results, iters, train_metrics = self._finetune(spec["model"], cfg, weights, setting, support_ds, manifest, shots,
-                                                               seed, test, work)
-        elapsed = time.perf_counter() - start
         base, novel = (([c for c in classes if c not in setting.novel], list(setting.novel))
                        if setting.kind == "base_novel" else ([], classes))
-        pr = work / "inference" / test / "pr_curves.json"
-        rel = lambda p: os.path.relpath(p, path.parent) if p and os.path.isfile(p) else None  # noqa: E731
+        test = self.split(setting.target, "test")
+        results, iters, train_metrics, base_metrics = self._adapt(setting, method, shots, seed, test,
+                                                                  path.with_suffix(""))
         cell = {"setting": setting.name, "kind": setting.kind, "source": setting.source, "target": setting.target,
                 "method": method, "shots": shots, "seed": seed, "classes": classes, "base_classes": base,
-                "novel_classes": novel, "adapt_s": round(results.pop("_adapt_s", elapsed), 2), "adapt_iters": iters,
-                "pr_curves": rel(str(pr)), "train_metrics": rel(train_metrics), "base_metrics": rel(base_metrics),
+                "novel_classes": novel, "adapt_s": round(results.pop("_adapt_s"), 2), "adapt_iters": iters,
                 "manifest": os.path.relpath(self.manifest(setting.target, shots, seed), path.parent),
-                **cell_record(results, classes, base, novel if base else [])}
+                **_links(path, test, train_metrics, base_metrics), **cell_record(results, classes, base, novel if base else [])}
         _write_json(path, cell)
         logger.info("[protocol] %s %s K=%d seed=%d: AP %.1f AP50 %.1f (%.1f s adaptation)", setting.name, method,
                     shots, seed, cell["metrics"]["AP"], cell["metrics"]["AP50"], cell["adapt_s"])
         return cell
 
+    def _adapt(self, setting: Setting, method: str, shots: int, seed: int, test: str,
+               work: Path) -> tuple[dict, int, str | None, str]:
+        """Adapt by ``method`` with the (K, seed) manifest of the target and evaluate on ``test``.
+
+        Returns (results with ``_adapt_s``, gradient steps, fine-tune metrics.json, base metrics.json).
+        """
+        spec = self.methods[method]
+        support_ds, manifest = self.manifest_dataset(setting.target, shots, seed)
+        if setting.kind == "kshot":  # adaptation = training on the K shots (+ prototype registration)
+            cfg, weights = self.train(spec["model"], support_ds, self.split(setting.target, "val"), self.kshot_opts,
+                                      f"{spec['model']}_kshot_{self.manifest(setting.target, shots, seed).stem}", seed)
+            metrics = str(Path(cfg.OUTPUT_DIR) / "metrics.json")
+            train_s = json.loads((Path(cfg.OUTPUT_DIR) / "train_info.json").read_text())["seconds"]
+            if spec["adapt"] == "support":
+                results = self._support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work)
+                results["_adapt_s"] += train_s
+            else:
+                results = dict(evaluate_to(cfg, weights, test, work), _adapt_s=train_s)
+            return results, cfg.SOLVER.MAX_ITER, metrics, metrics
+        cfg, weights = self.base_model(spec["model"], setting)
+        base_metrics = str(Path(cfg.OUTPUT_DIR) / "metrics.json")
+        if spec["adapt"] == "support":
+            return self._support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work), 0, None, base_metrics
+        results, iters = self._finetune(spec["model"], cfg, weights, setting, support_ds, manifest, shots, seed, test, work)
+        return results, iters, str(work / "metrics.json"), base_metrics
+
     def _support_eval(self, cfg, weights: str, support_ds: str, manifest: dict, shots: int, seed: int, test: str,
-                      work: Path) -> tuple[dict, int, None]:
+                      work: Path) -> dict:
+        """Prototypes from the manifest's boxes (timed as ``_adapt_s``), then evaluation with them."""
         from .fewshot import evaluate_with_support, register_support
 
         work.mkdir(parents=True, exist_ok=True)
@@ -269,14 +279,14 @@ class Protocol:
                          progress=False)
         adapt_s = time.perf_counter() - start
         res = evaluate_with_support(cfg, weights, protos, [test], output_dir=str(work))[test]
-        return dict(res, _adapt_s=adapt_s), 0, None
+        return dict(res, _adapt_s=adapt_s)
 
     @staticmethod
     def _parent(dataset: str) -> str:
         return MetadataCatalog.get(dataset).parent
 
     def _finetune(self, model: str, cfg, weights: str, setting: Setting, support_ds: str, manifest: dict,
-                  shots: int, seed: int, test: str, work: Path) -> tuple[dict, int, str]:
+                  shots: int, seed: int, test: str, work: Path) -> tuple[dict, int]:
         """Resize the base checkpoint to the target classes, fine-tune on the support set, evaluate on ``test``.
 
         Adaptation time covers prototype registration (prototype models), surgery and training, not evaluation.
@@ -311,27 +321,25 @@ class Protocol:
         c.defrost()
         c.DATASETS.TEST = (test,)
         res = evaluate(c, trainer.model)[test]
-        return dict(res, _adapt_s=adapt_s), ft_cfg.SOLVER.MAX_ITER, str(work / "metrics.json")
+        return dict(res, _adapt_s=adapt_s), ft_cfg.SOLVER.MAX_ITER
 
     # ----- variants (ablation / preprocessing rows) ---------------------------------------------------
     def run_variant(self, kind: str, row: str, spec: dict, seed: int = 0) -> dict:
-        path = self.out / "cells" / f"{kind}_{spec['dataset']}" / row / f"K0_seed{seed}.json"
+        """Train ``spec["model"]`` (+ ``spec["opts"]``) on ``spec["dataset"]``'s train split, evaluate on its test split."""
+        key, model = spec["dataset"], spec["model"]
+        slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", row).strip("_")
+        path = self.out / "cells" / f"{kind}_{key}" / slug / f"K0_seed{seed}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        key = spec["dataset"]
         opts = self.base_opts + [str(v) for v in spec.get("opts", [])]
-        model = spec["model"]
-        cfg, weights = self.train(model, self.split(key, "train"), self.split(key, "val"), opts, f"{model}_{key}"
-                                  + ("" if not spec.get("opts") else "_" + row.replace(" ", "_").replace(":", "")), seed)
+        cfg, weights = self.train(model, self.split(key, "train"), self.split(key, "val"), opts,
+                                  f"{model}_{key}" + (f"_{slug}" if spec.get("opts") else ""), seed)
         test, classes = self.split(key, "test"), self.classes(key)
         results = evaluate_to(cfg, weights, test, path.with_suffix(""))
         cell = {"setting": f"{kind}_{key}", "kind": kind, "source": key, "target": key, "method": row, "shots": 0,
                 "seed": seed, "classes": classes, "base_classes": [], "novel_classes": classes, "adapt_s": 0.0,
-                "adapt_iters": 0, "pr_curves": None, "train_metrics": None,
-                "base_metrics": os.path.relpath(Path(cfg.OUTPUT_DIR) / "metrics.json", path.parent),
+                "adapt_iters": 0, **_links(path, test, None, str(Path(cfg.OUTPUT_DIR) / "metrics.json")),
                 **cell_record(results, classes, [], [])}
-        pr = path.with_suffix("") / "inference" / test / "pr_curves.json"
-        cell["pr_curves"] = os.path.relpath(pr, path.parent) if pr.is_file() else None
         _write_json(path, cell)
         return cell
 
@@ -345,6 +353,14 @@ class Protocol:
                     continue
                 out += [(s, method, k, seed) for k in self.shots for seed in self.seeds]
         return out
+
+
+def _links(cell_path: Path, test: str, train_metrics: str | None, base_metrics: str | None) -> dict:
+    """A cell's links (relative to its folder, None when absent): PR curves, fine-tune and base metrics.json."""
+    def rel(p: str | None) -> str | None:
+        return os.path.relpath(p, cell_path.parent) if p and os.path.isfile(p) else None
+    pr = cell_path.with_suffix("") / "inference" / test / "pr_curves.json"
+    return {"pr_curves": rel(str(pr)), "train_metrics": rel(train_metrics), "base_metrics": rel(base_metrics)}
 
 
 def evaluate_to(cfg, weights: str, test: str, out_dir: Path) -> dict:

@@ -1,0 +1,215 @@
+"""The few-shot protocol: derived datasets, cell records, and an end-to-end run of tools/run_fewshot.py on tiny
+synthetic data (every setting kind, three methods, two seeds, one variant row), resumed a second time."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from steel_fsd.data import register_neu, register_severstal
+from steel_fsd.data.fewshot_splits import kshot_manifest, load_manifest
+from steel_fsd.data.subsets import register_class_subset, register_manifest, restrict_classes
+from steel_fsd.data.synthetic import make_neu_synthetic, make_severstal_synthetic
+from steel_fsd.engine.protocol import Protocol, cell_record
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("protocol_data")
+    neu = make_neu_synthetic(root / "neu", n_per_class=7, seed=3)
+    sev = make_severstal_synthetic(root / "sev", n_images=24, seed=3)
+    for s in ("train", "val", "test"):
+        register_neu(f"t_pr_neu_{s}", neu, split=s)
+        register_severstal(f"t_pr_sev_{s}", sev, split=s, tile=256)
+    return root
+
+
+def test_class_subset_drops_images_with_other_classes_and_reindexes(data):
+    parent = "t_pr_neu_train"
+    classes = list(MetadataCatalog.get(parent).thing_classes)
+    keep = [classes[3], classes[1]]
+    register_class_subset("t_pr_subset", parent, keep)
+    got = DatasetCatalog.get("t_pr_subset")
+    want = []  # brute force: images whose every box is of a kept class, ids mapped by name
+    for d in DatasetCatalog.get(parent):
+        names = [classes[a["category_id"]] for a in d["annotations"]]
+        if all(n in keep for n in names):
+            want.append((d["image_id"], [keep.index(n) for n in names]))
+    assert [(d["image_id"], [a["category_id"] for a in d["annotations"]]) for d in got] == want
+    assert MetadataCatalog.get("t_pr_subset").thing_classes == keep
+    kept_all = restrict_classes(DatasetCatalog.get(parent), classes, keep)  # erase instead of drop
+    assert len(kept_all) == len(DatasetCatalog.get(parent)) > len(got)
+    with pytest.raises(ValueError, match="not among"):
+        register_class_subset("t_pr_bad", parent, ["no_such_defect"])
+
+
+def test_manifest_dataset_holds_exactly_the_manifest_boxes(data, tmp_path):
+    from steel_fsd.data.fewshot_splits import write_manifest
+
+    parent = "t_pr_neu_train"
+    classes = list(MetadataCatalog.get(parent).thing_classes)
+    m = kshot_manifest(DatasetCatalog.get(parent), classes, 2, 5, "0" * 64, parent)
+    write_manifest(tmp_path / "m.json", m)
+    register_manifest("t_pr_m", parent, tmp_path / "m.json")
+    got = sorted((str(d.get("image_key", d["image_id"])), a["category_id"], tuple(a["bbox"])) for d in DatasetCatalog.get("t_pr_m")
+                 for a in d["annotations"])
+    want = sorted((e["image_key"], e["category_id"], tuple(e["bbox"])) for e in m["supports"])
+    assert got == want and len(got) == 2 * len(classes)
+    with pytest.raises(ValueError, match="manifest classes"):
+        register_manifest("t_pr_m2", "t_pr_sev_train", tmp_path / "m.json")
+
+
+def test_cell_record_base_novel_means_and_no_predictions():
+    classes = ["a", "b", "c"]
+    bbox = {"AP": 20.0, "AP50": 40.0, "AP75": 10.0, "AP-a": 10.0, "AP-b": 30.0, "AP-c": float("nan"),
+            "AP50-a": 20.0, "AP50-b": 50.0, "AP50-c": 60.0, "AP75-a": 0.0, "AP75-b": 1.0, "AP75-c": 2.0}
+    rec = cell_record({"bbox": bbox, "prf": {}}, classes, ["a", "b"], ["c"])
+    assert rec["bAP"] == pytest.approx(20.0) and rec["nAP"] is None  # NaN-only group: no value
+    assert rec["bAP50"] == pytest.approx(35.0) and rec["nAP50"] == pytest.approx(60.0)
+    assert rec["per_class"]["b"]["AP50"] == 50.0 and not rec["no_predictions"]
+    empty = cell_record({"bbox": {k: float("nan") for k in ("AP", "AP50", "AP75")}, "prf": {}}, classes, [], [])
+    assert empty["no_predictions"] and empty["metrics"]["AP50"] == 0.0 and empty["per_class"]["a"]["AP"] == 0.0
+    assert empty["bAP"] is None
+
+
+TINY = ["INPUT.HARMONIZE.RESIZE", 96, "SOLVER.MAX_ITER", 6, "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", 2,
+        "TEST.EVAL_PERIOD", 3, "TEST.VAL_LOSS_PERIOD", 3, "TEST.VAL_LOSS_IMAGES", 4, "SOLVER.CHECKPOINT_PERIOD", 1000,
+        "DATALOADER.NUM_WORKERS", 0, "MODEL.PROTOTYPE.EMBED_DIM", 32, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+        "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", 8]
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """Run the protocol once; returns (output dir, protocol file, mtimes of every cell and model after run 1)."""
+    import run_fewshot
+
+    out = tmp_path_factory.mktemp("protocol_out")
+    spec = {"OUTPUT_DIR": str(out), "SHOTS": [2], "SEEDS": [0, 1],
+            "DATASETS": {"neu": {p: f"t_pr_neu_{p}" for p in ("train", "val", "test")},
+                         "sev": {p: f"t_pr_sev_{p}" for p in ("train", "val", "test")}},
+            "MODELS": {"prototype": str(REPO / "configs/demo/proto_R18_FPN_synth_neu.yaml"),
+                       "faster_rcnn": str(REPO / "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml")},
+            "METHODS": {"prototype": {"model": "prototype", "adapt": "support"},
+                        "prototype_ft": {"model": "prototype", "adapt": "finetune"},
+                        "finetune": {"model": "faster_rcnn", "adapt": "finetune"}},
+            "SETTINGS": [{"kind": "base_novel", "dataset": "neu", "novel": ["inclusion", "scratches"]},
+                         {"kind": "cross", "source": "neu", "target": "sev"},
+                         {"kind": "kshot", "dataset": "sev"}],
+            "BASE_OPTS": TINY,
+            "FINETUNE_OPTS": ["MODEL.FREEZE", "['backbone', 'proposal_generator']", "SOLVER.MAX_ITER", 3,
+                              "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", 1],
+            "KSHOT_OPTS": ["SOLVER.MAX_ITER", 4, "TEST.EVAL_PERIOD", 0, "TEST.VAL_LOSS_PERIOD", 0],
+            "VARIANTS": {"preprocessing": {"off": {"model": "prototype", "dataset": "neu",
+                                                   "opts": ["INPUT.HARMONIZE.CLAHE", False, "INPUT.AUG.ENABLED", False]}}}}
+    path = out / "protocol.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    runs = [["--config", str(path), "--settings", "base_novel", "cross"],
+            ["--config", str(path), "--settings", "kshot", "--methods", "prototype", "finetune", "--seeds", "1",
+             "--no-variants"]]
+    torch.manual_seed(0)
+    for args in runs:
+        assert run_fewshot.main(args) == 0
+    stamps = {p: p.stat().st_mtime_ns for p in list(out.rglob("K*_seed*.json")) + list(out.rglob("model_final.pth"))}
+    return out, runs, stamps
+
+
+@pytest.mark.slow
+def test_protocol_writes_every_cell_with_consistent_metrics(run):
+    out, _, _ = run
+    cells = {p.relative_to(out / "cells").as_posix(): json.loads(p.read_text())
+             for p in (out / "cells").rglob("K*_seed*.json")}
+    settings = ["base_novel_neu_novel-inclusion+scratches", "cross_neu-sev"]
+    want = {f"{s}/{m}/K2_seed{seed}.json" for s in settings for m in ("prototype", "prototype_ft", "finetune")
+            for seed in (0, 1)} | {"preprocessing_neu/off/K0_seed0.json", "kshot_sev/prototype/K2_seed1.json",
+                                   "kshot_sev/finetune/K2_seed1.json"}
+    assert set(cells) == want
+    for name, c in cells.items():
+        per_class_ap = [v["AP"] for v in c["per_class"].values()]
+        assert c["classes"] == list(c["per_class"]) and all(0.0 <= v <= 100.0 for v in per_class_ap if not math.isnan(v))
+        if c["kind"] == "base_novel":
+            assert c["novel_classes"] == ["inclusion", "scratches"] and len(c["base_classes"]) == 4
+            finite = [c["per_class"][k]["AP"] for k in c["novel_classes"] if not math.isnan(c["per_class"][k]["AP"])]
+            assert c["nAP"] == (pytest.approx(sum(finite) / len(finite)) if finite else None)
+        assert (c["adapt_iters"] == 0) == (c["method"] == "prototype" and c["kind"] != "kshot" or c["kind"] == "preprocessing")
+    # the runner's aggregate equals a hand computation from the per-cell json
+    results = json.loads((out / "results.json").read_text())
+    for row in results["rows"]:
+        group = [c for c in cells.values() if (c["setting"], c["method"], c["shots"]) ==
+                 (row["setting"], row["method"], row["shots"])]
+        vals = [c["metrics"]["AP50"] for c in group]
+        assert row["AP50"]["n"] == len(vals) and row["AP50"]["mean"] == pytest.approx(sum(vals) / len(vals))
+        if len(vals) == 2:
+            sd = abs(vals[0] - vals[1]) / math.sqrt(2)
+            assert row["AP50"]["ci95"] == pytest.approx(12.706204736 * sd / math.sqrt(2), rel=1e-6)
+    assert "## Base/novel" in (out / "report.md").read_text()
+    assert list((out / "plots").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_protocol_manifests_match_prepare_fewshot_and_are_disjoint_from_test(run):
+    out, _, _ = run
+    for path in (out / "manifests").glob("*.json"):
+        m = load_manifest(path)
+        again = kshot_manifest(DatasetCatalog.get(m["dataset"]), m["class_names"], m["shots"], m["seed"],
+                               m["source_sha256"], m["dataset"])
+        assert again == m
+        test_keys = {str(d.get("image_key", d["image_id"])).split("@")[0]
+                     for d in DatasetCatalog.get(m["dataset"].replace("_train", "_test"))}
+        assert not {e["image_key"].split("@")[0] for e in m["supports"]} & test_keys
+
+
+@pytest.mark.slow
+def test_finetune_freezes_backbone_and_rpn_and_resizes_heads(run):
+    out, _, _ = run
+    cell_dir = out / "cells" / "base_novel_neu_novel-inclusion+scratches" / "finetune" / "K2_seed0"
+    base_dir = next((out / "models").glob("faster_rcnn_neu_base-*"))
+    base = torch.load(base_dir / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    tuned = torch.load(cell_dir / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    frozen = [k for k in base if k.startswith(("backbone.", "proposal_generator."))]
+    assert frozen and all(torch.equal(torch.as_tensor(base[k]), torch.as_tensor(tuned[k])) for k in frozen)
+    assert tuned["roi_heads.box_predictor.cls_score.weight"].shape[0] == 7  # 6 classes + background
+    assert not torch.equal(torch.as_tensor(base["roi_heads.box_head.fc1.weight"]),
+                           torch.as_tensor(tuned["roi_heads.box_head.fc1.weight"]))
+    info = json.loads((base_dir / "train_info.json").read_text())
+    assert info["train"].startswith("base:") and info["num_images"] == len(DatasetCatalog.get(info["train"]))
+    metrics = [json.loads(line) for line in (base_dir / "metrics.json").read_text().splitlines()]
+    assert any("val_total_loss" in r for r in metrics) and any("bbox/AP" in r for r in metrics)
+
+
+@pytest.mark.slow
+def test_protocol_rerun_skips_finished_cells_and_models(run):
+    import run_fewshot
+
+    out, runs, stamps = run
+    for args in runs:
+        assert run_fewshot.main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_protocol_file_errors(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump({"DATASETS": {"neu": {}}, "MODELS": {"m": "x.yaml"},
+                                   "METHODS": {"a": {"model": "m", "adapt": "teleport"}}, "SETTINGS": []}))
+    with pytest.raises(ValueError, match="method a"):
+        Protocol(bad)
+    bad.write_text(yaml.safe_dump({"DATASETS": {"neu": {}}, "MODELS": {"m": "x.yaml"}, "METHODS": {},
+                                   "SETTINGS": [{"kind": "cross", "source": "neu", "target": "mars"}]}))
+    with pytest.raises(ValueError, match="'mars' is not in DATASETS"):
+        Protocol(bad)
+    bad.write_text(yaml.safe_dump({"DATASETS": {}}))
+    with pytest.raises(ValueError, match="missing keys"):
+        Protocol(bad)
+
+
+def test_seeds_argument_ranges():
+    import run_fewshot
+
+    assert run_fewshot.seeds_arg(["0..4"]) == [0, 1, 2, 3, 4]
+    assert run_fewshot.seeds_arg(["3", "7..8"]) == [3, 7, 8]
+    assert np.array_equal(run_fewshot.seeds_arg(["2"]), [2])
