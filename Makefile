@@ -25,7 +25,7 @@ test: env
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
 # The few-shot protocol on the synthetic datasets at CPU size (resumable): tables in output/fewshot_synth/report.md.
-FEWSHOT_ARGS ?= --settings base_novel cross --methods prototype prototype_ft finetune
+FEWSHOT_ARGS ?= --settings base_novel cross --methods prototype finetune
 fewshot-demo: env
 	$(PY) tools/make_synthetic.py --out $${STEEL_FSD_DATASETS:-datasets}
 	$(PY) tools/run_fewshot.py --config configs/fewshot/synth_cpu.yaml $(FEWSHOT_ARGS)

@@ -32,7 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/fewshot/synth_cpu.yaml")
     args, rest = ap.parse_known_args()
-    rest = rest or ["--settings", "base_novel", "cross", "--methods", "prototype", "prototype_ft", "finetune"]
+    rest = rest or ["--settings", "base_novel", "cross", "--methods", "prototype", "finetune"]  # = make fewshot-demo
     start = time.time()
     subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(REPO / "datasets")],
                    check=True)

@@ -317,6 +317,7 @@ class Protocol:
         trainer.resume_or_load(resume=False)
         trainer.train()
         adapt_s = time.perf_counter() - start
+        os.remove(resized)  # an intermediate: the adapted model is OUTPUT_DIR/model_final.pth
         c = ft_cfg.clone()
         c.defrost()
         c.DATASETS.TEST = (test,)

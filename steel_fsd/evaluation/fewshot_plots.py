@@ -27,7 +27,7 @@ def _save(fig: Figure, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # keeps legends placed outside the axes
     return path
 
 
@@ -117,7 +117,7 @@ def loss_curves(metrics_paths: dict[str, str], path: str, key: str = "bbox/AP", 
             axes[1].plot(it, ap, color=f"C{i}", marker="o", ms=3,
                          label=label if len(evals[label]) == 1 else f"{label} {name}")
     axes[0].set(xlabel="iteration", ylabel="loss", title=f"total loss (moving average over {window})")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.2))  # below: curves stay visible
     if with_ap:
         axes[1].set(xlabel="iteration", ylabel=f"{key} (%)", title=f"validation {key}")
         axes[1].legend(fontsize=7)
