@@ -28,7 +28,7 @@ test: env
 FEWSHOT_ARGS ?= --settings base_novel cross --methods prototype finetune
 fewshot-demo: env
 	$(PY) tools/make_synthetic.py --out $${STEEL_FSD_DATASETS:-datasets}
-	$(PY) tools/run_fewshot.py --config configs/fewshot/synth_cpu.yaml $(FEWSHOT_ARGS)
+	$(PY) tools/run_fewshot.py --config configs/protocols/synth_cpu.yaml $(FEWSHOT_ARGS)
 
 bench: env
 	$(PY) benchmarks/run_all.py

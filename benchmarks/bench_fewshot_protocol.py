@@ -1,7 +1,7 @@
 """The few-shot protocol as a benchmark: runs (or resumes) tools/run_fewshot.py on a protocol file, then records
 its wall time, the adaptation cost of each method and the ratio prototype swap / fine-tuning, measured in that run.
 
-    python benchmarks/bench_fewshot_protocol.py [--config configs/fewshot/synth_cpu.yaml] [run_fewshot args ...]
+    python benchmarks/bench_fewshot_protocol.py [--config configs/protocols/synth_cpu.yaml] [run_fewshot args ...]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def adaptation_summary(rows: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/fewshot/synth_cpu.yaml")
+    ap.add_argument("--config", default="configs/protocols/synth_cpu.yaml")
     args, rest = ap.parse_known_args()
     rest = rest or ["--settings", "base_novel", "cross", "--methods", "prototype", "finetune"]  # = make fewshot-demo
     start = time.time()

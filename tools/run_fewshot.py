@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the few-shot protocol: every (setting, method, K, seed) cell, then the tables and plots.
 
-    python tools/run_fewshot.py --config configs/fewshot/synth_cpu.yaml [--shots 1 5 10] [--seeds 0..4] \
+    python tools/run_fewshot.py --config configs/protocols/synth_cpu.yaml [--shots 1 5 10] [--seeds 0..4] \
         [--cross neu->severstal] [--settings base_novel cross kshot] [--only NAME ...] [--list] \
         [--methods prototype finetune] [--no-variants] [--out DIR] [--datasets-root DIR] [--report-only]
 
@@ -59,7 +59,7 @@ def select(protocol: Protocol, kinds: list[str] | None, cross: list[str] | None,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="protocol file (configs/fewshot/*.yaml)")
+    ap.add_argument("--config", required=True, help="protocol file (configs/protocols/*.yaml)")
     ap.add_argument("--shots", type=int, nargs="+", help="K values (default: the file's SHOTS)")
     ap.add_argument("--seeds", nargs="+", help="seeds, e.g. 0 1 2 or 0..4 (default: the file's SEEDS)")
     ap.add_argument("--cross", nargs="+", help="only these cross-dataset directions, e.g. neu->severstal")

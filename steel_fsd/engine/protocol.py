@@ -1,6 +1,6 @@
 """The few-shot protocol: settings x methods x K x seeds, each cell adapted, evaluated and written as JSON.
 
-A protocol file (YAML, see ``configs/fewshot/``) names the datasets (train/val/test split names under a
+A protocol file (YAML, see ``configs/protocols/``) names the datasets (train/val/test split names under a
 short key such as ``neu``), the models (Detectron2 config files), the methods (a model and how it
 adapts), the settings, the shots and seeds. :class:`Protocol` runs it:
 

@@ -16,7 +16,8 @@ PAIRS = (("prototype", "finetune"), ("prototype_ft", "finetune"), ("prototype", 
 
 
 def convergence_rows(out_dir: Path, fraction: float = 0.95) -> list[dict]:
-    """Iterations and epochs to reach ``fraction`` of the final validation mAP, per trained model."""
+    """Iterations and epochs to reach ``fraction`` of the final validation mAP, per trained model
+    (``setting`` is the model's folder under ``models/``: its label and config hash)."""
     rows = []
     for info_path in sorted(out_dir.glob("models/*/train_info.json")):
         info = json.loads(info_path.read_text())
@@ -24,7 +25,8 @@ def convergence_rows(out_dir: Path, fraction: float = 0.95) -> list[dict]:
         if not metrics.is_file():
             continue
         c = convergence(str(metrics), "bbox/AP", fraction, info.get("ims_per_batch"), info.get("num_images"))
-        rows.append(dict(c, method=info["model"], setting=info["train"], iterations=info.get("iterations"),
+        rows.append(dict(c, method=info["model"], setting=info_path.parent.name, train=info["train"],
+                         iterations=info.get("iterations"),
                          train_s=info.get("seconds")))
     return rows
 
