@@ -187,7 +187,8 @@ class Protocol:
         opts = opts + ["DATASETS.TRAIN", f"('{train_ds}',)", "DATASETS.TEST", f"('{val_ds}',)",
                        "MODEL.ROI_HEADS.NUM_CLASSES", str(n), "MODEL.RETINANET.NUM_CLASSES", str(n), "SEED", str(seed),
                        "TEST.VAL_LOSS_DATASET", val_ds]
-        key = hashlib.sha256(json.dumps([self.models[model], opts]).encode()).hexdigest()[:8]
+        # the folder is keyed by the whole merged config, so editing a config file (or its _BASE_) retrains
+        key = hashlib.sha256(build_config(self.models[model], opts).dump().encode()).hexdigest()[:8]
         out_dir = self.out / "models" / f"{label}-{key}"
         cfg = self.config(model, opts, out_dir)
         weights = out_dir / "model_final.pth"
@@ -264,7 +265,8 @@ class Protocol:
         base_metrics = str(Path(cfg.OUTPUT_DIR) / "metrics.json")
         if spec["adapt"] == "support":
             return self._support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work), 0, None, base_metrics
-        results, iters = self._finetune(spec["model"], cfg, weights, setting, support_ds, manifest, shots, seed, test, work)
+        results, iters = self._finetune(spec["model"], cfg, weights, setting, support_ds, manifest, shots, seed, test,
+                                        work, [str(v) for v in spec.get("opts", [])])
         return results, iters, str(work / "metrics.json"), base_metrics
 
     def _support_eval(self, cfg, weights: str, support_ds: str, manifest: dict, shots: int, seed: int, test: str,
@@ -286,7 +288,7 @@ class Protocol:
         return MetadataCatalog.get(dataset).parent
 
     def _finetune(self, model: str, cfg, weights: str, setting: Setting, support_ds: str, manifest: dict,
-                  shots: int, seed: int, test: str, work: Path) -> tuple[dict, int]:
+                  shots: int, seed: int, test: str, work: Path, method_opts: list[str]) -> tuple[dict, int]:
         """Resize the base checkpoint to the target classes, fine-tune on the support set, evaluate on ``test``.
 
         Adaptation time covers prototype registration (prototype models), surgery and training, not evaluation.
@@ -310,7 +312,7 @@ class Protocol:
             "MODEL.ROI_HEADS.NUM_CLASSES", str(len(target)), "MODEL.RETINANET.NUM_CLASSES", str(len(target)),
             "SEED", str(seed), "INPUT.HARMONIZE.NORMALIZE", "False", "MODEL.PIXEL_MEAN", str(list(cfg.MODEL.PIXEL_MEAN)),
             "MODEL.PIXEL_STD", str(list(cfg.MODEL.PIXEL_STD)), "TEST.EVAL_PERIOD", "0", "TEST.VAL_LOSS_PERIOD", "0",
-            "SOLVER.CHECKPOINT_PERIOD", "1000000"]
+            "SOLVER.CHECKPOINT_PERIOD", "1000000"] + method_opts
         ft_cfg = self.config(model, opts, work)
         torch.manual_seed(seed)
         trainer = Trainer(ft_cfg)
