@@ -50,8 +50,8 @@ def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed:
 
 def evaluate_with_support(cfg: CfgNode, weights: str, support_file: str, datasets: list[str],
                           output_dir: str | None = None) -> dict[str, dict]:
-    """Evaluate ``weights`` on ``datasets`` predicting exactly the classes of ``support_file``
-    (evaluator files under ``output_dir``/inference, default cfg.OUTPUT_DIR)."""
+    """Evaluate ``weights`` on ``datasets`` predicting exactly the classes of ``support_file`` (``""``: the
+    model's own classifier or memory bank); evaluator files under ``output_dir``/inference, default cfg.OUTPUT_DIR."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS, cfg.MODEL.PROTOTYPE.SUPPORT_FILE = weights, support_file

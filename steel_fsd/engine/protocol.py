@@ -40,8 +40,9 @@ from ..data.fewshot_splits import annotation_sources, assert_disjoint, kshot_man
 from ..data.splits import sha256_files
 from ..data.subsets import register_class_subset, register_manifest
 from ..evaluation.report import METRICS, per_class_rows
+from .fewshot import evaluate_with_support, register_support
 from .setup import build_config, finalize_config
-from .trainer import Trainer, evaluate, load_model_for_eval
+from .trainer import Trainer, evaluate
 
 logger = logging.getLogger("steel_fsd")
 
@@ -124,7 +125,6 @@ class Protocol:
         missing = [k for k in ("DATASETS", "MODELS", "METHODS", "SETTINGS") if k not in spec]
         if missing:
             raise ValueError(f"{self.path}: missing keys {missing}")
-        self.spec = spec
         self.datasets: dict[str, dict] = spec["DATASETS"]
         self.models: dict[str, str] = spec["MODELS"]
         self.methods: dict[str, dict] = {m: spec["METHODS"][m] for m in (methods or spec["METHODS"])}
@@ -259,7 +259,7 @@ class Protocol:
                 results = self._support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work)
                 results["_adapt_s"] += train_s
             else:
-                results = dict(evaluate_to(cfg, weights, test, work), _adapt_s=train_s)
+                results = dict(evaluate_with_support(cfg, weights, "", [test], str(work))[test], _adapt_s=train_s)
             return results, cfg.SOLVER.MAX_ITER, metrics, metrics
         cfg, weights = self.base_model(spec["model"], setting)
         base_metrics = str(Path(cfg.OUTPUT_DIR) / "metrics.json")
@@ -272,8 +272,6 @@ class Protocol:
     def _support_eval(self, cfg, weights: str, support_ds: str, manifest: dict, shots: int, seed: int, test: str,
                       work: Path) -> dict:
         """Prototypes from the manifest's boxes (timed as ``_adapt_s``), then evaluation with them."""
-        from .fewshot import evaluate_with_support, register_support
-
         work.mkdir(parents=True, exist_ok=True)
         protos = str(work / "prototypes.pt")
         start = time.perf_counter()
@@ -294,7 +292,6 @@ class Protocol:
         Adaptation time covers prototype registration (prototype models), surgery and training, not evaluation.
         """
         from ..modeling.surgery import resize_checkpoint
-        from .fewshot import register_support
 
         work.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -338,7 +335,7 @@ class Protocol:
         cfg, weights = self.train(model, self.split(key, "train"), self.split(key, "val"), opts,
                                   f"{model}_{key}" + (f"_{slug}" if spec.get("opts") else ""), seed)
         test, classes = self.split(key, "test"), self.classes(key)
-        results = evaluate_to(cfg, weights, test, path.with_suffix(""))
+        results = evaluate_with_support(cfg, weights, "", [test], str(path.with_suffix("")))[test]
         cell = {"setting": f"{kind}_{key}", "kind": kind, "source": key, "target": key, "method": row, "shots": 0,
                 "seed": seed, "classes": classes, "base_classes": [], "novel_classes": classes, "adapt_s": 0.0,
                 "adapt_iters": 0, **_links(path, test, None, str(Path(cfg.OUTPUT_DIR) / "metrics.json")),
@@ -351,10 +348,7 @@ class Protocol:
         """Every (setting, method, K, seed) to run, in order."""
         out = []
         for s in only or self.settings:
-            for method, spec in self.methods.items():
-                if s.kind == "kshot" and spec.get("skip_kshot"):
-                    continue
-                out += [(s, method, k, seed) for k in self.shots for seed in self.seeds]
+            out += [(s, method, k, seed) for method in self.methods for k in self.shots for seed in self.seeds]
         return out
 
 
@@ -365,11 +359,3 @@ def _links(cell_path: Path, test: str, train_metrics: str | None, base_metrics: 
     pr = cell_path.with_suffix("") / "inference" / test / "pr_curves.json"
     return {"pr_curves": rel(str(pr)), "train_metrics": rel(train_metrics), "base_metrics": rel(base_metrics)}
 
-
-def evaluate_to(cfg, weights: str, test: str, out_dir: Path) -> dict:
-    """Evaluate ``weights`` (model of ``cfg``, its own classifier) on ``test``, evaluator files under ``out_dir``."""
-    c = cfg.clone()
-    c.defrost()
-    c.MODEL.WEIGHTS, c.DATASETS.TEST, c.OUTPUT_DIR = weights, (test,), str(out_dir)
-    c.freeze()
-    return evaluate(c, load_model_for_eval(c))[test]
