@@ -16,6 +16,7 @@ from steel_fsd.data.fewshot_splits import (annotation_sources, assert_disjoint, 
 from steel_fsd.data.splits import sha256_files
 from steel_fsd.data.synthetic import make_neu_synthetic
 from steel_fsd.modeling.prototypes import sample_support
+from steel_fsd.utils.cli import run_main
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "prepare_fewshot.py"
 _spec = importlib.util.spec_from_file_location("prepare_fewshot", SCRIPT)
@@ -54,7 +55,7 @@ def _picks(m: dict) -> list[tuple[str, int]]:
 
 
 def _run(out: Path, *extra: str) -> int:
-    return prepare_fewshot.main(["--dataset", TRAIN, "--shots", "1", "3", "--seeds", "0", "1", "--out", str(out),
+    return run_main(prepare_fewshot.main, ["--dataset", TRAIN, "--shots", "1", "3", "--seeds", "0", "1", "--out", str(out),
                                  *extra])
 
 
@@ -76,7 +77,7 @@ def test_cli_writes_byte_identical_manifests(synth, tmp_path, capsys):
 
 
 def test_cli_refuses_supports_in_eval_split(synth, tmp_path, capsys):
-    assert _run(tmp_path / "out", "--eval-dataset", TRAIN) == 1
+    assert _run(tmp_path / "out", "--eval-dataset", TRAIN) == 2
     assert not (tmp_path / "out").exists()
     assert "support images are in the evaluation split" in capsys.readouterr().err
 

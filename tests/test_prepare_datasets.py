@@ -11,7 +11,9 @@ import pytest
 from pycocotools.coco import COCO
 
 from steel_fsd.data.errors import SkipLog
+from steel_fsd.data.images import verify_images
 from steel_fsd.data.splits import SPLITS, verify_manifest
+from steel_fsd.utils import cli
 
 neu = pytest.importorskip("steel_fsd.data.neu")
 severstal = pytest.importorskip("steel_fsd.data.severstal")
@@ -42,7 +44,7 @@ def neu_root(tmp_path_factory) -> Path:
 
 
 def run_main(*args: str) -> int:
-    return prepare_datasets.main([str(a) for a in args])
+    return cli.run_main(prepare_datasets.main, [str(a) for a in args])
 
 
 def out_files(out: Path) -> dict[str, bytes]:
@@ -108,14 +110,14 @@ def test_verify_images_strict_and_non_strict(neu_root, tmp_path, capsys):
     bad = root / "IMAGES" / "patches_3.jpg"
     bad.write_bytes(bad.read_bytes()[:1000])  # truncated JPEG: header parses, decoding fails
 
-    assert run_main("--neu", root, "--out", tmp_path / "plain") == 0  # without the flag nothing decodes it
+    assert run_main("--neu", root, "--out", tmp_path / "plain", "--no-verify-images") == 0  # nothing decodes it
     capsys.readouterr()
-    assert run_main("--neu", root, "--out", tmp_path / "strict", "--verify-images") == 1
+    assert run_main("--neu", root, "--out", tmp_path / "strict") == 2  # images are decoded by default
     err = capsys.readouterr().err
     assert "patches_3.jpg" in err and "error:" in err and "ETA" in err
     assert not (tmp_path / "strict").exists()  # a failed run writes nothing
 
-    assert run_main("--neu", root, "--out", tmp_path / "lenient", "--verify-images", "--non-strict") == 0
+    assert run_main("--neu", root, "--out", tmp_path / "lenient", "--non-strict") == 0
     m = json.loads((tmp_path / "lenient" / "splits.json").read_text())["neu"]
     assert m["skips"] == {"unreadable image": 1}
     kept = [k for s in SPLITS for k in m["splits"][s]["image_keys"]]
@@ -127,7 +129,7 @@ def test_bad_annotation_strict_and_non_strict(neu_root, tmp_path, capsys):
     root = tmp_path / "neu"
     shutil.copytree(neu_root, root)
     (root / "ANNOTATIONS" / "scratches_7.xml").write_text("<annotation>\n<object>\n</annotation>\n")
-    assert run_main("--neu", root, "--severstal", SEVERSTAL_ROOT, "--out", tmp_path / "strict") == 1
+    assert run_main("--neu", root, "--severstal", SEVERSTAL_ROOT, "--out", tmp_path / "strict") == 2
     assert "scratches_7.xml:" in capsys.readouterr().err
     assert not (tmp_path / "strict").exists()
     assert run_main("--neu", root, "--out", tmp_path / "lenient", "--non-strict") == 0
@@ -139,7 +141,7 @@ def test_bad_annotation_strict_and_non_strict(neu_root, tmp_path, capsys):
 def test_verify_images_counts_progress(tmp_path, capsys):
     dicts = severstal.load_severstal(str(SEVERSTAL_ROOT))
     skips = SkipLog(strict=True)
-    assert prepare_datasets.verify_images(dicts, skips, "severstal") == dicts
+    assert verify_images(dicts, skips, "severstal", progress=True) == dicts
     err = capsys.readouterr().err
     assert f"{len(dicts)}/{len(dicts)} images (100%)" in err
 

@@ -15,7 +15,9 @@ from detectron2.solver import build_optimizer
 from steel_fsd.data import NEU_CLASSES, SEVERSTAL_CLASSES
 from steel_fsd.engine.setup import build_config
 from steel_fsd.modeling.freeze import freeze_parameters
+from steel_fsd.modeling.checkpoint import UnsafeWeightsError, WeightsReadError
 from steel_fsd.modeling.surgery import BANK, BBOX, RETINANET, SOFTMAX, resize_checkpoint, resize_state_dict
+from steel_fsd.utils.cli import run_main
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 FASTER = "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml"
@@ -172,12 +174,13 @@ def test_checkpoint_round_trip_keeps_only_the_model(tmp_path):
     assert report["discarded"] == ["iteration", "optimizer", "scheduler"] and report["new"] == NEU[4:]
     saved = torch.load(dst, map_location="cpu", weights_only=True)
     expected, _ = resize_state_dict(old, BASE, NEU, seed=5)
-    assert list(saved) == ["model"] and saved["model"].keys() == expected.keys()
+    assert list(saved) == ["model", "steel_fsd"] and saved["model"].keys() == expected.keys()
+    assert saved["steel_fsd"] == {"thing_classes": NEU}  # the target classes travel with the weights
     assert all(torch.equal(saved["model"][k], v) for k, v in expected.items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pth", "resized.pth"]  # no temporary left
-    torch.save({"model": old, "extra": torch.nn.Identity()}, src)  # not weights-only loadable
-    with pytest.warns(UserWarning, match="pickles torch.nn.modules.linear.Identity.*weights_only=False"):
-        assert resize_checkpoint(str(src), str(dst), BASE, NEU)["discarded"] == ["extra"]
+    torch.save({"model": old, "extra": torch.nn.Identity()}, src)  # not weights-only loadable: refused, never retried
+    with pytest.raises(UnsafeWeightsError, match="refused: it pickles torch.nn.modules.linear.Identity"):
+        resize_checkpoint(str(src), str(dst), BASE, NEU)
     with pytest.raises(ValueError, match="destination is the source"):
         resize_checkpoint(str(dst), str(dst), NEU, NEU)
 
@@ -203,7 +206,7 @@ def test_errors_name_the_problem(tmp_path):
         resize_checkpoint(str(path), str(tmp_path / "out.pth"), NEU, NEU)
     assert not (tmp_path / "out.pth").exists()
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=f"{path}: cannot read"):
+    with pytest.raises(WeightsReadError, match=f"{path}: not a readable weights file"):
         resize_checkpoint(str(path), str(tmp_path / "out.pth"), BASE, NEU)
 
 
@@ -215,12 +218,12 @@ def test_cli_prints_the_report_and_rejects_unknown_datasets(tmp_path, monkeypatc
     src, dst = tmp_path / "a.pth", tmp_path / "b.pth"
     torch.save({"model": state("faster", 4), "iteration": 3}, src)
     argv = ["--src", str(src), "--dst", str(dst), "--source-classes", *BASE, "--target-classes", *PERMUTED]
-    assert tool.main(argv) == 0
+    assert run_main(tool.main, argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["new"] == [NEU[5], NEU[4]] and report["discarded"] == ["iteration"] and dst.is_file()
     argv = ["--src", str(src), "--dst", str(tmp_path / "c.pth"), "--source-classes", *BASE,
             "--target-dataset", "no_such"]
-    assert tool.main(argv) == 1
+    assert run_main(tool.main, argv) == 2
     assert "'no_such' is not registered" in capsys.readouterr().err and not (tmp_path / "c.pth").exists()
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from steel_fsd.data import synthetic as S
 from steel_fsd.data.rle import rle_decode, rle_encode
+from steel_fsd.utils.cli import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 NEU_PER_CLASS = 2
@@ -264,6 +265,6 @@ def test_tool_writes_skips_and_regenerates(tmp_path, capsys):
     foreign = tmp_path / "x" / "neu-synth"
     foreign.mkdir(parents=True)
     (foreign / "keep.txt").write_text("not ours")
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="not made by this tool"):
         tool.main(["--out", str(tmp_path / "x"), "--only", "neu", "--neu-per-class", "1"])
     assert (foreign / "keep.txt").is_file()

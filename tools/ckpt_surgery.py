@@ -18,17 +18,18 @@ import sys
 
 import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 
 from steel_fsd.data import register_all
-from steel_fsd.modeling.prototypes import PrototypeFileError, load_prototypes
+from steel_fsd.data.catalog import require_registered
+from steel_fsd.modeling.prototypes import load_prototypes
 from steel_fsd.modeling.surgery import resize_checkpoint
+from steel_fsd.utils.cli import check_output_file, run_main
 
 
-def dataset_classes(name: str) -> list[str]:
+def dataset_classes(name: str, option: str) -> list[str]:
     """``thing_classes`` of a registered dataset."""
-    if name not in DatasetCatalog.list():
-        raise ValueError(f"dataset {name!r} is not registered (registered: {', '.join(sorted(DatasetCatalog.list()))})")
+    require_registered(name, option)
     return list(MetadataCatalog.get(name).thing_classes)
 
 
@@ -46,22 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-prototypes", help="prototype file (register_support.py): bank rows of new classes")
     p.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
     args = p.parse_args(argv)
-    try:
-        if args.source_dataset or args.target_dataset:
-            register_all(args.datasets_root)
-        source = args.source_classes or dataset_classes(args.source_dataset)
-        target = args.target_classes or dataset_classes(args.target_dataset)
-        init = None
-        if args.init_prototypes:
-            ps = load_prototypes(args.init_prototypes)
-            init = dict(zip(ps.class_names, ps.prototypes))
-        report = resize_checkpoint(args.src, args.dst, source, target, args.seed, init)
-    except (ValueError, PrototypeFileError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.source_dataset or args.target_dataset:
+        register_all(args.datasets_root)
+    source = args.source_classes or dataset_classes(args.source_dataset, "--source-dataset")
+    target = args.target_classes or dataset_classes(args.target_dataset, "--target-dataset")
+    init = None
+    if args.init_prototypes:
+        ps = load_prototypes(args.init_prototypes)
+        init = dict(zip(ps.class_names, ps.prototypes))
+    check_output_file(args.dst, "--dst")
+    report = resize_checkpoint(args.src, args.dst, source, target, args.seed, init)
     print(json.dumps({"src": args.src, "dst": args.dst, **report}, indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -25,6 +25,7 @@ from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.data.mapper import SteelDatasetMapper
 from steel_fsd.engine.trainer import Trainer
 from steel_fsd.evaluation.report import format_table, per_class_rows
+from steel_fsd.utils.cli import run_main
 from steel_fsd.visualize import draw_predictions, grid
 
 DEFAULT_CONFIG = "configs/demo/proto_R18_FPN_synth_neu.yaml"
@@ -112,4 +113,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -10,6 +10,7 @@ statistics), DIR/confusion.png and DIR/embeddings_pca.png (support, query embedd
 import argparse
 import json
 import os
+import sys
 
 import _path  # noqa: F401
 import matplotlib
@@ -21,9 +22,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import steel_fsd  # noqa: F401,E402
+from steel_fsd.data.catalog import require_registered  # noqa: E402
 from steel_fsd.data.mapper import SteelDatasetMapper  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
 from steel_fsd.engine.trainer import load_model_for_eval  # noqa: E402
+from steel_fsd.utils.cli import check_output_dir, run_main  # noqa: E402
 from steel_fsd.evaluation.embeddings import distance_stats, nearest_prototype_confusion, pca_2d  # noqa: E402
 from steel_fsd.modeling.prototypes import (build_prototypes, embed_instances, load_prototypes,  # noqa: E402
                                            sample_support)
@@ -75,7 +78,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cfg = finalize_config(build_config(args.config_file, args.opts + ["MODEL.WEIGHTS", args.weights,
                                                                      "MODEL.PROTOTYPE.SUPPORT_FILE", ""]))
-    model = load_model_for_eval(cfg)
+    require_registered(args.dataset, "--dataset")
+    for name, option in ((args.support_dataset, "--support-dataset"),):
+        if name:
+            require_registered(name, option)
+    check_output_dir(args.out, "--out")
+    model = load_model_for_eval(cfg, check_classes=False)
     mapper = SteelDatasetMapper(cfg, is_train=False)
     names = list(MetadataCatalog.get(args.dataset).thing_classes)
     query = sample_support(DatasetCatalog.get(args.dataset), len(names), args.max_per_class, args.seed)
@@ -104,4 +112,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -22,6 +22,7 @@ from typing import Callable
 import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
 
 from steel_fsd.data import synthetic
+from steel_fsd.utils.cli import UserError, run_main
 
 FORMAT_VERSION = 1  # bump when the generator's output changes, so existing folders are rebuilt
 
@@ -62,8 +63,8 @@ def build(folder: Path, params: dict, make: Callable[[Path], Path], readme: str)
         print(f"[make_synthetic] {folder}: parameters changed, regenerating")
         shutil.rmtree(folder)
     elif folder.exists() and any(folder.iterdir()):
-        sys.exit(f"[make_synthetic] {folder} exists but was not made by this tool (no synthetic.json); "
-                 "refusing to overwrite it")
+        raise UserError(f"{folder} exists but was not made by this tool (no synthetic.json)", "",
+                        "refusing to overwrite it: choose another --out or move the folder away")
     print(f"[make_synthetic] writing {folder} ({params}) ...", flush=True)
     start = time.perf_counter()
     make(folder)
@@ -96,4 +97,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -16,15 +16,15 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
 
 from steel_fsd.data.coco import to_coco, write_coco
-from steel_fsd.data.errors import DatasetError, SkipLog
-from steel_fsd.data.images import read_dataset_image
+from steel_fsd.data.errors import SkipLog
+from steel_fsd.data.images import verify_images
 from steel_fsd.data.splits import DEFAULT_RATIOS, SPLITS, split_manifest, stratified_split
+from steel_fsd.utils.cli import check_output_dir, run_main
 
 
 def load_dataset(name: str, root: Path, skips: SkipLog) -> tuple[list[dict], list[str], list[Path]]:
@@ -41,38 +41,6 @@ def load_dataset(name: str, root: Path, skips: SkipLog) -> tuple[list[dict], lis
     from steel_fsd.data.severstal import CSV_NAMES, SEVERSTAL_CLASSES, load_severstal
     dicts = load_severstal(root, skips=skips)
     return dicts, list(SEVERSTAL_CLASSES), [next(root / n for n in CSV_NAMES if (root / n).is_file())]
-
-
-def _fmt_time(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def verify_images(dicts: list[dict], skips: SkipLog, label: str) -> list[dict]:
-    """Fully decode every image (size checked against the dict); progress and ETA on stderr.
-
-    Unreadable images raise :class:`DatasetError` (naming the file) in strict mode, else are dropped
-    and counted in ``skips``. Returns the dicts whose images are good.
-    """
-    tty = sys.stderr.isatty()
-    every_s = 1.0 if tty else 10.0
-    good, t0, last = [], time.monotonic(), -every_s
-    for i, d in enumerate(dicts, 1):
-        try:
-            read_dataset_image(d)
-            good.append(d)
-        except DatasetError as e:
-            skips.problem("unreadable image", e.path, e.cause)
-        now = time.monotonic() - t0
-        if now - last >= every_s or i == len(dicts):
-            last = now
-            eta = now / i * (len(dicts) - i)
-            print(f"{chr(13) if tty else ''}verify {label}: {i}/{len(dicts)} images ({100 * i // len(dicts)}%), "
-                  f"elapsed {_fmt_time(now)}, ETA {_fmt_time(eta)}", end="" if tty else "\n",
-                  file=sys.stderr, flush=True)
-    if dicts and tty:
-        print(file=sys.stderr)
-    return good
 
 
 def summary_table(name: str, manifest: dict, skips: SkipLog) -> str:
@@ -95,7 +63,7 @@ def prepare(name: str, root: Path, seed: int, strict: bool, check_images: bool) 
     skips = SkipLog(strict=strict)
     dicts, classes, sources = load_dataset(name, root, skips)
     if check_images:
-        dicts = verify_images(dicts, skips, name)
+        dicts = verify_images(dicts, skips, name, progress=True)
     splits = stratified_split(dicts, seed, DEFAULT_RATIOS)
     manifest = split_manifest(splits, seed, sources, DEFAULT_RATIOS, classes)
     cocos = {f"{name}_{s}.json": to_coco(splits[s], classes, f"{name}_{s}", image_root=root) for s in SPLITS}
@@ -112,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output folder for the COCO files and splits.json")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--non-strict", action="store_true", help="skip and count bad items instead of stopping")
-    p.add_argument("--verify-images", action="store_true", help="fully decode every image before splitting")
+    p.add_argument("--no-verify-images", dest="verify_images", action="store_false",
+                   help="skip decoding every image before splitting (corrupt, truncated and empty images are "
+                        "otherwise an error naming the file, or counted skips with --non-strict)")
     args = p.parse_args(argv)
     todo = {n: r for n, r in (("neu", args.neu), ("severstal", args.severstal)) if r is not None}
     if not todo:
@@ -120,13 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest_path = args.out / "splits.json"
     manifests = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     outputs: dict[str, dict] = {}
-    try:  # everything is computed before anything is written: a failed run leaves OUT as it was
-        for name, root in todo.items():
-            manifests[name], cocos = prepare(name, root, args.seed, not args.non_strict, args.verify_images)
-            outputs.update(cocos)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    for name, root in todo.items():  # everything is computed before anything is written: a failed run leaves OUT as it was
+        manifests[name], cocos = prepare(name, root, args.seed, not args.non_strict, args.verify_images)
+        outputs.update(cocos)
+    check_output_dir(str(args.out), "--out")
     for file_name, coco in outputs.items():
         write_coco(args.out / file_name, coco)
     tmp = manifest_path.with_name(manifest_path.name + ".tmp")
@@ -136,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

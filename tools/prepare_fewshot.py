@@ -21,10 +21,10 @@ import _path  # noqa: F401  (a source checkout works without installing steel_fs
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from steel_fsd.data import register_all
-from steel_fsd.data.catalog import datasets_root
-from steel_fsd.data.errors import DatasetError
+from steel_fsd.data.catalog import datasets_root, require_registered
 from steel_fsd.data.fewshot_splits import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
 from steel_fsd.data.splits import sha256_files
+from steel_fsd.utils.cli import check_output_dir, run_main
 
 
 def registered_sources(name: str) -> list[Path]:
@@ -38,9 +38,8 @@ def registered_sources(name: str) -> list[Path]:
     return annotation_sources(root)
 
 
-def _get(name: str) -> list[dict]:
-    if name not in DatasetCatalog.list():
-        raise ValueError(f"dataset {name!r} is not registered (registered: {', '.join(sorted(DatasetCatalog.list()))})")
+def _get(name: str, option: str) -> list[dict]:
+    require_registered(name, option)
     return DatasetCatalog.get(name)
 
 
@@ -74,24 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--shots must all be >= 1")
     root = os.path.abspath(args.datasets_root) if args.datasets_root else datasets_root()
     outputs: dict[str, dict] = {}
-    try:  # everything is computed and checked before anything is written
-        register_all(root)
-        if args.datasets_root:
-            _check_root(args.dataset, root)
-        dicts = _get(args.dataset)
-        eval_dicts = _get(args.eval_dataset) if args.eval_dataset else None
-        classes = list(MetadataCatalog.get(args.dataset).thing_classes)
-        digest = sha256_files(registered_sources(args.dataset))["sha256"]
-        for k in dict.fromkeys(args.shots):
-            for s in dict.fromkeys(args.seeds):
-                m = kshot_manifest(dicts, classes, k, s, digest, args.dataset)
-                if eval_dicts is not None:
-                    assert_disjoint(m, eval_dicts)
-                outputs[f"{args.dataset}_{k}shot_seed{s}.json"] = m
-    except (ValueError, DatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    args.out.mkdir(parents=True, exist_ok=True)
+    # everything is computed and checked before anything is written
+    register_all(root)
+    if args.datasets_root:
+        _check_root(args.dataset, root)
+    dicts = _get(args.dataset, "--dataset")
+    eval_dicts = _get(args.eval_dataset, "--eval-dataset") if args.eval_dataset else None
+    classes = list(MetadataCatalog.get(args.dataset).thing_classes)
+    digest = sha256_files(registered_sources(args.dataset))["sha256"]
+    for k in dict.fromkeys(args.shots):
+        for s in dict.fromkeys(args.seeds):
+            m = kshot_manifest(dicts, classes, k, s, digest, args.dataset)
+            if eval_dicts is not None:
+                assert_disjoint(m, eval_dicts)
+            outputs[f"{args.dataset}_{k}shot_seed{s}.json"] = m
+    check_output_dir(str(args.out), "--out")
     for file_name, m in outputs.items():
         write_manifest(args.out / file_name, m)
         print(summary(file_name, m))
@@ -100,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

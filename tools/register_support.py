@@ -10,13 +10,16 @@ Then evaluate with exactly those classes, no retraining:
 """
 import argparse
 import json
+import sys
 
 import _path  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
 import steel_fsd  # noqa: F401  (registers datasets and heads)
 from steel_fsd.engine.fewshot import register_support
+from steel_fsd.data.catalog import require_registered
 from steel_fsd.engine.setup import build_config, finalize_config
+from steel_fsd.utils.cli import check_output_file, run_main
 
 
 def main(argv=None) -> None:
@@ -34,6 +37,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     setup_logger(name="steel_fsd")
     cfg = finalize_config(build_config(args.config_file, args.opts))
+    require_registered(args.dataset, "--dataset")
+    check_output_file(args.out, "--out")
     manifest = None
     if args.support_manifest:
         with open(args.support_manifest) as f:
@@ -44,4 +49,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -22,6 +22,7 @@ from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data import register_all
 from steel_fsd.engine.protocol import Protocol, Setting
+from steel_fsd.utils.cli import UserError, run_main
 
 logger = logging.getLogger("steel_fsd")
 
@@ -31,7 +32,12 @@ def seeds_arg(values: list[str]) -> list[int]:
     out: list[int] = []
     for v in values:
         lo, sep, hi = v.partition("..")
-        out += list(range(int(lo), int(hi) + 1)) if sep else [int(v)]
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(v)]
+        except ValueError:
+            raise UserError(f"--seeds {v!r} is not a seed or a range", "", "write seeds as 0 1 2 or 0..4") from None
+        if sep and int(hi) < int(lo):
+            raise UserError(f"--seeds {v!r} is an empty range", "", "write the lower seed first, e.g. 0..4")
     return out
 
 
@@ -41,7 +47,8 @@ def select(protocol: Protocol, kinds: list[str] | None, cross: list[str] | None,
     if only:
         names = {s.name: s for s in protocol.settings}
         if set(only) - set(names):
-            raise SystemExit(f"--only {sorted(set(only) - set(names))}: not in {protocol.path} (settings: {sorted(names)})")
+            raise UserError(f"--only {sorted(set(only) - set(names))}: no such setting", str(protocol.path),
+                            f"choose from {sorted(names)} (--list prints them)")
         return [names[n] for n in only]
     chosen = []
     for s in protocol.settings:
@@ -53,7 +60,7 @@ def select(protocol: Protocol, kinds: list[str] | None, cross: list[str] | None,
         known = {f"{s.source}->{s.target}" for s in protocol.settings if s.kind == "cross"}
         unknown = sorted(set(cross) - known)
         if unknown:
-            raise SystemExit(f"--cross {unknown}: not in {protocol.path} (cross settings: {sorted(known)})")
+            raise UserError(f"--cross {unknown}: no such cross setting", str(protocol.path), f"choose from {sorted(known)}")
     return chosen if (kinds or cross) else list(protocol.settings)
 
 
@@ -106,4 +113,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -4,24 +4,32 @@
     python tools/train_net.py --config-file configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR/last_checkpoint
+    python tools/train_net.py --config-file CFG --num-gpus 2      # 2 processes: NCCL on GPUs, gloo on CPU
 """
 import sys
 
 import _path  # noqa: F401
 import torch
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import steel_fsd.data  # noqa: F401  (registers the datasets found under $STEEL_FSD_DATASETS)
-from steel_fsd.engine.setup import build_config, finalize_config
+from steel_fsd.engine.launch import launch
+from steel_fsd.engine.setup import build_config, check_config_paths, finalize_config
 from steel_fsd.engine.trainer import Trainer, load_model_for_eval
+from steel_fsd.utils.cli import UserError, run_main
 
 
 def setup(args):
     cfg = build_config(args.config_file, args.opts)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="steel_fsd")
-    finalize_config(cfg)
+    # One process at a time may write OUTPUT_DIR/pixel_stats.json: rank 0, then each machine's first, then the rest.
+    turn = 0 if comm.is_main_process() else 1 if comm.get_local_rank() == 0 else 2
+    for t in range(3):
+        if t == turn:
+            finalize_config(cfg)
+        comm.synchronize()
     default_setup(cfg, args)
     return cfg
 
@@ -41,14 +49,26 @@ def main(args):
 
 
 def check_gpus(args) -> None:
-    if args.num_gpus > 1 and torch.cuda.device_count() < args.num_gpus:
-        sys.exit(f"--num-gpus {args.num_gpus} needs {args.num_gpus} CUDA devices, found {torch.cuda.device_count()}: "
-                 "Detectron2's launcher uses NCCL (GPUs only). Run with --num-gpus 1 on CPU.")
+    """On a machine with CUDA, --num-gpus N needs N devices (one NCCL process each); without CUDA it means
+    N CPU processes (gloo)."""
+    found = torch.cuda.device_count()
+    if torch.cuda.is_available() and args.num_gpus > found:
+        raise UserError(f"--num-gpus {args.num_gpus} needs {args.num_gpus} CUDA devices, found {found}",
+                        "on this machine (one process per GPU, NCCL)",
+                        f"pass --num-gpus {found} or fewer (without CUDA, --num-gpus N runs N CPU processes with gloo)")
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+def cli(argv: list[str]) -> int:
+    """Parse Detectron2's standard arguments, check the config in this process (so mistakes are reported
+    once, before any worker starts), then launch ``main`` on every process."""
+    args = default_argument_parser().parse_args(argv)
     check_gpus(args)
+    check_config_paths(build_config(args.config_file, args.opts))
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(cli))

@@ -11,18 +11,22 @@ import functools
 import logging
 import os
 import pickle
+import time
 from collections import Counter
 from typing import Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..utils.cli import UserError
 from .errors import SkipLog
+from .images import verify_images
 from .neu import NEU_CLASSES, load_neu_voc
 from .severstal import SEVERSTAL_CLASSES, load_severstal, tile_dataset_dicts
 
 SPLITS = ("train", "val", "test")
 DEFAULT_TILE = 256
 UNION_ID_OFFSET = 10**7
+VERIFY_ENV = "STEEL_FSD_VERIFY_IMAGES"
 # (folder under the datasets root, registered name prefix) per loader kind
 NEU_FOLDERS = (("neu-det", "neu"), ("neu-synth", "neu_synth"))
 SEVERSTAL_FOLDERS = (("severstal", "severstal"), ("severstal-synth", "severstal_synth"))
@@ -33,10 +37,21 @@ logger = logging.getLogger("steel_fsd")
 
 @functools.lru_cache(maxsize=None)
 def _load(kind: str, root: str, class_names: tuple[str, ...], strict: bool) -> tuple[list[dict], SkipLog]:
-    """The whole dataset and its skip counts, loaded once per process."""
+    """The whole dataset and its skip counts, loaded once per process.
+
+    Every image is decoded once here (unless ``STEEL_FSD_VERIFY_IMAGES=0``), so a corrupt, truncated or
+    empty file stops the first load with an error naming it (strict) or is counted and left out, before
+    any training starts.
+    """
     skips = SkipLog(strict=strict)
     loader = load_neu_voc if kind == "neu" else load_severstal
-    return loader(root, class_names, skips=skips), skips
+    dicts = loader(root, class_names, skips=skips)
+    if os.environ.get(VERIFY_ENV, "1") != "0":
+        start = time.perf_counter()
+        dicts = verify_images(dicts, skips, root)
+        logger.info("%s: decoded %d images in %.1f s (%s=0 skips this check)", root, len(dicts),
+                    time.perf_counter() - start, VERIFY_ENV)
+    return dicts, skips
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,6 +157,29 @@ def register_union(name: str, parts: Sequence[str], id_offset: int = UNION_ID_OF
         dataset_root=os.path.commonpath(roots) if all(roots) else None,
         split=metas[0].get("split") if len({m.get("split") for m in metas}) == 1 else "mixed",
         seed=metas[0].get("seed") if len({m.get("seed") for m in metas}) == 1 else None)
+
+
+def steel_datasets() -> list[str]:
+    """Registered datasets with a steel-fsd data root (not Detectron2's built-in COCO/VOC/... names)."""
+    return sorted(n for n in DatasetCatalog.list() if MetadataCatalog.get(n).get("dataset_root") is not None
+                  or MetadataCatalog.get(n).get("parts") is not None)
+
+
+def require_registered(name: str, where: str, nonempty: bool = False) -> None:
+    """Raise ``UserError`` naming the datasets root and the steel datasets found if ``name`` is not registered
+    (and, with ``nonempty``, if it holds no image, e.g. a split left empty after splitting and tiling)."""
+    if name in DatasetCatalog.list():
+        if nonempty and not DatasetCatalog.get(name):
+            meta = MetadataCatalog.get(name)
+            raise UserError(f"dataset {name!r} has no image (split {meta.get('split', '?')} of "
+                            f"{meta.get('dataset_root', 'its parts')})", where,
+                            "add images to the dataset folder or use another split")
+        return
+    found = steel_datasets()
+    raise UserError(f"dataset {name!r} is not registered", f"{where}",
+                    f"the datasets root {datasets_root()} (set STEEL_FSD_DATASETS or pass --datasets-root) holds "
+                    + (", ".join(found) if found else "no steel dataset (expected folders "
+                       + ", ".join(f for f, _ in NEU_FOLDERS + SEVERSTAL_FOLDERS) + ")"))
 
 
 def datasets_root() -> str:

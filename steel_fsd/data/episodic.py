@@ -5,6 +5,7 @@ batch of one class. Select with ``DATALOADER.SAMPLER_TRAIN EpisodicClassSampler`
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import numpy as np
@@ -23,9 +24,15 @@ class EpisodicBatchSampler(torch.utils.data.Sampler):
 
     Classes are drawn uniformly (without replacement within a batch), then images containing the
     class, avoiding repeats inside the batch where possible. Seeded; deterministic.
+
+    Distributed: like Detectron2's ``TrainingSampler``, every rank draws the same seeded stream of
+    episodes and takes its own shard of it, episodes ``rank, rank + world_size, ...`` (``rank`` and
+    ``world_size`` default to Detectron2's ``comm``): the ranks' episodes of one iteration are
+    consecutive episodes of that stream, as one process would draw them in a row.
     """
 
-    def __init__(self, dataset_dicts: list[dict], n_way: int, k_images: int, seed: int = 0):
+    def __init__(self, dataset_dicts: list[dict], n_way: int, k_images: int, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None):
         self.by_class: dict[int, list[int]] = {}
         for i, d in enumerate(dataset_dicts):
             for c in sorted({a["category_id"] for a in d.get("annotations", [])}):
@@ -35,8 +42,10 @@ class EpisodicBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"episodes of {n_way} classes need {n_way} classes with annotations, "
                              f"the training data has {len(self.classes)}")
         self.n_way, self.k_images, self.seed = n_way, k_images, seed
+        self.rank = comm.get_rank() if rank is None else rank
+        self.world_size = comm.get_world_size() if world_size is None else world_size
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _episodes(self) -> Iterator[list[int]]:
         rng = np.random.default_rng(self.seed)
         while True:
             batch: list[int] = []
@@ -44,6 +53,9 @@ class EpisodicBatchSampler(torch.utils.data.Sampler):
                 pool = [i for i in self.by_class[int(c)] if i not in batch] or self.by_class[int(c)]
                 batch += [int(i) for i in rng.choice(pool, size=self.k_images, replace=len(pool) < self.k_images)]
             yield batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from itertools.islice(self._episodes(), self.rank, None, self.world_size)
 
 
 def add_episodic_config(cfg: CfgNode) -> None:
@@ -60,7 +72,7 @@ def build_episodic_train_loader(cfg: CfgNode, mapper) -> torch.utils.data.DataLo
         raise ValueError(f"DATALOADER.EPISODE_CLASSES x EPISODE_IMAGES_PER_CLASS = {n} x {k} must equal the "
                          f"per-GPU batch SOLVER.IMS_PER_BATCH / world size = {per_gpu}")
     dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-    seed = (cfg.SEED if cfg.SEED >= 0 else 0) + comm.get_rank()
+    seed = cfg.SEED if cfg.SEED >= 0 else 0  # the same on every rank: each takes its shard of one stream
     return torch.utils.data.DataLoader(
         MapDataset(dicts, mapper), batch_sampler=EpisodicBatchSampler(dicts, n, k, seed),
         num_workers=cfg.DATALOADER.NUM_WORKERS, collate_fn=trivial_batch_collator,

@@ -43,6 +43,7 @@ def _read_csv(csv_path: str, skips: SkipLog) -> tuple[Rows, str]:
             expected = " or ".join(repr(",".join(h)) for h in _HEADERS)
             raise DatasetError(csv_path, f"unexpected header {','.join(header)!r}; expected {expected}", line=1)
         rows: Rows = {}
+        seen: dict[tuple[str, int], tuple[str, int]] = {}  # (image, class) -> (rle, line) of its first row
         for row in reader:
             line = reader.line_num
             if not any(c.strip() for c in row):
@@ -63,6 +64,17 @@ def _read_csv(csv_path: str, skips: SkipLog) -> tuple[Rows, str]:
                 skips.problem("bad csv row", csv_path, f"no image id in {row[0]!r}", line)
                 continue
             rle = row[-1].strip()
+            first = seen.setdefault((image_id, class_id), (rle, line))
+            if first[1] != line:  # the Kaggle files list each (image, class) once
+                if first[0] == rle:
+                    skips.note("duplicate csv row")
+                    if skips.counts["duplicate csv row"] == 1:
+                        logger.warning("%s:%d: duplicate of line %d (%s class %d): skipped, counted as "
+                                       "'duplicate csv row'", csv_path, line, first[1], image_id, class_id)
+                else:
+                    skips.problem("conflicting csv rows", csv_path,
+                                  f"{image_id} class {class_id} has another mask at line {first[1]}", line)
+                continue
             entries = rows.setdefault(image_id, [])
             if rle:
                 entries.append((class_id, rle, line))

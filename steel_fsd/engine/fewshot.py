@@ -13,6 +13,7 @@ from ..data.mapper import SteelDatasetMapper
 from ..data.subsets import restrict_classes
 from ..modeling.prototypes import PrototypeSet, append_class, build_prototypes, file_sha256, load_prototypes, save_prototypes
 from ..modeling.support import relevant_config, support_dicts_from_manifest
+from ..utils.cli import UserError
 from .trainer import evaluate, load_model_for_eval
 
 logger = logging.getLogger("steel_fsd")
@@ -23,12 +24,18 @@ def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed:
                      manifest_path: str = "manifest", append_to: str | None = None,
                      progress: bool = True) -> PrototypeSet:
     """Prototypes of ``dataset``'s classes (or ``classes``) from K seeded supports; written to ``out``."""
+    if shots < 1:
+        raise UserError(f"--shots {shots}: K must be at least 1 (boxes per class)", "", "pass --shots 1, 5 or 10")
     start = time.perf_counter()
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS, cfg.MODEL.PROTOTYPE.SUPPORT_FILE = weights, ""
     cfg.freeze()
-    model = load_model_for_eval(cfg)
+    model = load_model_for_eval(cfg, check_classes=False)  # the support classes may be new ones
+    if not hasattr(model.roi_heads, "box_predictor") or not hasattr(model.roi_heads.box_predictor, "embed_features"):
+        raise UserError(f"{cfg.MODEL.META_ARCHITECTURE}/{cfg.MODEL.ROI_HEADS.NAME} has no prototype head to embed "
+                        "support boxes with", weights, "use a prototype config (configs/prototype/*.yaml) and a model "
+                        "trained with it; stock models adapt by fine-tuning (tools/ckpt_surgery.py)")
     dicts = DatasetCatalog.get(dataset)
     class_names = list(MetadataCatalog.get(dataset).thing_classes)
     if isinstance(manifest, dict):  # a K-shot manifest from tools/prepare_fewshot.py: exact boxes, classes checked

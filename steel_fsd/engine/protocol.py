@@ -37,9 +37,12 @@ import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..data.fewshot_splits import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
+from ..data.catalog import require_registered
 from ..data.splits import sha256_files
 from ..data.subsets import register_class_subset, register_manifest
+from ..evaluation.aggregate import read_cell
 from ..evaluation.report import METRICS, per_class_rows
+from ..utils.cli import UserError
 from .fewshot import evaluate_with_support, register_support
 from .setup import build_config, finalize_config
 from .trainer import Trainer, evaluate
@@ -127,6 +130,10 @@ class Protocol:
             raise ValueError(f"{self.path}: missing keys {missing}")
         self.datasets: dict[str, dict] = spec["DATASETS"]
         self.models: dict[str, str] = spec["MODELS"]
+        unknown = sorted(set(methods or []) - set(spec["METHODS"]))
+        if unknown:
+            raise UserError(f"methods {unknown} are not in the protocol file", str(self.path),
+                            f"choose from {sorted(spec['METHODS'])}")
         self.methods: dict[str, dict] = {m: spec["METHODS"][m] for m in (methods or spec["METHODS"])}
         for name, m in self.methods.items():
             if m.get("model") not in self.models or m.get("adapt") not in ADAPT:
@@ -149,9 +156,7 @@ class Protocol:
     # ----- datasets -----------------------------------------------------------------------------
     def split(self, key: str, part: str) -> str:
         name = self.datasets[key][part]
-        if name not in DatasetCatalog.list():
-            raise ValueError(f"{self.path}: dataset {name!r} ({key}.{part}) is not registered; is "
-                             f"$STEEL_FSD_DATASETS (or --datasets-root) the folder holding it?")
+        require_registered(name, f"{self.path} DATASETS.{key}.{part}")
         return name
 
     def classes(self, key: str) -> list[str]:
@@ -225,7 +230,7 @@ class Protocol:
         """Adapt, evaluate and write one cell (skipped when its JSON exists)."""
         path = self.cell_path(setting, method, shots, seed)
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_cell(path)
         classes = self.classes(setting.target)
         base, novel = (([c for c in classes if c not in setting.novel], list(setting.novel))
                        if setting.kind == "base_novel" else ([], classes))
@@ -330,7 +335,7 @@ class Protocol:
         slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", row).strip("_")
         path = self.out / "cells" / f"{kind}_{key}" / slug / f"K0_seed{seed}.json"
         if path.is_file():
-            return json.loads(path.read_text())
+            return read_cell(path)
         opts = self.base_opts + [str(v) for v in spec.get("opts", [])]
         cfg, weights = self.train(model, self.split(key, "train"), self.split(key, "val"), opts,
                                   f"{model}_{key}" + (f"_{slug}" if spec.get("opts") else ""), seed)

@@ -4,21 +4,40 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import torch
+import yaml
 from detectron2.config import CfgNode, get_cfg
 
 from ..config import add_steel_fsd_config
+from ..data.catalog import require_registered
+from ..utils.cli import UserError, check_output_dir
 
 logger = logging.getLogger("steel_fsd")
 
 
 def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
-    """Detectron2 defaults + steel-fsd keys, merged with ``config_file`` and ``KEY VALUE`` ``opts``."""
+    """Detectron2 defaults + steel-fsd keys, merged with ``config_file`` and ``KEY VALUE`` ``opts``.
+
+    A missing file, an unknown key or a malformed override raises :class:`UserError` naming it.
+    """
+    if not os.path.isfile(config_file):
+        raise UserError(f"config file {config_file} not found", f"(working directory {os.getcwd()})",
+                        "give the path of a YAML file, e.g. configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml")
     cfg = get_cfg()
     add_steel_fsd_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts or [])
+    for where, merge in ((f"in {config_file} (or a _BASE_ it names)", lambda: cfg.merge_from_file(config_file)),
+                         ("in the command-line KEY VALUE overrides", lambda: cfg.merge_from_list(list(opts or [])))):
+        try:
+            merge()
+        except (KeyError, AssertionError, yaml.YAMLError) as e:
+            key = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
+            if key:
+                raise UserError(f"unknown config key {key.group(1)}", where, "check its spelling against "
+                                "steel_fsd/config.py and Detectron2's config defaults") from None
+            raise UserError(f"malformed config ({' '.join(str(e).split()) or type(e).__name__})", where,
+                            "overrides come in KEY VALUE pairs with values of the key's type") from None
     return cfg
 
 
@@ -59,8 +78,20 @@ def resolve_pixel_stats(cfg: CfgNode) -> None:
         json.dump({"key": key, "mean": mean, "std": std}, f, indent=2)
 
 
+def check_config_paths(cfg: CfgNode) -> None:
+    """Every dataset the config names is registered and not empty, and OUTPUT_DIR is writable
+    (:class:`UserError` if not)."""
+    for key in ("TRAIN", "TEST"):
+        for name in cfg.DATASETS[key]:
+            require_registered(name, f"DATASETS.{key}", nonempty=True)
+    if cfg.TEST.VAL_LOSS_DATASET:
+        require_registered(cfg.TEST.VAL_LOSS_DATASET, "TEST.VAL_LOSS_DATASET")
+    check_output_dir(cfg.OUTPUT_DIR)
+
+
 def finalize_config(cfg: CfgNode) -> CfgNode:
-    """Apply run-time resolution (device, pixel statistics) and freeze."""
+    """Check datasets and OUTPUT_DIR, apply run-time resolution (device, pixel statistics) and freeze."""
+    check_config_paths(cfg)
     resolve_device(cfg)
     resolve_pixel_stats(cfg)
     cfg.freeze()

@@ -5,7 +5,6 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, HookBase, hooks
@@ -18,12 +17,15 @@ from ..data.episodic import SAMPLER_NAME, build_episodic_train_loader
 from ..data.mapper import SteelDatasetMapper
 from ..evaluation.coco import SteelCOCOEvaluator
 from ..evaluation.prf import build_prf_evaluator
+from ..modeling.checkpoint import SafeCheckpointer
 from ..modeling.support import attach_support
+from ..utils.cli import UserError
+from .launch import cpu_ddp
 
 logger = logging.getLogger("steel_fsd")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ValueError):
     """MODEL.WEIGHTS names a file that cannot be read."""
 
 
@@ -56,6 +58,10 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None =
 class Trainer(DefaultTrainer):
     """DefaultTrainer with steel-fsd's mapper (harmonization + augmentation) and evaluators."""
 
+    def __init__(self, cfg):
+        with cpu_ddp():  # several CPU processes (steel_fsd.engine.launch): DDP without device_ids
+            super().__init__(cfg)
+
     @classmethod
     def build_model(cls, cfg):
         """Detectron2's model, with the parameters named by MODEL.FREEZE frozen (fine-tuning)."""
@@ -69,7 +75,15 @@ class Trainer(DefaultTrainer):
         return model
 
     def build_hooks(self):
-        """Detectron2's hooks plus :class:`ValidationLoss` (before the writers, so its values are written)."""
+        """Detectron2's hooks plus :class:`ValidationLoss` (before the writers, so its values are written).
+
+        First DefaultTrainer's checkpointer is replaced by a :class:`SafeCheckpointer` (restricted reading,
+        atomic writes, resume past a torn checkpoint, training class names saved) with the same model and
+        checkpointables, before the PeriodicCheckpointer hook takes it.
+        """
+        ck = self.checkpointer
+        self.checkpointer = SafeCheckpointer(ck.model, ck.save_dir, class_names=train_class_names(self.cfg),
+                                             save_to_disk=ck.save_to_disk, **ck.checkpointables)
         ret = super().build_hooks()
         if self.cfg.TEST.VAL_LOSS_DATASET and self.cfg.TEST.VAL_LOSS_PERIOD > 0:
             at = len(ret) - 1 if ret and isinstance(ret[-1], hooks.PeriodicWriter) else len(ret)
@@ -159,17 +173,72 @@ def _by_dataset(cfg: CfgNode, results: dict) -> dict[str, dict]:
     return dict(results)
 
 
-def load_model_for_eval(cfg: CfgNode, resume: bool = False) -> torch.nn.Module:
+def load_model_for_eval(cfg: CfgNode, resume: bool = False, check_classes: bool = True) -> torch.nn.Module:
     """Build the model of ``cfg`` in eval mode and load MODEL.WEIGHTS (or the last checkpoint with ``resume``),
-    then MODEL.PROTOTYPE.SUPPORT_FILE if set."""
+    then MODEL.PROTOTYPE.SUPPORT_FILE if set.
+
+    Raises :class:`UserError` when there are no weights, when the checkpoint does not fit the config
+    (missing weights or other head shapes: evaluating would use random layers), and, with
+    ``check_classes`` and no support file (which maps classes by name), when the model's classes (stored
+    in the checkpoint, else the config's count) differ from the DATASETS.TEST classes.
+    """
     model = build_model(cfg).eval()  # (Trainer.build_model would also log the whole architecture)
-    checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-    if not (resume and checkpointer.has_checkpoint()):
+    checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    resumed = resume and checkpointer.has_checkpoint()
+    if not resumed:
+        if not cfg.MODEL.WEIGHTS:
+            raise UserError("no weights to evaluate (MODEL.WEIGHTS is empty)", "",
+                            "pass MODEL.WEIGHTS path/to/model_final.pth, or --resume with OUTPUT_DIR holding a "
+                            "last_checkpoint")
         check_weights(cfg.MODEL.WEIGHTS)
     checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    source = checkpointer.get_checkpoint_file() if resumed else cfg.MODEL.WEIGHTS
+    check_loaded(checkpointer.last_incompatible, source)
     if cfg.MODEL.PROTOTYPE.SUPPORT_FILE:
         attach_support(model, cfg, test_class_names(cfg))
+    elif check_classes:
+        check_classes_match(cfg, checkpointer.last_classes, source)
     return model
+
+
+def check_loaded(incompatible, source: str) -> None:
+    """:class:`UserError` if loading ``source`` left model weights missing or skipped mismatched shapes."""
+    if incompatible is None:
+        return
+    reshaped = {k for k, _, _ in incompatible.incorrect_shapes}
+    missing = [k for k in incompatible.missing_keys if k not in reshaped]
+    if missing:
+        raise UserError(f"the checkpoint lacks {len(missing)} of the model's weights (e.g. {', '.join(missing[:3])})",
+                        source, "it was trained with another architecture: use the config it was trained with")
+    if incompatible.incorrect_shapes:
+        shown = "; ".join(f"{k}: checkpoint {tuple(a)} vs config {tuple(b)}" for k, a, b in incompatible.incorrect_shapes[:3])
+        more = len(incompatible.incorrect_shapes) - 3
+        raise UserError(f"the checkpoint's layers do not match the config ({shown}{f'; {more} more' if more > 0 else ''})",
+                        source, "evaluate with the config (and MODEL.*.NUM_CLASSES) the model was trained with")
+
+
+def model_num_classes(cfg: CfgNode) -> int:
+    """The number of classes the config's detector predicts."""
+    return cfg.MODEL.RETINANET.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE == "RetinaNet" else cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
+def check_classes_match(cfg: CfgNode, stored: list[str] | None, source: str) -> None:
+    """:class:`UserError` if the model's classes (``stored`` in its checkpoint, else the config's count) are
+    not the DATASETS.TEST classes."""
+    test = test_class_names(cfg)
+    n = model_num_classes(cfg)
+    if (stored is not None and list(stored) != list(test)) or n != len(test):
+        model = f"classes {list(stored)}" if stored is not None else f"{n} classes (config)"
+        raise UserError(f"the model's {model} differ from the {len(test)} classes {test} of {list(cfg.DATASETS.TEST)}",
+                        source, "evaluate on a dataset with the model's classes, or adapt the model to these: "
+                        "tools/register_support.py (prototype models, classes matched by name) or "
+                        "tools/ckpt_surgery.py and fine-tuning")
+
+
+def train_class_names(cfg: CfgNode) -> list[str] | None:
+    """The class names of DATASETS.TRAIN (None when the datasets disagree or none is given)."""
+    names = [list(MetadataCatalog.get(d).get("thing_classes", [])) for d in cfg.DATASETS.TRAIN]
+    return names[0] if names and names[0] and all(n == names[0] for n in names) else None
 
 
 def test_class_names(cfg: CfgNode) -> list[str]:

@@ -39,24 +39,27 @@ def load_cells(root: str, pattern: str = "*.json") -> list[dict]:
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no cell folder {root}")
-    cells = []
-    for path in sorted(Path(root).rglob(pattern)):
-        try:
-            cell = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a JSON cell file ({e})") from e
-        if not isinstance(cell, dict):
-            raise ValueError(f"{path}: a cell file holds a JSON object")
-        missing = [k for k in REQUIRED if k not in cell]
-        if missing:
-            raise ValueError(f"{path}: missing required field(s) {missing}")
-        if cell["kind"] not in KINDS:
-            raise ValueError(f"{path}: kind {cell['kind']!r} is not one of {KINDS}")
-        if not isinstance(cell["metrics"], dict) or not isinstance(cell["per_class"], dict):
-            raise ValueError(f"{path}: 'metrics' and 'per_class' must be objects")
-        cell["_path"] = str(path)
-        cells.append(cell)
-    return cells
+    return [dict(read_cell(path), _path=str(path)) for path in sorted(Path(root).rglob(pattern))]
+
+
+def read_cell(path: str | os.PathLike) -> dict:
+    """One cell file, checked; ``ValueError`` naming the file (and saying how to redo the cell) if it is
+    truncated, not JSON or lacks a required field."""
+    redo = "delete it to run that cell again"
+    try:
+        cell = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: truncated or not a JSON cell file ({e}), {redo}") from None
+    if not isinstance(cell, dict):
+        raise ValueError(f"{path}: a cell file holds a JSON object, {redo}")
+    missing = [k for k in REQUIRED if k not in cell]
+    if missing:
+        raise ValueError(f"{path}: missing required field(s) {missing}, {redo}")
+    if cell["kind"] not in KINDS:
+        raise ValueError(f"{path}: kind {cell['kind']!r} is not one of {KINDS}, {redo}")
+    if not isinstance(cell["metrics"], dict) or not isinstance(cell["per_class"], dict):
+        raise ValueError(f"{path}: 'metrics' and 'per_class' must be objects, {redo}")
+    return cell
 
 
 def cell_file(cell: dict, field: str) -> str | None:

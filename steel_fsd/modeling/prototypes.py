@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from detectron2.structures import Boxes, BoxMode
 
+from .checkpoint import atomic_save
+
 FORMAT = "steel_fsd.prototypes"
 VERSION = 1
 
@@ -66,7 +68,7 @@ def save_prototypes(ps: PrototypeSet, path: str) -> None:
     payload = asdict(ps)
     payload["prototypes"] = ps.prototypes.detach().cpu().float().contiguous()
     payload.update(format=FORMAT, version=VERSION, embed_dim=ps.embed_dim)
-    torch.save(payload, path)
+    atomic_save(payload, path)
 
 
 def load_prototypes(path: str) -> PrototypeSet:
@@ -84,6 +86,10 @@ def load_prototypes(path: str) -> PrototypeSet:
     if protos.ndim != 2 or protos.shape[0] != len(names) or protos.shape[1] != payload["embed_dim"]:
         raise PrototypeFileError(f"{path}: prototypes of shape {tuple(protos.shape)} do not match "
                                  f"{len(names)} classes x embed_dim {payload['embed_dim']}")
+    if not torch.isfinite(protos).all():
+        bad = sorted({names[i] for i in (~torch.isfinite(protos)).any(1).nonzero().flatten().tolist()})
+        raise PrototypeFileError(f"{path}: prototypes of {bad} hold NaN or inf values; rebuild the file with "
+                                 "tools/register_support.py")
     keys = ("shots", "seed", "support", "weights_sha256", "config", "created")
     return PrototypeSet(names, protos, **{k: payload[k] for k in keys})
 
@@ -110,6 +116,8 @@ def sample_support(dataset_dicts: list[dict], num_classes: int, shots: int, seed
     seed. An image with several boxes of a class may contribute several of them; its other boxes are
     not used. Classes with fewer than K instances use all they have.
     """
+    if shots < 1:
+        raise ValueError(f"shots must be at least 1, got {shots}")
     rng = np.random.default_rng(seed)
     key = lambda d: str(d.get("image_key", d["image_id"]))  # noqa: E731
     ordered = sorted(dataset_dicts, key=key)

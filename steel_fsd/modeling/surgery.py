@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import re
-import tempfile
-import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .checkpoint import META_KEY, atomic_save, read_weights_file
 
 SOFTMAX = "roi_heads.box_predictor.cls_score"
 BBOX = "roi_heads.box_predictor.bbox_pred"
@@ -153,36 +151,19 @@ def resize_state_dict(state: dict[str, torch.Tensor], source_classes: list[str],
     return out, report
 
 
-def _load(path: str) -> dict:
-    """``torch.load`` restricted to tensors and plain containers; unrestricted (with a warning) for a
-    checkpoint that also pickles other objects (e.g. numpy arrays)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if not found:
-            raise
-        warnings.warn(f"{path}: pickles {found.group(1)}, which weights_only=True refuses; loading it with "
-                      "weights_only=False, which can run arbitrary code: only do this with checkpoints you trust",
-                      stacklevel=3)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def resize_checkpoint(src_path: str, dst_path: str, source_classes: list[str], target_classes: list[str],
                       seed: int = 0, init_prototypes: dict[str, torch.Tensor] | None = None) -> dict:
     """Resize a checkpoint file (Detectron2's ``{"model": state, ...}`` or a bare state dict) with
     :func:`resize_state_dict` and write ``{"model": new_state}`` to ``dst_path`` atomically.
 
-    Optimizer, scheduler and iteration are dropped, so fine-tuning from ``dst_path`` starts at
-    iteration 0. Returns the report, plus ``"discarded"``: the checkpoint's other top-level keys.
+    The file is read with :func:`~steel_fsd.modeling.checkpoint.read_weights_file` (no code runs from it:
+    anything but tensors, numpy arrays and plain data is refused). Optimizer, scheduler and iteration are
+    dropped, so fine-tuning from ``dst_path`` starts at iteration 0; the target class names are stored
+    with the weights. Returns the report, plus ``"discarded"``: the checkpoint's other top-level keys.
     """
     if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
         raise ValueError(f"{dst_path}: destination is the source checkpoint; write to a new file")
-    try:
-        ckpt = _load(src_path)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{src_path}: cannot read as a torch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    ckpt = read_weights_file(src_path)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         state, discarded = ckpt["model"], sorted(k for k in ckpt if k != "model")
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -194,12 +175,5 @@ def resize_checkpoint(src_path: str, dst_path: str, source_classes: list[str], t
                                               init_prototypes)
     except ValueError as e:
         raise ValueError(f"{src_path}: {e}") from None
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt_surgery.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(dst_path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"model": new_state}, f)
-        os.replace(tmp, dst_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_save({"model": new_state, META_KEY: {"thing_classes": list(target_classes)}}, dst_path)
     return {**report, "discarded": discarded}

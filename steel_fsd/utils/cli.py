@@ -1,0 +1,78 @@
+"""Command-line entry points: a user's mistake ends in one line on stderr and exit code 2, not a traceback.
+
+Every ``tools/*.py`` runs its ``main(argv)`` through :func:`run_main`. Errors a user can fix (a
+:class:`UserError`, and the ``ValueError``/``OSError`` family the package raises for bad files,
+datasets, weights and arguments, each message naming the file or key) are printed as
+``error: <what>, <where>, <what to do>``. ``--debug`` (any position) or ``STEEL_FSD_DEBUG=1`` shows the
+traceback instead. Anything else (a bug) keeps its traceback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Callable, Sequence
+
+DEBUG_ENV = "STEEL_FSD_DEBUG"
+USER_ERRORS = (ValueError, OSError)
+
+
+class UserError(ValueError):
+    """A mistake the user can fix. The message reads ``<what>, <where>, <what to do>``."""
+
+    def __init__(self, what: str, where: str = "", todo: str = ""):
+        self.what, self.where, self.todo = what, where, todo
+        super().__init__(", ".join(p for p in (what, where, todo) if p))
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (OSError: ``strerror: filename``)."""
+    if isinstance(e, OSError) and not isinstance(e, UserError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def run_main(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)`` (``--debug`` removed from ``argv``) and return its exit code (0 unless an int).
+
+    User errors (see the module docstring) print one line on stderr and return 2, unless debugging.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    try:
+        rc = main([a for a in argv if a != "--debug"])
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return rc if isinstance(rc, int) else 0
+
+
+def check_output_dir(path: str, what: str = "OUTPUT_DIR") -> None:
+    """Create ``path`` if needed and check that a file can be written in it; :class:`UserError` if not."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path} is a file, not a folder", "", "choose another folder or move the file away")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({e.strerror})", "",
+                        "choose a folder you can write to") from None
+
+
+def check_output_file(path: str, what: str = "--out") -> None:
+    """``path`` can be written as a file: not a folder, and its folder is writable (created if needed)."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder", "", "give a file name, e.g. " + os.path.join(path, "out.pt"))
+    check_output_dir(os.path.dirname(os.path.abspath(path)), f"the folder of {what} {path}")
