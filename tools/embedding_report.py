@@ -77,7 +77,8 @@ def main(argv=None) -> None:
     ap.add_argument("opts", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     cfg = finalize_config(build_config(args.config_file, args.opts + ["MODEL.WEIGHTS", args.weights,
-                                                                     "MODEL.PROTOTYPE.SUPPORT_FILE", ""]))
+                                                                     "MODEL.PROTOTYPE.SUPPORT_FILE", ""]),
+                          datasets=())  # only --dataset / --support-dataset are read
     require_registered(args.dataset, "--dataset")
     for name, option in ((args.support_dataset, "--support-dataset"),):
         if name:

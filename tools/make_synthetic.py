@@ -22,7 +22,7 @@ from typing import Callable
 import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
 
 from steel_fsd.data import synthetic
-from steel_fsd.utils.cli import UserError, run_main
+from steel_fsd.utils.cli import UserError, check_output_dir, run_main
 
 FORMAT_VERSION = 1  # bump when the generator's output changes, so existing folders are rebuilt
 
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("neu", "severstal"), help="write only this dataset")
     args = parser.parse_args(argv)
+    check_output_dir(str(args.out), "--out")
 
     if args.only in (None, "neu"):
         params = {"n_per_class": args.neu_per_class, "seed": args.seed}

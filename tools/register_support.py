@@ -36,9 +36,10 @@ def main(argv=None) -> None:
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = ap.parse_args(argv)
     setup_logger(name="steel_fsd")
-    cfg = finalize_config(build_config(args.config_file, args.opts))
+    cfg = build_config(args.config_file, args.opts)
     require_registered(args.dataset, "--dataset")
     check_output_file(args.out, "--out")
+    finalize_config(cfg, datasets=())  # only --dataset is read
     manifest = None
     if args.support_manifest:
         with open(args.support_manifest) as f:

@@ -28,7 +28,7 @@ def setup(args):
     turn = 0 if comm.is_main_process() else 1 if comm.get_local_rank() == 0 else 2
     for t in range(3):
         if t == turn:
-            finalize_config(cfg)
+            finalize_config(cfg, datasets_used(args))
         comm.synchronize()
     default_setup(cfg, args)
     return cfg
@@ -48,6 +48,11 @@ def main(args):
     return trainer.train()
 
 
+def datasets_used(args) -> tuple[str, ...]:
+    """The DATASETS keys this run reads: evaluation alone reads only DATASETS.TEST."""
+    return ("TEST",) if args.eval_only else ("TRAIN", "TEST")
+
+
 def check_gpus(args) -> None:
     """On a machine with CUDA, --num-gpus N needs N devices (one NCCL process each); without CUDA it means
     N CPU processes (gloo)."""
@@ -63,7 +68,7 @@ def cli(argv: list[str]) -> int:
     once, before any worker starts), then launch ``main`` on every process."""
     args = default_argument_parser().parse_args(argv)
     check_gpus(args)
-    check_config_paths(build_config(args.config_file, args.opts))
+    check_config_paths(build_config(args.config_file, args.opts), datasets_used(args))
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

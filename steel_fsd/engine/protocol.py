@@ -124,6 +124,8 @@ class Protocol:
     def __init__(self, path: str | os.PathLike, out_dir: str | None = None, shots: list[int] | None = None,
                  seeds: list[int] | None = None, methods: list[str] | None = None):
         self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"protocol file {self.path} not found", "", "give one of configs/protocols/*.yaml")
         spec = yaml.safe_load(self.path.read_text())
         missing = [k for k in ("DATASETS", "MODELS", "METHODS", "SETTINGS") if k not in spec]
         if missing:

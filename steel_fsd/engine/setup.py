@@ -68,6 +68,9 @@ def resolve_pixel_stats(cfg: CfgNode) -> None:
         if saved.get("key") == key:
             cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = saved["mean"], saved["std"]
             return
+    for name in cfg.DATASETS.TRAIN:
+        require_registered(name, "DATASETS.TRAIN (INPUT.HARMONIZE.NORMALIZE computes its pixel statistics; a "
+                           f"copy of the training run's pixel_stats.json in OUTPUT_DIR {cfg.OUTPUT_DIR} also does)")
     h = cfg.INPUT.HARMONIZE
     clahe = CLAHETransform(h.CLAHE_CLIP, h.CLAHE_TILES) if h.CLAHE else None
     mean, std = pixel_stats(list(cfg.DATASETS.TRAIN), h.NORMALIZE_MAX_IMAGES, clahe)
@@ -78,20 +81,22 @@ def resolve_pixel_stats(cfg: CfgNode) -> None:
         json.dump({"key": key, "mean": mean, "std": std}, f, indent=2)
 
 
-def check_config_paths(cfg: CfgNode) -> None:
-    """Every dataset the config names is registered and not empty, and OUTPUT_DIR is writable
-    (:class:`UserError` if not)."""
-    for key in ("TRAIN", "TEST"):
+def check_config_paths(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST")) -> None:
+    """The config's ``DATASETS.<key>`` datasets for each key in ``datasets`` (and TEST.VAL_LOSS_DATASET when
+    training) are registered and not empty, and OUTPUT_DIR is writable (:class:`UserError` if not)."""
+    for key in datasets:
         for name in cfg.DATASETS[key]:
             require_registered(name, f"DATASETS.{key}", nonempty=True)
-    if cfg.TEST.VAL_LOSS_DATASET:
+    if cfg.TEST.VAL_LOSS_DATASET and "TRAIN" in datasets:
         require_registered(cfg.TEST.VAL_LOSS_DATASET, "TEST.VAL_LOSS_DATASET")
     check_output_dir(cfg.OUTPUT_DIR)
 
 
-def finalize_config(cfg: CfgNode) -> CfgNode:
-    """Check datasets and OUTPUT_DIR, apply run-time resolution (device, pixel statistics) and freeze."""
-    check_config_paths(cfg)
+def finalize_config(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST")) -> CfgNode:
+    """Check the datasets named by ``datasets`` (see :func:`check_config_paths`; ``()`` for tools that use
+    only their own datasets, e.g. register_support) and OUTPUT_DIR, apply run-time resolution (device,
+    pixel statistics) and freeze."""
+    check_config_paths(cfg, datasets)
     resolve_device(cfg)
     resolve_pixel_stats(cfg)
     cfg.freeze()
