@@ -1,0 +1,200 @@
+"""Recipe study on the real NEU-DET images: every harmonization/augmentation step, schedule and sampling
+choice on its own, at one training budget, several seeds per row, chosen on neu_val, reported on neu_test.
+
+    python benchmarks/bench_recipe.py [--rows paper flips_only ...] [--seeds 0 1] [--iters 300] [--jobs 2]
+    python benchmarks/bench_recipe.py --list            # the rows and their overrides
+    python benchmarks/bench_recipe.py --report-only     # the table from the finished runs
+
+Each row is a config (the stock or prototype CPU config) plus overrides, trained from scratch on neu_train
+with Detectron2's SEED set to the run's seed, for ``--iters`` iterations at batch 4 (rows with another
+batch size get the iterations that cost the same wall time), then evaluated on neu_val and neu_test. Runs
+go ``--jobs`` at a time in subprocesses with one thread each (two use the 2-core machine fully), seeds
+first, so every row started gets its seeds before the next row starts. Resumable: a finished run's
+``result.json`` is reused and an interrupted one resumes from its checkpoint. Writes
+``benchmarks/results/recipe_neu.json``: every run (row, config, overrides, seed, iterations, wall time,
+val and test rows) and per row the mean +- 95% CI over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+STOCK = "configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml"
+PROTO = "configs/prototype/proto_R18_FPN_GN_neu_cpu.yaml"
+OUT = REPO / "output" / "recipe_neu"
+# The paper's recipe minus CLAHE, rotation, crop, gamma and noise: flips and dataset normalization kept.
+FLIPS = ["INPUT.HARMONIZE.CLAHE", "False", "INPUT.AUG.ROTATION", "False", "INPUT.AUG.CROP", "False",
+         "INPUT.AUG.GAMMA", "False", "INPUT.AUG.NOISE", "False"]
+# name -> (config, overrides, iteration factor for the same wall time); in the order they are run.
+ROWS: dict[str, tuple[str, list[str], float]] = {
+    "paper": (STOCK, [], 1.0),
+    "flips_only": (STOCK, FLIPS, 1.0),
+    "proto_paper": (PROTO, [], 1.0),
+    "proto_flips_only": (PROTO, FLIPS, 1.0),
+    "flips+clahe": (STOCK, FLIPS + ["INPUT.HARMONIZE.CLAHE", "True"], 1.0),
+    "flips+rotation30": (STOCK, FLIPS + ["INPUT.AUG.ROTATION", "True"], 1.0),
+    "flips+crop": (STOCK, FLIPS + ["INPUT.AUG.CROP", "True"], 1.0),
+    "flips+gamma": (STOCK, FLIPS + ["INPUT.AUG.GAMMA", "True"], 1.0),
+    "flips+noise": (STOCK, FLIPS + ["INPUT.AUG.NOISE", "True"], 1.0),
+    "flips-normalize": (STOCK, FLIPS + ["INPUT.HARMONIZE.NORMALIZE", "False"], 1.0),
+    "no_augmentation": (STOCK, FLIPS + ["INPUT.AUG.ENABLED", "False"], 1.0),
+    "flips_hflip_only": (STOCK, FLIPS + ["INPUT.AUG.VFLIP", "False"], 1.0),
+    "flips_lr0.01": (STOCK, FLIPS + ["SOLVER.BASE_LR", "0.01"], 1.0),
+    "flips_lr0.04": (STOCK, FLIPS + ["SOLVER.BASE_LR", "0.04"], 1.0),
+    "flips_batch2_lr0.01": (STOCK, FLIPS + ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01"], 2.0),
+    "flips_anchors8-128": (STOCK, FLIPS + ["MODEL.ANCHOR_GENERATOR.SIZES", "[[8],[16],[32],[64],[128]]"], 1.0),
+    "flips_ratios0.25-4": (STOCK, FLIPS + ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.25,0.5,1.0,2.0,4.0]]"], 1.0),
+    "flips_roi256_fg0.5": (STOCK, FLIPS + ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "256",
+                                           "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.5"], 1.0),
+    "flips_rpn128": (STOCK, FLIPS + ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", "128"], 1.0),
+    "flips_resize320": (STOCK, FLIPS + ["INPUT.HARMONIZE.RESIZE", "320"], 0.4),
+}
+METRICS = ("AP", "AP50", "AP75", "P", "R", "F1")
+
+
+def run_dir(row: str, seed: int, iters: int) -> Path:
+    return OUT / f"it{iters}" / row / f"seed{seed}"
+
+
+def schedule(iters: int) -> list[str]:
+    """MAX_ITER and LR steps (75% and 90%) for ``iters`` iterations, warm-up capped at a tenth of them."""
+    return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", f"({int(iters * 0.75)}, {int(iters * 0.9)})",
+            "SOLVER.WARMUP_ITERS", str(min(50, iters // 10)), "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 4))]
+
+
+def train_one(row: str, seed: int, iters: int, data: str) -> dict:
+    """Train and evaluate one (row, seed) in this process; the result is also written to its folder."""
+    sys.path.insert(0, str(REPO))
+    import torch
+    from detectron2.data import MetadataCatalog
+    from detectron2.utils.env import seed_all_rng
+    from detectron2.utils.logger import setup_logger
+
+    from steel_fsd.data import register_all
+    from steel_fsd.engine.setup import build_config, finalize_config
+    from steel_fsd.engine.trainer import Trainer
+    from steel_fsd.evaluation.report import per_class_rows
+
+    register_all(data)
+    config, opts, factor = ROWS[row]
+    out = run_dir(row, seed, iters)
+    n = int(round(iters * factor))
+    full = opts + schedule(n) + ["SEED", str(seed), "OUTPUT_DIR", str(out), "DATALOADER.NUM_WORKERS", "0",
+                                 "DATASETS.TEST", "('neu_val', 'neu_test')"]
+    cfg = build_config(str(REPO / config), full)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("detectron2", "fvcore", "steel_fsd"):
+        setup_logger(str(out), name=name)
+    finalize_config(cfg)
+    seed_all_rng(seed)
+    start = time.time()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    results = trainer.train()
+    rows = {d: per_class_rows(results[d], MetadataCatalog.get(d).thing_classes) for d in ("neu_val", "neu_test")}
+    result = {"row": row, "config": config, "opts": opts, "seed": seed, "iterations": n,
+              "batch": cfg.SOLVER.IMS_PER_BATCH, "threads": torch.get_num_threads(),
+              "wall_s": round(time.time() - start), "val": rows["neu_val"][-1], "test": rows["neu_test"][-1],
+              "test_per_class": rows["neu_test"][:-1]}
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per row: seeds, and mean +- 95% CI of each metric on val and test, and of the wall time."""
+    sys.path.insert(0, str(REPO))
+    from steel_fsd.evaluation.aggregate import mean_ci
+
+    out = []
+    for row in ROWS:
+        rs = [r for r in runs if r["row"] == row]
+        if not rs:
+            continue
+        entry = {"row": row, "config": rs[0]["config"], "opts": rs[0]["opts"], "iterations": rs[0]["iterations"],
+                 "seeds": [r["seed"] for r in rs], "wall_s": mean_ci([r["wall_s"] for r in rs])}
+        for split in ("val", "test"):
+            entry[split] = {m: mean_ci([r[split][m] for r in rs]) for m in METRICS}
+        out.append(entry)
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    from tabulate import tabulate
+
+    def fmt(ci: dict) -> str:
+        if ci.get("mean") is None:
+            return "-"
+        half = ci.get("ci95")
+        return f"{ci['mean']:.1f}" + (f" +- {half:.1f}" if half is not None else "")
+
+    rows = [[s["row"], len(s["seeds"]), s["iterations"], fmt(s["val"]["AP50"]), fmt(s["test"]["AP50"]),
+             fmt(s["test"]["AP"]), fmt(s["test"]["F1"]), fmt(s["wall_s"])] for s in summary]
+    return tabulate(rows, headers=["row", "seeds", "iters", "val AP50", "test AP50", "test AP", "test F1",
+                                   "wall s"], tablefmt="github")
+
+
+def finished(iters: int) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((OUT / f"it{iters}").glob("*/seed*/result.json"))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--iters", type=int, default=300, help="iterations at batch 4 (the wall budget)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding neu-det/")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--run", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)  # one run (subprocess)
+    args = ap.parse_args()
+    if args.list:
+        for name, (config, opts, factor) in ROWS.items():
+            print(f"{name}: {config} {' '.join(opts)}" + (f" (x{factor} iterations)" if factor != 1 else ""))
+        return
+    if args.run:
+        train_one(args.run[0], int(args.run[1]), args.iters, args.data)
+        return
+    if not args.report_only:
+        todo = [(r, s) for r in args.rows for s in args.seeds
+                if not (run_dir(r, s, args.iters) / "result.json").is_file()]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        start = time.time()
+
+        def launch(row: str, seed: int) -> tuple[str, int, int]:
+            log = run_dir(row, seed, args.iters)
+            log.mkdir(parents=True, exist_ok=True)
+            with open(log / "stdout.log", "a") as f:
+                rc = subprocess.run([sys.executable, __file__, "--run", row, str(seed), "--iters", str(args.iters),
+                                     "--data", args.data], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+            return row, seed, rc
+
+        print(f"[bench_recipe] {len(todo)} runs to do ({args.jobs} at a time), output under {OUT}", flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(launch, r, s) for r, s in todo]
+            for i, fut in enumerate(as_completed(futures), 1):
+                row, seed, rc = fut.result()
+                el = time.time() - start
+                print(f"[bench_recipe] {i}/{len(todo)} {row} seed {seed}: {'ok' if rc == 0 else f'FAILED rc={rc}'}"
+                      f" (elapsed {el / 60:.0f} min, ETA {el / i * (len(todo) - i) / 60:.0f} min)", flush=True)
+    runs = finished(args.iters)
+    summary = summarize(runs)
+    best = max((s for s in summary if s["val"]["AP50"]["mean"] is not None),
+               key=lambda s: s["val"]["AP50"]["mean"], default=None)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import save
+
+    save("recipe_neu", {"iterations_at_batch4": args.iters, "data": args.data, "split": "neu_train -> neu_val / neu_test",
+                        "chosen_on_val": best["row"] if best else None, "rows": summary, "runs": runs})
+    print(table(summary))
+
+
+if __name__ == "__main__":
+    main()
