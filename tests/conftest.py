@@ -1,6 +1,7 @@
 """Shared fixtures: the real data samples and writers of tiny datasets for bad-input tests."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,21 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _drop_log_handlers_on_closed_streams():
+    """Detectron2's ``setup_logger`` (called by ``DefaultTrainer`` when its logger is not set up) binds a
+    console handler to the ``sys.stdout`` of the moment, inside a ``capsys`` test a buffer that is closed when
+    that test ends, and caches it. A later record on that logger (Detectron2 main logs each checkpoint load
+    at INFO, v0.6 does not) would then print a "Logging error" traceback into another test's stderr."""
+    yield
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for lg in loggers:
+        for handler in list(lg.handlers):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                lg.removeHandler(handler)
 
 
 def _real(name: str) -> Path:

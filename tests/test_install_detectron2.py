@@ -102,3 +102,82 @@ def test_stand_in_answers_collect_env_queries(tmp_path):
     mod = load_stub(tmp_path)
     assert mod.STUB_VERSION == inst.STUB_VERSION and mod.has_cuda() is False
     assert "no compiled extension" in mod.get_compiler_version()
+
+
+def make_source_tree(tmp_path: Path) -> Path:
+    """A miniature Detectron2 source checkout (main's layout): setup.py would compile csrc/ if asked to."""
+    src = tmp_path / "detectron2-main"
+    (src / "detectron2" / "layers").mkdir(parents=True)
+    (src / "detectron2" / "__init__.py").write_text("__version__ = '0.6'\n")
+    (src / "detectron2" / "layers" / "__init__.py").write_text("from detectron2 import _C\n")
+    (src / "csrc").mkdir()
+    (src / "csrc" / "vision.cpp").write_text("#error not compiled by steel-fsd's installer\n")
+    (src / "setup.py").write_text(
+        "from setuptools import find_packages, setup\n"
+        "def get_extensions():\n"
+        "    raise SystemExit('the installer tried to build the C++ extension')\n"
+        "setup(\n    name='detectron2', version='0.6', packages=find_packages(exclude=('tests*',)),\n"
+        "    ext_modules=get_extensions(),\n)\n")
+    (src / ".git").mkdir()  # a checkout's VCS data and an in-place build: not copied
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (src / "build").mkdir()
+    (src / "detectron2" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF stale build")
+    return src
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_copy_source_leaves_the_tree_alone_and_drops_build_outputs(tmp_path):
+    src = make_source_tree(tmp_path)
+    before = snapshot(src)
+    work = tmp_path / "work"
+    work.mkdir()
+    copy = inst.copy_source(src, work)
+    assert (copy / "csrc" / "vision.cpp").exists() and (copy / "detectron2" / "layers" / "__init__.py").exists()
+    assert not (copy / ".git").exists() and not (copy / "build").exists()
+    assert not list(copy.rglob("*.so"))  # a stale in-place _C would shadow the stand-in
+    assert len(inst.patch_source(copy)) == 2  # no Image.LINEAR here: only the fixes that are needed
+    assert snapshot(src) == before  # the fixes went to the copy
+
+
+def test_copy_source_rejects_a_directory_that_is_not_detectron2(tmp_path):
+    (tmp_path / "setup.py").write_text("")
+    with pytest.raises(SystemExit, match="not a Detectron2 source tree"):
+        inst.copy_source(tmp_path, tmp_path)
+
+
+def test_source_option_installs_python_code_with_the_stand_in(tmp_path, monkeypatch):
+    """End to end on the miniature tree, offline: into a --target folder instead of this environment."""
+    src = make_source_tree(tmp_path)
+    site = tmp_path / "site"
+    calls = []
+
+    def pip(*args):
+        calls.append(args)
+        if "--no-deps" in args:  # the Detectron2 install itself; runtime deps are this env's already
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                            "--target", str(site), *args], check=True)
+
+    monkeypatch.setattr(inst, "pip", pip)
+    monkeypatch.setattr(inst, "download_sdist", lambda dest: pytest.fail("the source path must not download"))
+    inst.install(source=src)
+    assert [c for c in calls if "--no-deps" not in c] == [("setuptools<81", "wheel"), tuple(inst.RUNTIME_DEPS)]
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    assert inst.existing_detectron2(sys.executable) == f"0.6 {site / 'detectron2'}"
+    out = subprocess.run([sys.executable, "-c", "import detectron2.layers, detectron2._C as C; print(C.IS_STUB)"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+    assert not (src / "detectron2" / "_C.py").exists()
+
+
+def test_source_option_keeps_an_existing_detectron2_unless_forced(monkeypatch, capsys, tmp_path):
+    installs = []
+    monkeypatch.setattr(inst, "install", lambda sdist, source: installs.append((sdist, source)))
+    assert inst.main(["--source", str(tmp_path)]) == 0
+    assert installs == [] and "pass --force to replace it" in capsys.readouterr().out
+    assert inst.main(["--source", str(tmp_path), "--force"]) == 0
+    assert installs == [(None, tmp_path)]
+    with pytest.raises(SystemExit):
+        inst.main(["--source", str(tmp_path), "--sdist", str(tmp_path / "x.tar.gz")])  # one origin at a time

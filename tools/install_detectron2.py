@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Make ``import detectron2`` work in the current Python environment.
 
-1. If Detectron2 already imports (e.g. a user's build from source with CUDA ops), use it unchanged.
+1. If Detectron2 already imports (e.g. a user's build from source with CUDA ops), use it unchanged
+   (``--force`` replaces it).
 2. Otherwise fetch the registry's ``pb1-detectron2==0.6`` sdist (Detectron2 v0.6, Python code only),
    verify its sha256, apply the install-time fixes below, and ``pip install`` it without its C++
    extension.  Nothing of Detectron2 is committed to this repository.
+3. ``--source DIR`` installs a Detectron2 source tree (e.g. a clone of facebookresearch/detectron2 main)
+   the same way, instead of the sdist: its Python code only, no compiler needed.
 
-Install-time fixes (all applied to a temporary copy of the sdist):
-  * build without the extension (the sdist ships no ``csrc/``);
+Install-time fixes (all applied to a temporary copy of the sdist or source tree, each only where needed):
+  * build without the extension (``ext_modules=[]``: nothing is compiled, so no compiler or CUDA toolkit);
   * ``Image.LINEAR`` -> ``Image.BILINEAR`` (the name is gone in Pillow >= 10);
   * a ``detectron2/_C.py`` stand-in: modules that import ``_C`` at module level still import, and any
     use of a compiled op raises an error naming the op and how to get it.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -27,11 +31,12 @@ from pathlib import Path
 SDIST_NAME = "pb1-detectron2"
 SDIST_VERSION = "0.6"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
-# Detectron2's runtime requirements, minus its formatting/caffe2-only pins (black, future, pydot).
+# Detectron2's runtime requirements (v0.6 and main), minus its formatting/caffe2-only pins (black, future,
+# pydot); ``packaging`` is imported by main (detectron2.utils.torch_version_utils).
 RUNTIME_DEPS = [
     "Pillow>=7.1", "matplotlib", "pycocotools>=2.0.2", "termcolor>=1.1", "yacs>=0.1.8", "tabulate",
     "cloudpickle", "tqdm>4.29.0", "tensorboard", "fvcore>=0.1.5,<0.1.6", "iopath>=0.1.7,<0.1.10",
-    "omegaconf>=2.1", "hydra-core>=1.1",
+    "omegaconf>=2.1", "hydra-core>=1.1", "packaging",
 ]
 
 STUB_VERSION = 2  # bump when STUB_SOURCE changes: older stand-ins are then reinstalled
@@ -144,14 +149,42 @@ def pip(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def install(sdist: Path | None) -> None:
+def extract_sdist(sdist: Path | None, tmp: Path) -> Path:
+    """The pinned sdist (given, else downloaded), verified and extracted under ``tmp``; its tree."""
+    sdist = sdist or download_sdist(tmp)
+    verify_sha256(sdist)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp, filter="data")
+    return tmp / f"{SDIST_NAME}-{SDIST_VERSION}"
+
+
+# Not copied from a source tree: VCS data and build outputs at its top, compiled files and caches anywhere
+# (a stale in-place ``detectron2/_C*.so`` would shadow the stand-in).
+SOURCE_TOP_IGNORE = {".git", "build", "dist"}
+SOURCE_IGNORE = shutil.ignore_patterns("*.egg-info", "__pycache__", "*.so", "*.pyd")
+
+
+def copy_source(source: Path, tmp: Path) -> Path:
+    """A copy of the Detectron2 source tree ``source`` under ``tmp`` (the fixes never touch the original)."""
+    source = source.expanduser().resolve()
+    if not (source / "setup.py").is_file() or not (source / "detectron2" / "__init__.py").is_file():
+        raise SystemExit(f"{source} is not a Detectron2 source tree (expected setup.py and detectron2/__init__.py)")
+    dst = tmp / "detectron2-source"
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        top = SOURCE_TOP_IGNORE.intersection(names) if Path(directory) == source else set()
+        return top | SOURCE_IGNORE(directory, names)
+
+    shutil.copytree(source, dst, symlinks=True, ignore=ignore)
+    log(f"copied Detectron2 source tree {source}")
+    return dst
+
+
+def install(sdist: Path | None = None, source: Path | None = None) -> None:
+    """Install Detectron2's Python code from the pinned sdist, or from the source tree ``source``."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        sdist = sdist or download_sdist(tmp_path)
-        verify_sha256(sdist)
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp_path, filter="data")
-        src = tmp_path / f"{SDIST_NAME}-{SDIST_VERSION}"
+        src = copy_source(source, tmp_path) if source else extract_sdist(sdist, tmp_path)
         for change in patch_source(src):
             log(f"patched {change}")
         pip("setuptools<81", "wheel")
@@ -161,14 +194,20 @@ def install(sdist: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sdist", type=Path, help="use this local pb1-detectron2-0.6.tar.gz (offline)")
+    origin = ap.add_mutually_exclusive_group()
+    origin.add_argument("--sdist", type=Path, help="use this local pb1-detectron2-0.6.tar.gz (offline)")
+    origin.add_argument("--source", type=Path, metavar="DIR",
+                        help="install this Detectron2 source tree (e.g. a clone of main) instead of the sdist, "
+                             "with the same fixes and without the C++ extension")
     ap.add_argument("--force", action="store_true", help="reinstall even if detectron2 imports")
     args = ap.parse_args(argv)
     found = existing_detectron2(sys.executable)
     if found and not args.force:
         log(f"using existing detectron2 {found}")
+        if args.sdist or args.source:
+            log("pass --force to replace it")
         return 0
-    install(args.sdist)
+    install(args.sdist, args.source)
     found = existing_detectron2(sys.executable)
     if not found:
         raise SystemExit("detectron2 still does not import after installation")

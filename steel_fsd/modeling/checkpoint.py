@@ -172,7 +172,12 @@ class SafeCheckpointer(DetectionCheckpointer):
                 raise WeightsReadError(f"{path}: cannot be fetched ({type(e).__name__}: {_first_line(e)})") from None
             if not os.path.isfile(local):
                 raise WeightsReadError(f"{path}: weights file not found")
-        return super().load(path, *args, **kwargs)
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            # Detectron2 after v0.6 sets this in load() and clears it only on success: a refused or torn
+            # file would otherwise fail the next load()'s assertion (resume's fallback loads again).
+            self._parsed_url_during_load = None
 
     def save(self, name: str, **kwargs) -> None:
         """Detectron2's checkpoint payload (+ the class names), written atomically, then tagged as last."""
