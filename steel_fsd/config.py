@@ -56,5 +56,11 @@ def add_prototype_config(cfg: CN) -> CN:
     cfg.MODEL.PROTOTYPE.TRIPLET_MARGIN = 0.3     # alpha
     cfg.MODEL.PROTOTYPE.TRIPLET_WEIGHT = 1.0     # lambda; 0 disables the triplet loss (ablation B)
     cfg.MODEL.PROTOTYPE.BACKGROUND = "logit"     # "logit" (learned, from the box feature) or "prototype"
+    # Logits: "distance" (the paper's -tau*||z-mu_c||^2 in one softmax with the background logit) or "factorized"
+    # (p(c) = p(fg) * softmax_c(tau*cos(z, mu_c)), p(fg) from the background logit; see prototype_heads.py).
+    cfg.MODEL.PROTOTYPE.LOGIT = "distance"
+    # Embedding normalization before the L2 norm: "" (the paper's) or "BN" (BatchNorm without affine; keeps the
+    # batch-hard triplet loss from collapsing all embeddings to one point, see prototype_heads.py).
+    cfg.MODEL.PROTOTYPE.EMBED_NORM = ""
     cfg.MODEL.PROTOTYPE.SUPPORT_FILE = ""        # prototypes from tools/register_support.py
     return cfg

@@ -1,6 +1,21 @@
-"""Prototype ROI head: L2-normalized ROI embeddings classified by distance to class prototypes.
+"""Prototype ROI head: L2-normalized ROI embeddings classified by their similarity to class prototypes.
 
-logit_c = -tau * ||z - mu_c||^2 for every foreground class c, with tau = exp(log_tau) learnable.
+Logits (MODEL.PROTOTYPE.LOGIT), tau = exp(log_tau) learnable:
+  * "distance" (the paper's form): logit_c = -tau * ||z - mu_c||^2 for every foreground class c, in one
+    softmax with the background logit.
+  * "factorized": p(c) = p(fg) * q_c with q = softmax_c(tau * cos(z, mu_c)) and p(fg) = sigmoid(-background
+    logit), i.e. logits [log q_c | background logit]. The class softmax sees foreground ROIs only (a
+    background ROI's loss does not depend on q), so the foreground/background decision cannot pull the
+    class embeddings together, tau only sets how sharp the class decision is, and p(fg) does not change
+    when prototypes are swapped for another class set or a class is appended.
+Embedding normalization (MODEL.PROTOTYPE.EMBED_NORM):
+  * "" (the paper's form): z = normalize(W x + b).
+  * "BN": z = normalize(BatchNorm(W x + b)), BatchNorm without affine parameters (batch statistics in
+    training, running statistics at inference, saved in checkpoints). Measured: without it the batch-hard
+    triplet loss collapses every ROI embedding to one point (loss_triplet stuck at the margin, prototype
+    cosines > 0.99) on the synthetic demo set, whatever the logits, so no class can be told apart; centred
+    embeddings cannot collapse to a point. At the paper's triplet weight 1.0 the uncollapsed triplet loss still
+    dominated a small fixed-backbone run (fg accuracy back to 0), so the prototype configs use TRIPLET_WEIGHT 0.1.
 Background (MODEL.PROTOTYPE.BACKGROUND):
   * "logit" (default): a learned background logit, a linear function of the box-head feature. It is
     class-agnostic, so it keeps working when prototypes are swapped for a new class set.
@@ -28,6 +43,29 @@ from .losses import batch_hard_triplet_loss
 def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``-tau * squared Euclidean distance`` between each row of ``z`` (N, D) and each prototype (C, D)."""
     return -tau * (z.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
+
+
+def cosine_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``tau * cos(z_i, mu_c)`` between each row of ``z`` (N, D) and each prototype (C, D); a zero row gives 0."""
+    return tau * (F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).t())
+
+
+def factorized_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor, bg: torch.Tensor,
+                      available: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, C+1) logits ``[log softmax_c(tau * cos(z, mu_c)) | bg]``: their softmax is
+    ``p(c) = p(fg) * q_c`` with ``p(fg) = sigmoid(-bg)`` and ``q = softmax_c(tau * cos(z, mu_c))``.
+
+    Classes outside ``available`` (bool, C) get -inf; with none available every ROI is background.
+    """
+    scores = cosine_logits(z, prototypes, tau)
+    if available is not None:
+        if not bool(available.any()):
+            return torch.cat([torch.full_like(scores, float("-inf")), bg.unsqueeze(1)], 1)
+        scores = scores.masked_fill(~available.unsqueeze(0), float("-inf"))
+    return torch.cat([F.log_softmax(scores, dim=1), bg.unsqueeze(1)], 1)
+
+
+LOGIT_KINDS = ("distance", "factorized")
 
 
 def classification_accuracy(logits: torch.Tensor, gt_classes: torch.Tensor, num_classes: int) -> dict:
@@ -64,19 +102,34 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, embed_dim: int = 256, tau_init: float = 10.0,
                  tau_range: tuple[float, float] = (1.0, 64.0), momentum: float = 0.9, triplet_margin: float = 0.3,
-                 triplet_weight: float = 1.0, background: str = "logit", **kwargs):
+                 triplet_weight: float = 1.0, background: str = "logit", logit: str = "distance", embed_norm: str = "",
+                 **kwargs):
+        # Detectron2 after v0.6 (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS) alters the softmax classifier's
+        # loss and probabilities, which this head replaces: refuse them rather than ignore them silently.
+        unsupported = [k for k in ("use_sigmoid_ce", "use_fed_loss") if kwargs.get(k)]
+        if unsupported:
+            raise ValueError(f"PrototypeROIHeads classifies by softmax over prototype logits; "
+                             f"MODEL.ROI_BOX_HEAD.{'/'.join(k.upper() for k in unsupported)} must be False")
         kwargs["cls_agnostic_bbox_reg"] = True
         super().__init__(input_shape, **kwargs)
         del self.cls_score  # the prototype logits replace it
         in_dim = input_shape.channels * (input_shape.width or 1) * (input_shape.height or 1)
         self.embed = torch.nn.Linear(in_dim, embed_dim)
+        if embed_norm not in ("", "BN"):
+            raise ValueError(f"MODEL.PROTOTYPE.EMBED_NORM must be '' or 'BN', got {embed_norm!r}")
+        # no affine shift: a learned common offset would let all embeddings collapse to one point again
+        self.embed_norm = torch.nn.BatchNorm1d(embed_dim, affine=False) if embed_norm == "BN" else None
         self.log_tau = torch.nn.Parameter(torch.tensor(math.log(tau_init)))
         self.log_tau_range = (math.log(tau_range[0]), math.log(tau_range[1]))
         if background not in ("logit", "prototype"):
             raise ValueError(f"MODEL.PROTOTYPE.BACKGROUND must be 'logit' or 'prototype', got {background!r}")
-        self.background = background
+        if logit not in LOGIT_KINDS:
+            raise ValueError(f"MODEL.PROTOTYPE.LOGIT must be 'distance' or 'factorized', got {logit!r}")
+        self.background, self.logit = background, logit
         if background == "prototype":
             self.bg_prototype = torch.nn.Parameter(torch.zeros(embed_dim))
+            if logit == "factorized":  # cosine to a zero vector is undefined (and has no usable gradient)
+                torch.nn.init.normal_(self.bg_prototype, std=embed_dim ** -0.5)
         else:
             self.bg_score = torch.nn.Linear(in_dim, 1)
             torch.nn.init.normal_(self.bg_score.weight, std=0.01)
@@ -92,7 +145,8 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         ret = super().from_config(cfg, input_shape)
         p = cfg.MODEL.PROTOTYPE
         ret.update(embed_dim=p.EMBED_DIM, tau_init=p.TAU_INIT, tau_range=tuple(p.TAU_RANGE), momentum=p.MOMENTUM,
-                   triplet_margin=p.TRIPLET_MARGIN, triplet_weight=p.TRIPLET_WEIGHT, background=p.BACKGROUND)
+                   triplet_margin=p.TRIPLET_MARGIN, triplet_weight=p.TRIPLET_WEIGHT, background=p.BACKGROUND,
+                   logit=p.LOGIT, embed_norm=p.EMBED_NORM)
         return ret
 
     @property
@@ -101,7 +155,14 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
 
     def embed_features(self, x: torch.Tensor) -> torch.Tensor:
         """Box-head features (N, ...) -> unit-norm embeddings (N, D)."""
-        return F.normalize(self.embed(x.flatten(1)), dim=1)
+        v = self.embed(x.flatten(1))
+        if self.embed_norm is not None:
+            n = self.embed_norm
+            if self.training and len(v) < 2:  # one row has no batch statistics: use the running ones
+                v = F.batch_norm(v, n.running_mean, n.running_var, training=False, eps=n.eps)
+            else:
+                v = n(v)
+        return F.normalize(v, dim=1)
 
     def forward(self, x):
         """Returns ``(features, deltas)``: ``features`` is ``[z | background logit]`` (N, D+1) with the
@@ -132,12 +193,24 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         """Foreground prototypes used at inference: the support set if given, else the bank."""
         return self.support if self.support is not None else self.bank
 
-    def logits(self, features: torch.Tensor, fg_prototypes: torch.Tensor) -> torch.Tensor:
-        """(N, C+1) logits from ``forward``'s features, background last (Detectron2's convention)."""
+    def logits(self, features: torch.Tensor, fg_prototypes: torch.Tensor,
+               available: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C+1) logits from ``forward``'s features, background last (Detectron2's convention).
+
+        ``available`` (bool, C): classes that may be predicted; the others get -inf (None: all may).
+        """
         z, bg = self.split(features)
+        if self.logit == "factorized":
+            if bg is None:  # the background prototype's cosine is the background (objectness) logit
+                bg = cosine_logits(z, self.bg_prototype.unsqueeze(0), self.tau).squeeze(1)
+            return factorized_logits(z, fg_prototypes, self.tau, bg, available)
         if bg is None:
-            return prototype_logits(z, torch.cat([fg_prototypes, self.bg_prototype.unsqueeze(0)], 0), self.tau)
-        return torch.cat([prototype_logits(z, fg_prototypes, self.tau), bg.unsqueeze(1)], 1)
+            logits = prototype_logits(z, torch.cat([fg_prototypes, self.bg_prototype.unsqueeze(0)], 0), self.tau)
+        else:
+            logits = torch.cat([prototype_logits(z, fg_prototypes, self.tau), bg.unsqueeze(1)], 1)
+        if available is not None:
+            logits = logits.masked_fill(torch.cat([~available, available.new_zeros(1)]).unsqueeze(0), float("-inf"))
+        return logits
 
     def training_prototypes(self, z: torch.Tensor, gt_classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prototypes for this batch and which classes have one.
@@ -166,9 +239,7 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         z, _ = self.split(features)
         gt_classes = cat([p.gt_classes for p in proposals], 0) if len(proposals) else torch.empty(0, dtype=torch.long)
         protos, available = self.training_prototypes(z, gt_classes)
-        logits = self.logits(features, protos)
-        unavailable = torch.cat([~available, available.new_zeros(1)])  # never-seen classes cannot be predicted
-        logits = logits.masked_fill(unavailable.unsqueeze(0), float("-inf"))
+        logits = self.logits(features, protos, available)  # never-seen classes cannot be predicted
         if len(proposals):
             proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], 0)
             gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], 0)
