@@ -26,7 +26,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STOCK = "configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml"
+PAPER = "configs/paper/faster_rcnn_R18_FPN_GN_neu_cpu.yaml"  # every step on: the rows below switch them
+PAPER_PROTO = "configs/paper/proto_R18_FPN_GN_neu_cpu.yaml"
+STOCK = "configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml"  # the defaults chosen from this table
 PROTO = "configs/prototype/proto_R18_FPN_GN_neu_cpu.yaml"
 OUT = REPO / "output" / "recipe_neu"
 # The paper's recipe minus CLAHE, rotation, crop, gamma and noise: flips and dataset normalization kept.
@@ -34,27 +36,32 @@ FLIPS = ["INPUT.HARMONIZE.CLAHE", "False", "INPUT.AUG.ROTATION", "False", "INPUT
          "INPUT.AUG.GAMMA", "False", "INPUT.AUG.NOISE", "False"]
 # name -> (config, overrides, iteration factor for the same wall time); in the order they are run.
 ROWS: dict[str, tuple[str, list[str], float]] = {
-    "paper": (STOCK, [], 1.0),
-    "flips_only": (STOCK, FLIPS, 1.0),
-    "proto_paper": (PROTO, [], 1.0),
-    "proto_flips_only": (PROTO, FLIPS, 1.0),
-    "flips+clahe": (STOCK, FLIPS + ["INPUT.HARMONIZE.CLAHE", "True"], 1.0),
-    "flips+rotation30": (STOCK, FLIPS + ["INPUT.AUG.ROTATION", "True"], 1.0),
-    "flips+crop": (STOCK, FLIPS + ["INPUT.AUG.CROP", "True"], 1.0),
-    "flips+gamma": (STOCK, FLIPS + ["INPUT.AUG.GAMMA", "True"], 1.0),
-    "flips+noise": (STOCK, FLIPS + ["INPUT.AUG.NOISE", "True"], 1.0),
-    "flips-normalize": (STOCK, FLIPS + ["INPUT.HARMONIZE.NORMALIZE", "False"], 1.0),
-    "no_augmentation": (STOCK, FLIPS + ["INPUT.AUG.ENABLED", "False"], 1.0),
-    "flips_hflip_only": (STOCK, FLIPS + ["INPUT.AUG.VFLIP", "False"], 1.0),
-    "flips_lr0.01": (STOCK, FLIPS + ["SOLVER.BASE_LR", "0.01"], 1.0),
-    "flips_lr0.04": (STOCK, FLIPS + ["SOLVER.BASE_LR", "0.04"], 1.0),
-    "flips_batch2_lr0.01": (STOCK, FLIPS + ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01"], 2.0),
-    "flips_anchors8-128": (STOCK, FLIPS + ["MODEL.ANCHOR_GENERATOR.SIZES", "[[8],[16],[32],[64],[128]]"], 1.0),
-    "flips_ratios0.25-4": (STOCK, FLIPS + ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.25,0.5,1.0,2.0,4.0]]"], 1.0),
-    "flips_roi256_fg0.5": (STOCK, FLIPS + ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "256",
+    "paper": (PAPER, [], 1.0),
+    "flips_only": (PAPER, FLIPS, 1.0),
+    "proto_paper": (PAPER_PROTO, [], 1.0),
+    "proto_flips_only": (PAPER_PROTO, FLIPS, 1.0),
+    "flips+clahe": (PAPER, FLIPS + ["INPUT.HARMONIZE.CLAHE", "True"], 1.0),
+    "flips+rotation30": (PAPER, FLIPS + ["INPUT.AUG.ROTATION", "True"], 1.0),
+    "flips+crop": (PAPER, FLIPS + ["INPUT.AUG.CROP", "True"], 1.0),
+    "flips+gamma": (PAPER, FLIPS + ["INPUT.AUG.GAMMA", "True"], 1.0),
+    "flips+noise": (PAPER, FLIPS + ["INPUT.AUG.NOISE", "True"], 1.0),
+    "flips-normalize": (PAPER, FLIPS + ["INPUT.HARMONIZE.NORMALIZE", "False"], 1.0),
+    "no_augmentation": (PAPER, FLIPS + ["INPUT.AUG.ENABLED", "False"], 1.0),
+    "flips_hflip_only": (PAPER, FLIPS + ["INPUT.AUG.VFLIP", "False"], 1.0),
+    "flips_lr0.01": (PAPER, FLIPS + ["SOLVER.BASE_LR", "0.01"], 1.0),
+    "flips_lr0.04": (PAPER, FLIPS + ["SOLVER.BASE_LR", "0.04"], 1.0),
+    "flips_batch2_lr0.01": (PAPER, FLIPS + ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01"], 2.0),
+    "flips_anchors8-128": (PAPER, FLIPS + ["MODEL.ANCHOR_GENERATOR.SIZES", "[[8],[16],[32],[64],[128]]"], 1.0),
+    "flips_ratios0.25-4": (PAPER, FLIPS + ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.25,0.5,1.0,2.0,4.0]]"], 1.0),
+    "flips_roi256_fg0.5": (PAPER, FLIPS + ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "256",
                                            "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.5"], 1.0),
-    "flips_rpn128": (STOCK, FLIPS + ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", "128"], 1.0),
-    "flips_resize320": (STOCK, FLIPS + ["INPUT.HARMONIZE.RESIZE", "320"], 0.4),
+    "flips_rpn128": (PAPER, FLIPS + ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", "128"], 1.0),
+    "flips_resize320": (PAPER, FLIPS + ["INPUT.HARMONIZE.RESIZE", "320"], 0.4),
+    # the shipped defaults (stock, and the prototype head on the same recipe)
+    "default": (STOCK, [], 1.0),
+    "proto_default": (PROTO, [], 1.0),
+    "proto_default_paper_logits": (PROTO, ["MODEL.PROTOTYPE.LOGIT", "distance"], 1.0),
+    "proto_default_plain_sampler": (PROTO, ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"], 1.0),
 }
 METRICS = ("AP", "AP50", "AP75", "P", "R", "F1")
 
@@ -69,8 +76,12 @@ def schedule(iters: int) -> list[str]:
             "SOLVER.WARMUP_ITERS", str(min(50, iters // 10)), "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 4))]
 
 
-def train_one(row: str, seed: int, iters: int, data: str) -> dict:
-    """Train and evaluate one (row, seed) in this process; the result is also written to its folder."""
+def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0) -> dict:
+    """Train and evaluate one (row, seed) in this process; the result is also written to its folder.
+
+    With ``eval_period`` the model is evaluated on neu_val every that many iterations (the convergence
+    curve, read back from Detectron2's metrics.json) and on neu_test once, at the end.
+    """
     sys.path.insert(0, str(REPO))
     import torch
     from detectron2.data import MetadataCatalog
@@ -79,7 +90,7 @@ def train_one(row: str, seed: int, iters: int, data: str) -> dict:
 
     from steel_fsd.data import register_all
     from steel_fsd.engine.setup import build_config, finalize_config
-    from steel_fsd.engine.trainer import Trainer
+    from steel_fsd.engine.trainer import Trainer, evaluate
     from steel_fsd.evaluation.report import per_class_rows
 
     register_all(data)
@@ -87,7 +98,8 @@ def train_one(row: str, seed: int, iters: int, data: str) -> dict:
     out = run_dir(row, seed, iters)
     n = int(round(iters * factor))
     full = opts + schedule(n) + ["SEED", str(seed), "OUTPUT_DIR", str(out), "DATALOADER.NUM_WORKERS", "0",
-                                 "DATASETS.TEST", "('neu_val', 'neu_test')"]
+                                 "DATASETS.TEST", "('neu_val',)" if eval_period else "('neu_val', 'neu_test')",
+                                 "TEST.EVAL_PERIOD", str(eval_period)]
     cfg = build_config(str(REPO / config), full)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("detectron2", "fvcore", "steel_fsd"):
@@ -98,13 +110,59 @@ def train_one(row: str, seed: int, iters: int, data: str) -> dict:
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)
     results = trainer.train()
+    if eval_period:
+        test_cfg = cfg.clone()
+        test_cfg.defrost()
+        test_cfg.DATASETS.TEST = ("neu_test",)
+        results.update(evaluate(test_cfg, trainer.model))
     rows = {d: per_class_rows(results[d], MetadataCatalog.get(d).thing_classes) for d in ("neu_val", "neu_test")}
     result = {"row": row, "config": config, "opts": opts, "seed": seed, "iterations": n,
               "batch": cfg.SOLVER.IMS_PER_BATCH, "threads": torch.get_num_threads(),
               "wall_s": round(time.time() - start), "val": rows["neu_val"][-1], "test": rows["neu_test"][-1],
-              "test_per_class": rows["neu_test"][:-1]}
+              "test_per_class": rows["neu_test"][:-1], "curve": curve(out, n) if eval_period else None}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def curve(out: Path, max_iter: int) -> dict:
+    """Validation AP/AP50 at each evaluation and the smoothed training loss, from Detectron2's metrics.json."""
+    evals, loss = [], []
+    for line in (out / "metrics.json").read_text().splitlines():
+        rec = json.loads(line)
+        if "bbox/AP50" in rec:
+            evals.append({"iter": min(rec["iteration"] + 1, max_iter),  # the final eval is logged at max_iter
+                           "AP": rec["bbox/AP"], "AP50": rec["bbox/AP50"]})
+        if "total_loss" in rec:
+            loss.append({"iter": rec["iteration"] + 1, "total_loss": rec["total_loss"]})
+    return {"val": evals, "loss": loss}
+
+
+def plot_curves(runs: list[dict], path: Path) -> Path | None:
+    """Validation AP50 against iterations next to the training loss, one line per (row, seed)."""
+    runs = [r for r in runs if r.get("curve")]
+    if not runs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        label = f"{r['row']} seed {r['seed']}"
+        v = r["curve"]["val"]
+        a.plot([e["iter"] for e in v], [e["AP50"] for e in v], marker="o", label=label)
+        ls = r["curve"]["loss"]
+        b.plot([e["iter"] for e in ls], [e["total_loss"] for e in ls], label=label, alpha=0.8)
+    a.set(xlabel="iteration (batch 4)", ylabel="neu_val AP50", title="validation AP50")
+    b.set(xlabel="iteration (batch 4)", ylabel="total loss (20-iteration median)", title="training loss")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -150,6 +208,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--iters", type=int, default=300, help="iterations at batch 4 (the wall budget)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    ap.add_argument("--eval-period", type=int, default=0,
+                    help="evaluate on neu_val every N iterations (convergence curve; neu_test once at the end)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding neu-det/")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report-only", action="store_true")
@@ -160,7 +220,7 @@ def main() -> None:
             print(f"{name}: {config} {' '.join(opts)}" + (f" (x{factor} iterations)" if factor != 1 else ""))
         return
     if args.run:
-        train_one(args.run[0], int(args.run[1]), args.iters, args.data)
+        train_one(args.run[0], int(args.run[1]), args.iters, args.data, args.eval_period)
         return
     if not args.report_only:
         todo = [(r, s) for r in args.rows for s in args.seeds
@@ -173,7 +233,7 @@ def main() -> None:
             log.mkdir(parents=True, exist_ok=True)
             with open(log / "stdout.log", "a") as f:
                 rc = subprocess.run([sys.executable, __file__, "--run", row, str(seed), "--iters", str(args.iters),
-                                     "--data", args.data], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+                                     "--data", args.data, "--eval-period", str(args.eval_period)], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
             return row, seed, rc
 
         print(f"[bench_recipe] {len(todo)} runs to do ({args.jobs} at a time), output under {OUT}", flush=True)
@@ -191,7 +251,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from common import save
 
-    save("recipe_neu", {"iterations_at_batch4": args.iters, "data": args.data, "split": "neu_train -> neu_val / neu_test",
+    name = "recipe_neu" if args.iters == 300 else f"recipe_neu_it{args.iters}"
+    png = plot_curves(runs, REPO / "benchmarks" / "results" / f"{name}_curves.png")
+    save(name, {"iterations_at_batch4": args.iters, "curves_png": str(png.relative_to(REPO)) if png else None, "data": args.data, "split": "neu_train -> neu_val / neu_test",
                         "chosen_on_val": best["row"] if best else None, "rows": summary, "runs": runs})
     print(table(summary))
 

@@ -6,6 +6,7 @@ from detectron2.config import CfgNode
 from .prototypes import PrototypeFileError, PrototypeSet, file_sha256, load_prototypes
 
 RELEVANT_KEYS = ("MODEL.META_ARCHITECTURE", "MODEL.RESNETS.DEPTH", "MODEL.ROI_HEADS.NAME", "MODEL.PROTOTYPE.EMBED_DIM",
+                 "MODEL.PROTOTYPE.EMBED_NORM", "MODEL.PROTOTYPE.LOGIT",
                  "MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.HARMONIZE.RESIZE", "INPUT.HARMONIZE.RESIZE_POLICY",
                  "INPUT.HARMONIZE.CLAHE", "DATASETS.TRAIN")
 
