@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog
 
 from steel_fsd.engine.fewshot import register_support
 from steel_fsd.engine.trainer import Trainer
-from steel_fsd.modeling.prototypes import sample_support
+from steel_fsd.data.support import sample_support
 
 STOCK = "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml"
 PROTO = "configs/demo/proto_R18_FPN_synth_neu.yaml"

@@ -195,7 +195,7 @@ def in_domain(args) -> dict:
 def kshot(args) -> dict:
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from steel_fsd.data.fewshot_splits import assert_disjoint, load_manifest, manifest_support_dicts
+    from steel_fsd.data.support import assert_disjoint, load_manifest, manifest_support_dicts
     from steel_fsd.engine.protocol import cell_record
     from yolo_export import write_data_yaml
 

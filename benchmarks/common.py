@@ -90,14 +90,6 @@ def time_inference(cfg, n_images: int, warmup: int = 2, model=None) -> float:
     return (time.perf_counter() - start) / max(1, len(inputs) - warmup)
 
 
-def mean_row(results: dict, dataset: str) -> dict:
-    """The ``mean`` row (AP, AP50, AP75, P, R, F1) of one dataset's evaluation results."""
-    from detectron2.data import MetadataCatalog
-
-    from steel_fsd.evaluation.report import per_class_rows
-    return per_class_rows(results, MetadataCatalog.get(dataset).thing_classes)[-1]
-
-
 def train_and_evaluate(config_file: str, opts: list[str]) -> tuple[dict, object]:
     """Train ``config_file`` (resuming from its OUTPUT_DIR) and evaluate on its first DATASETS.TEST.
 

@@ -110,7 +110,7 @@ def test_append_a_rare_class_and_manifest(trained, tmp_path):
 
 @pytest.mark.slow
 def test_register_support_uses_exactly_a_kshot_manifest(trained, tmp_path):
-    from steel_fsd.data.fewshot_splits import kshot_manifest
+    from steel_fsd.data.support import kshot_manifest
 
     cfg, weights, _ = trained
     dicts = DatasetCatalog.get("t_fs_sev_train")

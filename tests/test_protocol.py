@@ -11,7 +11,7 @@ import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from steel_fsd.data import register_neu, register_severstal
-from steel_fsd.data.fewshot_splits import kshot_manifest, load_manifest
+from steel_fsd.data.support import kshot_manifest, load_manifest
 from steel_fsd.data.subsets import register_class_subset, register_manifest, restrict_classes
 from steel_fsd.data.synthetic import make_neu_synthetic, make_severstal_synthetic
 from steel_fsd.engine.protocol import Protocol, cell_record
@@ -50,7 +50,7 @@ def test_class_subset_drops_images_with_other_classes_and_reindexes(data):
 
 
 def test_manifest_dataset_holds_exactly_the_manifest_boxes(data, tmp_path):
-    from steel_fsd.data.fewshot_splits import write_manifest
+    from steel_fsd.data.support import write_manifest
 
     parent = "t_pr_neu_train"
     classes = list(MetadataCatalog.get(parent).thing_classes)

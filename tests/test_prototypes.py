@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from steel_fsd.modeling.prototypes import (PrototypeFileError, PrototypeSet, append_class, load_prototypes,
-                                           sample_support, save_prototypes)
+from steel_fsd.data.support import sample_support
+from steel_fsd.modeling.prototypes import PrototypeFileError, PrototypeSet, append_class, load_prototypes, save_prototypes
 from steel_fsd.modeling.support import check_prototypes
 
 

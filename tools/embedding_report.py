@@ -28,8 +28,9 @@ from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
 from steel_fsd.engine.trainer import load_model_for_eval  # noqa: E402
 from steel_fsd.utils.cli import check_output_dir, run_main  # noqa: E402
 from steel_fsd.evaluation.embeddings import distance_stats, nearest_prototype_confusion, pca_2d  # noqa: E402
-from steel_fsd.modeling.prototypes import (build_prototypes, embed_instances, load_prototypes,  # noqa: E402
-                                           sample_support)
+from steel_fsd.data.support import sample_support  # noqa: E402
+from steel_fsd.engine.fewshot import build_prototypes, embed_instances  # noqa: E402
+from steel_fsd.modeling.prototypes import load_prototypes  # noqa: E402
 
 
 def plot_confusion(cm: np.ndarray, names: list[str], path: str) -> None:

@@ -67,10 +67,10 @@ def register_class_subset(name: str, parent: str, classes: Sequence[str], drop_i
 def register_manifest(name: str, parent: str, manifest_path: str | Path) -> dict:
     """Register the support boxes of a K-shot manifest (tools/prepare_fewshot.py) drawn from ``parent`` as ``name``.
 
-    Each image keeps only its manifest boxes (see :func:`~steel_fsd.data.fewshot_splits.manifest_support_dicts`).
+    Each image keeps only its manifest boxes (see :func:`~steel_fsd.data.support.manifest_support_dicts`).
     Returns the manifest. Raises ValueError when the manifest was drawn from another class list.
     """
-    from .fewshot_splits import load_manifest, manifest_support_dicts
+    from .support import load_manifest, manifest_support_dicts
 
     manifest = load_manifest(manifest_path)
     classes = list(MetadataCatalog.get(parent).thing_classes)

@@ -1,18 +1,25 @@
-"""Few-shot adaptation by prototype swap: build a prototype file from K supports, evaluate with it."""
+"""Few-shot adaptation by prototype swap: build a prototype file from K supports, evaluate with it.
+
+The supports come from :mod:`steel_fsd.data.support` (seeded sampling, K-shot manifests, hand-written
+lists), their embeddings from the head (:meth:`PrototypeROIHeads.embed_boxes`), and the file format from
+:mod:`steel_fsd.modeling.prototypes`; :func:`register_support` is the one function that joins them.
+"""
 from __future__ import annotations
 
+import datetime as _dt
 import logging
-import os
 import time
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import Boxes, BoxMode
 
-from ..data.fewshot_splits import manifest_support_dicts
 from ..data.mapper import SteelDatasetMapper
 from ..data.subsets import restrict_classes
-from ..modeling.prototypes import PrototypeSet, append_class, build_prototypes, file_sha256, load_prototypes, save_prototypes
-from ..modeling.support import relevant_config, support_dicts_from_manifest
+from ..data.support import entries_from_list, manifest_support_dicts, sample_support
+from ..modeling.prototypes import PrototypeSet, append_class, file_sha256, load_prototypes, save_prototypes
+from ..modeling.support import relevant_config
 from ..utils.cli import UserError
 from .trainer import evaluate, load_model_for_eval
 
@@ -38,10 +45,10 @@ def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed:
                         "trained with it; stock models adapt by fine-tuning (tools/ckpt_surgery.py)")
     dicts = DatasetCatalog.get(dataset)
     class_names = list(MetadataCatalog.get(dataset).thing_classes)
-    if isinstance(manifest, dict):  # a K-shot manifest from tools/prepare_fewshot.py: exact boxes, classes checked
+    if manifest is not None:  # a K-shot manifest (tools/prepare_fewshot.py) or a hand-written {image_key[, bbox]} list
+        if not isinstance(manifest, dict):
+            manifest = {"supports": entries_from_list(manifest, dicts, class_names, manifest_path)}
         dicts = manifest_support_dicts(manifest, dicts)
-    elif manifest is not None:  # a hand-written list of {image_key[, bbox]}
-        dicts = support_dicts_from_manifest(dicts, manifest, manifest_path)
     if classes:
         dicts, class_names = restrict_classes(dicts, class_names, list(classes)), list(classes)
     logger.info("register_support: %s classes %s, K=%d, seed=%d", dataset, class_names, shots, seed)
@@ -68,18 +75,45 @@ def evaluate_with_support(cfg: CfgNode, weights: str, support_file: str, dataset
     return evaluate(cfg, load_model_for_eval(cfg))
 
 
-def kshot_results(cfg: CfgNode, weights: str, support_dataset: str, test_dataset: str, shots: list[int],
-                  seed: int, out_dir: str) -> dict[int, dict]:
-    """For each K: register K supports per class from ``support_dataset``, evaluate on ``test_dataset``.
+def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool = False) -> torch.Tensor:
+    """Embeddings (N, D) of the annotated boxes ``[(dataset_dict, annotation_index), ...]``.
 
-    Returns ``{K: {"bbox": ..., "prf": ..., "register_s": seconds}}``; prototype files are kept in ``out_dir``.
+    ``mapper`` is the evaluation mapper (test-time harmonization); boxes are scaled into its output size.
+    Each image goes through the backbone once, however many of its boxes are listed.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    out = {}
-    for k in shots:
-        path = os.path.join(out_dir, f"protos_{support_dataset}_K{k}_seed{seed}.pt")
-        start = time.perf_counter()
-        register_support(cfg, weights, support_dataset, k, seed, path, progress=False)
-        elapsed = time.perf_counter() - start
-        out[k] = dict(evaluate_with_support(cfg, weights, path, [test_dataset])[test_dataset], register_s=round(elapsed, 2))
+    by_image: dict[int, list[int]] = {}
+    for n, (d, _) in enumerate(picks):
+        by_image.setdefault(id(d), []).append(n)
+    groups = list(by_image.values())
+    if progress:
+        from tqdm import tqdm
+        groups = tqdm(groups, desc="embedding boxes", unit="img")
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(picks), model.roi_heads.box_predictor.embed.out_features)
+    with torch.no_grad():
+        for group in groups:
+            d = picks[group[0]][0]
+            mapped = mapper(dict(d))
+            sy, sx = mapped["image"].shape[1] / d["height"], mapped["image"].shape[2] / d["width"]
+            anns = [d["annotations"][picks[n][1]] for n in group]
+            boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
+                                 dtype=torch.float32) * torch.tensor([sx, sy, sx, sy])
+            images = model.preprocess_image([mapped])
+            features = model.backbone(images.tensor)
+            out[group] = model.roi_heads.embed_boxes(features, [Boxes(boxes.to(images.tensor.device))]).cpu()
+    model.train(was_training)
     return out
+
+
+def build_prototypes(model, dataset_dicts: list[dict], class_names: list[str], mapper, shots: int, seed: int,
+                     progress: bool = False) -> PrototypeSet:
+    """Prototypes (class means of support embeddings) from K seeded support instances per class."""
+    picks = sample_support(dataset_dicts, len(class_names), shots, seed)
+    embeddings = embed_instances(model, picks, mapper, progress)
+    labels = torch.tensor([d["annotations"][i]["category_id"] for d, i in picks])
+    protos = torch.stack([embeddings[labels == c].mean(0) for c in range(len(class_names))])
+    support = [{"class": class_names[d["annotations"][i]["category_id"]], "image_key": str(d.get("image_key", d["image_id"])),
+                "file_name": d["file_name"], "bbox": [float(v) for v in d["annotations"][i]["bbox"]]} for d, i in picks]
+    return PrototypeSet(list(class_names), protos, shots, seed, support,
+                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

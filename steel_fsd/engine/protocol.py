@@ -36,7 +36,7 @@ import torch
 import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data.fewshot_splits import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
+from ..data.support import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
 from ..data.catalog import require_registered
 from ..data.splits import sha256_files
 from ..data.subsets import register_class_subset, register_manifest

@@ -35,6 +35,7 @@ from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 
 from .losses import batch_hard_triplet_loss
@@ -270,3 +271,10 @@ class PrototypeROIHeads(StandardROIHeads):
         ret = super()._init_box_head(cfg, input_shape)
         ret["box_predictor"] = PrototypeOutputLayers(cfg, ret["box_head"].output_shape)
         return ret
+
+    @torch.no_grad()
+    def embed_boxes(self, features: dict[str, torch.Tensor], boxes: list[Boxes]) -> torch.Tensor:
+        """L2-normalized embeddings (sum of len(boxes), D) of given boxes (e.g. support boxes), one list entry
+        per image of the backbone ``features``, in the input image's coordinates."""
+        pooled = self.box_pooler([features[f] for f in self.box_in_features], boxes)
+        return self.box_predictor.embed_features(self.box_head(pooled))

@@ -1,4 +1,6 @@
-"""Class prototypes from K support instances: sampling, embedding, and the versioned prototype file.
+"""The versioned prototype file: named class prototypes and where they came from (support boxes, weights,
+config). Choosing support boxes lives in :mod:`steel_fsd.data.support`, embedding them in the head
+(:meth:`PrototypeROIHeads.embed_boxes`), building a file from both in :mod:`steel_fsd.engine.fewshot`.
 
 A prototype file is a plain ``torch.save`` dict of tensors, strings and numbers, read back with
 ``torch.load(weights_only=True)``: it never unpickles arbitrary objects.
@@ -10,9 +12,7 @@ import hashlib
 import pickle
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
-from detectron2.structures import Boxes, BoxMode
 
 from .checkpoint import atomic_save
 
@@ -106,79 +106,3 @@ def append_class(ps: PrototypeSet, other: PrototypeSet) -> PrototypeSet:
     return PrototypeSet(ps.class_names + other.class_names, torch.cat([ps.prototypes, other.prototypes.to(ps.prototypes)]),
                         ps.shots, ps.seed, ps.support + other.support, ps.weights_sha256, ps.config,
                         _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-
-
-def sample_support(dataset_dicts: list[dict], num_classes: int, shots: int, seed: int) -> list[tuple[dict, int]]:
-    """K annotated instances per class, seeded: ``[(dataset_dict, annotation_index), ...]``.
-
-    K counts instances (boxes), not images. Candidates are sorted by (image_key or image_id, box
-    index) before a seeded draw without replacement, so the result depends only on the data and the
-    seed. An image with several boxes of a class may contribute several of them; its other boxes are
-    not used. Classes with fewer than K instances use all they have.
-    """
-    if shots < 1:
-        raise ValueError(f"shots must be at least 1, got {shots}")
-    rng = np.random.default_rng(seed)
-    key = lambda d: str(d.get("image_key", d["image_id"]))  # noqa: E731
-    ordered = sorted(dataset_dicts, key=key)
-    picks = []
-    for c in range(num_classes):
-        cands = [(d, i) for d in ordered for i, a in enumerate(d.get("annotations", []))
-                 if a["category_id"] == c and not a.get("iscrowd", 0)]
-        if not cands:
-            raise ValueError(f"class {c} has no annotated instance to use as support")
-        chosen = rng.choice(len(cands), size=min(shots, len(cands)), replace=False)
-        picks += [cands[j] for j in sorted(chosen)]
-    return picks
-
-
-@torch.no_grad()
-def embed_boxes(model, mapped: dict, boxes_xyxy: torch.Tensor) -> torch.Tensor:
-    """Embed ground-truth boxes (in the mapped image's coordinates) with a prototype-head model."""
-    heads = model.roi_heads
-    images = model.preprocess_image([mapped])
-    features = model.backbone(images.tensor)
-    feats = [features[f] for f in heads.box_in_features]
-    pooled = heads.box_pooler(feats, [Boxes(boxes_xyxy.to(images.tensor.device))])
-    return heads.box_predictor.embed_features(heads.box_head(pooled))
-
-
-def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool = False) -> torch.Tensor:
-    """Embeddings (N, D) of the annotated boxes ``[(dataset_dict, annotation_index), ...]``.
-
-    ``mapper`` is the evaluation mapper (test-time harmonization); boxes are scaled into its output size.
-    Each image goes through the backbone once, however many of its boxes are listed.
-    """
-    by_image: dict[int, list[int]] = {}
-    for n, (d, _) in enumerate(picks):
-        by_image.setdefault(id(d), []).append(n)
-    groups = list(by_image.values())
-    if progress:
-        from tqdm import tqdm
-        groups = tqdm(groups, desc="embedding boxes", unit="img")
-    was_training = model.training
-    model.eval()
-    out = torch.zeros(len(picks), model.roi_heads.box_predictor.embed.out_features)
-    for group in groups:
-        d = picks[group[0]][0]
-        mapped = mapper(dict(d))
-        sy, sx = mapped["image"].shape[1] / d["height"], mapped["image"].shape[2] / d["width"]
-        anns = [d["annotations"][picks[n][1]] for n in group]
-        boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
-                             dtype=torch.float32) * torch.tensor([sx, sy, sx, sy])
-        out[group] = embed_boxes(model, mapped, boxes).cpu()
-    model.train(was_training)
-    return out
-
-
-def build_prototypes(model, dataset_dicts: list[dict], class_names: list[str], mapper, shots: int, seed: int,
-                     progress: bool = False) -> PrototypeSet:
-    """Prototypes (class means of support embeddings) from K seeded support instances per class."""
-    picks = sample_support(dataset_dicts, len(class_names), shots, seed)
-    embeddings = embed_instances(model, picks, mapper, progress)
-    labels = torch.tensor([d["annotations"][i]["category_id"] for d, i in picks])
-    protos = torch.stack([embeddings[labels == c].mean(0) for c in range(len(class_names))])
-    support = [{"class": class_names[d["annotations"][i]["category_id"]], "image_key": str(d.get("image_key", d["image_id"])),
-                "file_name": d["file_name"], "bbox": [float(v) for v in d["annotations"][i]["bbox"]]} for d, i in picks]
-    return PrototypeSet(list(class_names), protos, shots, seed, support,
-                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

@@ -1,4 +1,4 @@
-"""Using prototype files with a model: support manifests, config provenance, attaching to a model."""
+"""Using prototype files with a model: config provenance, checking a file against a model, attaching it."""
 from __future__ import annotations
 
 from detectron2.config import CfgNode
@@ -20,24 +20,6 @@ def relevant_config(cfg: CfgNode) -> dict:
             node = node[part]
         out[key] = list(node) if isinstance(node, (tuple, list)) else node
     return out
-
-
-def support_dicts_from_manifest(dicts: list[dict], manifest: list[dict], path: str) -> list[dict]:
-    """Restrict ``dicts`` to the manifest's images (and boxes, when a manifest entry gives ``bbox``)."""
-    by_key = {str(d.get("image_key", d["image_id"])): d for d in dicts}
-    out: dict[str, dict] = {}
-    for n, entry in enumerate(manifest):
-        key = str(entry["image_key"])
-        if key not in by_key:
-            raise ValueError(f"{path}: entry {n}: image_key '{key}' is not in the dataset")
-        d = out.setdefault(key, dict(by_key[key], annotations=[] if "bbox" in entry else by_key[key]["annotations"]))
-        if "bbox" in entry:
-            match = [a for a in by_key[key]["annotations"] if [round(v, 2) for v in a["bbox"]] ==
-                     [round(float(v), 2) for v in entry["bbox"]]]
-            if not match:
-                raise ValueError(f"{path}: entry {n}: no box {entry['bbox']} in image '{key}'")
-            d["annotations"].append(match[0])
-    return list(out.values())
 
 
 def check_prototypes(ps: PrototypeSet, path: str, embed_dim: int, weights: str) -> None:

@@ -1,4 +1,5 @@
-"""K-shot support manifests: seeded, canonical, consistent with sample_support, disjoint from evaluation."""
+"""The support layer: K-shot manifests seeded, canonical, consistent with sample_support, disjoint from
+evaluation; hand-written support lists read through the same reader."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,11 +12,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from steel_fsd.data import register_neu
-from steel_fsd.data.fewshot_splits import (annotation_sources, assert_disjoint, kshot_manifest, load_manifest,
-                                           manifest_support_dicts, write_manifest)
 from steel_fsd.data.splits import sha256_files
+from steel_fsd.data.support import (annotation_sources, assert_disjoint, entries_from_list, kshot_manifest,
+                                    load_manifest, manifest_support_dicts, sample_support, write_manifest)
 from steel_fsd.data.synthetic import make_neu_synthetic
-from steel_fsd.modeling.prototypes import sample_support
 from steel_fsd.utils.cli import run_main
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "prepare_fewshot.py"
@@ -160,3 +160,29 @@ def test_manifest_support_dicts_round_trip(synth, tmp_path):
     moved = dict(m, supports=[dict(first, bbox=[0.0, 0.0, 1.0, 1.0])] + m["supports"][1:])
     with pytest.raises(ValueError, match=re.escape(f"{first['image_key']}[{first['annotation_index']}]")):
         manifest_support_dicts(moved, dicts)
+
+
+def test_hand_written_list_goes_through_the_manifest_reader(synth):
+    """{image_key} names every box of the image, {image_key, bbox} one box (matched to 2 decimals); the
+    entries are manifest entries, so manifest_support_dicts reads them; mistakes name the list and entry."""
+    dicts, names = DatasetCatalog.get(TRAIN), MetadataCatalog.get(TRAIN).thing_classes
+    many = next(d for d in dicts if len(d["annotations"]) >= 2)
+    other = next(d for d in dicts if d["image_key"] != many["image_key"])
+    box = other["annotations"][-1]["bbox"]
+    entries = entries_from_list([{"image_key": many["image_key"]},
+                                 {"image_key": other["image_key"], "bbox": [v + 0.001 for v in box]}],
+                                dicts, names, "sup.json")
+    assert [(e["image_key"], e["annotation_index"]) for e in entries] == \
+        [(many["image_key"], i) for i in range(len(many["annotations"]))] + \
+        [(other["image_key"], len(other["annotations"]) - 1)]
+    assert all(names[e["category_id"]] == e["class"] for e in entries)
+    sub = {d["image_key"]: d for d in manifest_support_dicts({"supports": entries}, dicts)}
+    assert sub[many["image_key"]]["annotations"] == many["annotations"]
+    assert sub[other["image_key"]]["annotations"] == [other["annotations"][-1]]
+    with pytest.raises(ValueError, match=r"sup\.json: entry 0: image_key 'nope' is not in the dataset"):
+        entries_from_list([{"image_key": "nope"}], dicts, names, "sup.json")
+    with pytest.raises(ValueError, match=r"sup\.json: entry 1: no box \[0, 0, 1, 1\]"):
+        entries_from_list([{"image_key": many["image_key"]}, {"image_key": many["image_key"], "bbox": [0, 0, 1, 1]}],
+                          dicts, names, "sup.json")
+    with pytest.raises(ValueError, match=r"sup\.json: expected a JSON list"):
+        entries_from_list({"image_key": "x"}, dicts, names, "sup.json")

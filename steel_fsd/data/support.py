@@ -1,9 +1,11 @@
-"""Seeded K-shot support manifests: which boxes are the K supports per class, written as canonical JSON.
+"""Few-shot support: which boxes are the K supports per class (seeded sampling), the one K-shot manifest
+format (canonical JSON) with its writer and reader, and hand-written support lists converted into it.
 
 A manifest is a pure function of the dataset dicts, the class names, K and the seed: the boxes are
-chosen by :func:`steel_fsd.modeling.prototypes.sample_support`, so a manifest and
-``tools/register_support.py`` with the same (K, seed) pick the same boxes. It holds no timestamps or
-absolute paths, and :func:`write_manifest` writes it byte-identically for equal content.
+chosen by :func:`sample_support`, so a manifest and ``tools/register_support.py`` with the same (K, seed)
+pick the same boxes. It holds no timestamps or absolute paths, and :func:`write_manifest` writes it
+byte-identically for equal content. Every path from a manifest (or a hand-written list, through
+:func:`entries_from_list`) to support images goes through :func:`manifest_support_dicts`.
 """
 from __future__ import annotations
 
@@ -14,16 +16,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from detectron2.structures import BoxMode
-
-from ..modeling.prototypes import sample_support
 
 FORMAT = "steel_fsd.kshot_manifest"
 VERSION = 1
 RULE = ("K counts instances (boxes) per class, not images. Per class, the candidates are its non-crowd boxes "
         "sorted by (image_key, annotation index); K of them are drawn without replacement by one "
         "numpy.random.default_rng(seed) used for the classes in class-id order "
-        "(steel_fsd.modeling.prototypes.sample_support). An image may give several boxes of a class; only the "
+        "(steel_fsd.data.support.sample_support). An image may give several boxes of a class; only the "
         "sampled boxes are supports, its other boxes are not used (unless sampled for their own class). A class "
         "with fewer than K instances uses all of them and records the shortfall in counts.")
 REQUIRED = {"format": str, "version": int, "dataset": str, "class_names": list, "shots": int, "seed": int,
@@ -36,6 +37,29 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def _key(d: dict) -> str:
     """An image's key, as :func:`sample_support` sorts by it."""
     return str(d.get("image_key", d["image_id"]))
+
+
+def sample_support(dataset_dicts: list[dict], num_classes: int, shots: int, seed: int) -> list[tuple[dict, int]]:
+    """K annotated instances per class, seeded: ``[(dataset_dict, annotation_index), ...]``.
+
+    K counts instances (boxes), not images. Candidates are sorted by (image_key or image_id, box
+    index) before a seeded draw without replacement, so the result depends only on the data and the
+    seed. An image with several boxes of a class may contribute several of them; its other boxes are
+    not used. Classes with fewer than K instances use all they have.
+    """
+    if shots < 1:
+        raise ValueError(f"shots must be at least 1, got {shots}")
+    rng = np.random.default_rng(seed)
+    ordered = sorted(dataset_dicts, key=_key)
+    picks = []
+    for c in range(num_classes):
+        cands = [(d, i) for d in ordered for i, a in enumerate(d.get("annotations", []))
+                 if a["category_id"] == c and not a.get("iscrowd", 0)]
+        if not cands:
+            raise ValueError(f"class {c} has no annotated instance to use as support")
+        chosen = rng.choice(len(cands), size=min(shots, len(cands)), replace=False)
+        picks += [cands[j] for j in sorted(chosen)]
+    return picks
 
 
 def _available(dataset_dicts: list[dict], num_classes: int) -> Counter:
@@ -164,9 +188,47 @@ def assert_disjoint(manifest: dict, eval_dicts: list[dict]) -> None:
                          f"images are in the evaluation split: {overlap[:20]}{' ...' if len(overlap) > 20 else ''}")
 
 
+def entries_from_list(entries: object, dataset_dicts: list[dict], class_names: Sequence[str],
+                      path: str = "support list") -> list[dict]:
+    """A hand-written support list ``[{image_key[, bbox]}, ...]`` as manifest ``supports`` entries.
+
+    An entry with ``bbox`` (XYWH or the dataset's box mode, matched to 2 decimals) names that box; one
+    without names every box of the image. Raises ValueError naming ``path`` and the entry that is malformed,
+    names an image not in the dataset or a box the image does not have.
+    """
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a JSON list of {{image_key[, bbox]}}, got {type(entries).__name__}")
+    by_key = {_key(d): d for d in dataset_dicts}
+    out, seen = [], set()
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image_key" not in entry:
+            raise ValueError(f"{path}: entry {n}: expected {{image_key[, bbox]}}, got {entry!r}")
+        key = str(entry["image_key"])
+        if key not in by_key:
+            raise ValueError(f"{path}: entry {n}: image_key '{key}' is not in the dataset")
+        anns = by_key[key].get("annotations", [])
+        if "bbox" in entry:
+            want = [round(float(v), 2) for v in entry["bbox"]]
+            idx = [i for i, a in enumerate(anns) if [round(float(v), 2) for v in a["bbox"]] == want][:1]
+            if not idx:
+                raise ValueError(f"{path}: entry {n}: no box {entry['bbox']} in image '{key}'")
+        else:
+            idx = list(range(len(anns)))
+        for i in idx:
+            if (key, i) in seen:
+                continue
+            seen.add((key, i))
+            a = anns[i]
+            out.append({"class": str(class_names[a["category_id"]]), "category_id": int(a["category_id"]),
+                        "image_key": key, "annotation_index": i, "bbox": [float(v) for v in a["bbox"]],
+                        "bbox_mode": BoxMode(a["bbox_mode"]).name})
+    return out
+
+
 def manifest_support_dicts(manifest: dict, dataset_dicts: list[dict]) -> list[dict]:
     """The dicts of the manifest's images, each with only its manifest boxes (original order), by image_key.
 
+    ``manifest`` is a K-shot manifest or ``{"supports": entries}`` (e.g. from :func:`entries_from_list`).
     Raises ValueError naming every support image missing from ``dataset_dicts`` and every box that is
     not there (index out of range, or a different bbox/class at that index).
     """
@@ -188,6 +250,8 @@ def manifest_support_dicts(manifest: dict, dataset_dicts: list[dict]) -> list[di
         keep = sorted(e["annotation_index"] for e in wanted[k])
         out.append(dict(by_key[k], annotations=[anns[i] for i in keep if 0 <= i < len(anns)]))
     if missing_images or missing_boxes:
-        raise ValueError(f"{manifest['dataset']} K={manifest['shots']} seed={manifest['seed']}: support images not in "
-                         f"the dataset: {missing_images}; support boxes not found: {missing_boxes}")
+        where = (f"{manifest['dataset']} K={manifest['shots']} seed={manifest['seed']}" if "dataset" in manifest
+                 else "support list")
+        raise ValueError(f"{where}: support images not in the dataset: {missing_images}; support boxes not found: "
+                         f"{missing_boxes}")
     return out
