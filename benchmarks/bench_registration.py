@@ -10,7 +10,7 @@ from common import save
 
 from steel_fsd.data.neu import load_neu_voc
 from steel_fsd.data.severstal import load_severstal
-from steel_fsd.data.synthetic import make_neu_synthetic, make_severstal_csv_only
+from steel_fsd.synthetic import make_neu_synthetic, make_severstal_csv_only
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, object]:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode as CN
 
-from .data.episodic import add_episodic_config
-
 
 def add_steel_fsd_config(cfg: CN) -> CN:
     """Add every steel-fsd key, with defaults, to a Detectron2 config (in place; also returned)."""
@@ -41,8 +39,11 @@ def add_steel_fsd_config(cfg: CN) -> CN:
     # Fine-tuning: parameter-name prefixes kept frozen, e.g. ["backbone", "proposal_generator"] (two-phase
     # transfer: only the ROI heads learn). Empty = everything trains (subject to MODEL.BACKBONE.FREEZE_AT).
     _C.MODEL.FREEZE = []
+    # Episodic sampler (DATALOADER.SAMPLER_TRAIN "EpisodicClassSampler"): N classes x K images per batch;
+    # N*K = the per-GPU batch size.
+    _C.DATALOADER.EPISODE_CLASSES = 4
+    _C.DATALOADER.EPISODE_IMAGES_PER_CLASS = 1
     add_prototype_config(cfg)
-    add_episodic_config(cfg)
     return cfg
 
 

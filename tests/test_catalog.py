@@ -144,12 +144,22 @@ def test_direct_registration(neu_real_root, severstal_real_root, tmp_path):
         register_neu("neu_all_two", neu_real_root)
 
 
-def test_import_never_fails_for_a_missing_root(tmp_path):
+@pytest.mark.parametrize("root", ["real", "missing"])
+def test_import_registers_model_components_only(tmp_path, neu_real_root, root):
+    """Importing steel_fsd registers the prototype head and no dataset, whether or not
+    $STEEL_FSD_DATASETS holds data; register_all() then registers them."""
     repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, STEEL_FSD_DATASETS=str(tmp_path / "missing"),
+    data = str(Path(neu_real_root).parent) if root == "real" else str(tmp_path / "missing")
+    env = dict(os.environ, STEEL_FSD_DATASETS=data,
                PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
-    code = ("import steel_fsd.data as d; from detectron2.data import DatasetCatalog; "
-            "print(sorted(n for n in DatasetCatalog.list() if n.startswith(('neu', 'severstal', 'steel'))))")
+    code = ("import steel_fsd, steel_fsd.data as d; from detectron2.data import DatasetCatalog; "
+            "from detectron2.modeling import ROI_HEADS_REGISTRY; "
+            "ours = lambda: sorted(n for n in DatasetCatalog.list() if n.startswith(('neu', 'severstal', 'steel'))); "
+            "print(ours(), 'PrototypeROIHeads' in ROI_HEADS_REGISTRY); d.register_all(); print(ours())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    first, second = out.stdout.strip().splitlines()
+    assert first == "[] True"
+    assert (second == "[]") == (root == "missing")
+    if root == "real":
+        assert "'neu_train'" in second

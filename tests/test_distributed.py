@@ -120,7 +120,7 @@ def _train_worker(root: str, out: str) -> None:
 def test_two_cpu_processes_train_on_distinct_shards_and_gather_evaluation(tmp_path):
     from detectron2.data import DatasetCatalog
 
-    from steel_fsd.data.synthetic import make_neu_synthetic
+    from steel_fsd.synthetic import make_neu_synthetic
 
     root = make_neu_synthetic(tmp_path / "neu", n_per_class=7, seed=0)
     _register(str(root))

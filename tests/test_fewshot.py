@@ -11,7 +11,7 @@ from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data import register_neu, register_severstal
 from steel_fsd.data.episodic import EpisodicBatchSampler
-from steel_fsd.data.synthetic import make_neu_synthetic, make_severstal_synthetic
+from steel_fsd.synthetic import make_neu_synthetic, make_severstal_synthetic
 from steel_fsd.engine.fewshot import evaluate_with_support, register_support
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.engine.trainer import Trainer, load_model_for_eval

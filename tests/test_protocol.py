@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from steel_fsd.data import register_neu, register_severstal
 from steel_fsd.data.support import kshot_manifest, load_manifest
 from steel_fsd.data.subsets import register_class_subset, register_manifest, restrict_classes
-from steel_fsd.data.synthetic import make_neu_synthetic, make_severstal_synthetic
+from steel_fsd.synthetic import make_neu_synthetic, make_severstal_synthetic
 from steel_fsd.engine.protocol import Protocol, cell_record
 
 REPO = Path(__file__).resolve().parents[1]

@@ -387,7 +387,7 @@ def test_briefly_trained_head_gets_foreground_rois_right(tmp_path):
 
     from steel_fsd.data import register_neu
     from steel_fsd.data.subsets import register_class_subset
-    from steel_fsd.data.synthetic import make_neu_synthetic
+    from steel_fsd.synthetic import make_neu_synthetic
     from steel_fsd.engine.setup import finalize_config
     from steel_fsd.engine.trainer import Trainer
 

@@ -18,7 +18,7 @@ from detectron2.data import DatasetCatalog
 from steel_fsd.data import NEU_CLASSES, SEVERSTAL_CLASSES, register_neu, register_severstal
 from steel_fsd.data.errors import DatasetError
 from steel_fsd.data.severstal import load_severstal
-from steel_fsd.data.synthetic import make_neu_synthetic, make_severstal_synthetic
+from steel_fsd.synthetic import make_neu_synthetic, make_severstal_synthetic
 from steel_fsd.engine.fewshot import register_support
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.engine.trainer import Trainer, load_model_for_eval

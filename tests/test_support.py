@@ -15,7 +15,7 @@ from steel_fsd.data import register_neu
 from steel_fsd.data.splits import sha256_files
 from steel_fsd.data.support import (annotation_sources, assert_disjoint, entries_from_list, kshot_manifest,
                                     load_manifest, manifest_support_dicts, sample_support, write_manifest)
-from steel_fsd.data.synthetic import make_neu_synthetic
+from steel_fsd.synthetic import make_neu_synthetic
 from steel_fsd.utils.cli import run_main
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "prepare_fewshot.py"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from steel_fsd.data import synthetic as S
+from steel_fsd.synthetic import generators as S
 from steel_fsd.data.rle import rle_decode, rle_encode
 from steel_fsd.utils.cli import UserError
 

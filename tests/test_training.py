@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from steel_fsd.data.synthetic import make_neu_synthetic
+from steel_fsd.synthetic import make_neu_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = REPO / "configs" / "demo" / "faster_rcnn_R18_FPN_synth_neu.yaml"

@@ -21,7 +21,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import steel_fsd  # noqa: F401,E402
+from steel_fsd.data import register_all  # noqa: E402
 from steel_fsd.data.catalog import require_registered  # noqa: E402
 from steel_fsd.data.mapper import SteelDatasetMapper  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
@@ -77,6 +77,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("opts", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    register_all()  # the datasets under $STEEL_FSD_DATASETS (default ./datasets)
     cfg = finalize_config(build_config(args.config_file, args.opts + ["MODEL.WEIGHTS", args.weights,
                                                                      "MODEL.PROTOTYPE.SUPPORT_FILE", ""]),
                           datasets=())  # only --dataset / --support-dataset are read

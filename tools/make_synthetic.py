@@ -21,14 +21,14 @@ from typing import Callable
 
 import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
 
-from steel_fsd.data import synthetic
+from steel_fsd.synthetic import generators as synthetic
 from steel_fsd.utils.cli import UserError, check_output_dir, run_main
 
 FORMAT_VERSION = 1  # bump when the generator's output changes, so existing folders are rebuilt
 
 README = """This is a SYNTHETIC dataset, not real steel images.
 
-It was generated procedurally by steel_fsd.data.synthetic.{function} ({params}) with
+It was generated procedurally by steel_fsd.synthetic.{function} ({params}) with
 tools/make_synthetic.py. Images and annotations follow the published {layout} layout exactly, so the
 real loaders read them unchanged. The same parameters always give byte-identical files.
 

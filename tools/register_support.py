@@ -15,7 +15,7 @@ import sys
 import _path  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
-import steel_fsd  # noqa: F401  (registers datasets and heads)
+from steel_fsd.data import register_all
 from steel_fsd.engine.fewshot import register_support
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.engine.setup import build_config, finalize_config
@@ -36,6 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = ap.parse_args(argv)
     setup_logger(name="steel_fsd")
+    register_all()  # the datasets under $STEEL_FSD_DATASETS (default ./datasets)
     cfg = build_config(args.config_file, args.opts)
     require_registered(args.dataset, "--dataset")
     check_output_file(args.out, "--out")

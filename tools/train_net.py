@@ -14,7 +14,7 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import steel_fsd.data  # noqa: F401  (registers the datasets found under $STEEL_FSD_DATASETS)
+from steel_fsd.data import register_all
 from steel_fsd.engine.launch import launch
 from steel_fsd.engine.setup import build_config, check_config_paths, finalize_config
 from steel_fsd.engine.trainer import Trainer, load_model_for_eval
@@ -22,6 +22,7 @@ from steel_fsd.utils.cli import UserError, run_main
 
 
 def setup(args):
+    register_all()  # in every process: workers started by launch() do not inherit the catalog
     cfg = build_config(args.config_file, args.opts)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="steel_fsd")
     # One process at a time may write OUTPUT_DIR/pixel_stats.json: rank 0, then each machine's first, then the rest.
@@ -68,6 +69,7 @@ def cli(argv: list[str]) -> int:
     once, before any worker starts), then launch ``main`` on every process."""
     args = default_argument_parser().parse_args(argv)
     check_gpus(args)
+    register_all()  # the datasets under $STEEL_FSD_DATASETS (default ./datasets)
     check_config_paths(build_config(args.config_file, args.opts), datasets_used(args))
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

@@ -1,11 +1,9 @@
 """Steel defect datasets: NEU-DET and Severstal loaders, tiling and Detectron2 registration.
 
-Importing this package registers the datasets found under ``$STEEL_FSD_DATASETS`` (else
-``./datasets``); see :func:`register_all`. Absent folders are skipped silently.
+Importing this package registers nothing: call :func:`register_all` (the datasets found under a root,
+default ``$STEEL_FSD_DATASETS``, else ``./datasets``) or the ``register_*`` functions.
 """
 from __future__ import annotations
-
-import logging
 
 from .catalog import register_all, register_neu, register_severstal, register_union
 from .errors import DatasetError, SkipLog
@@ -16,8 +14,3 @@ __all__ = [
     "NEU_CLASSES", "SEVERSTAL_CLASSES", "DatasetError", "SkipLog", "load_neu_voc", "load_severstal",
     "tile_dataset_dicts", "register_neu", "register_severstal", "register_union", "register_all",
 ]
-
-try:
-    register_all()
-except Exception as e:  # importing must never fail because of the datasets folder
-    logging.getLogger("steel_fsd").warning("steel_fsd.data: registering datasets failed: %s", e)

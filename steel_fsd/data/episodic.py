@@ -58,12 +58,6 @@ class EpisodicBatchSampler(torch.utils.data.Sampler):
         yield from itertools.islice(self._episodes(), self.rank, None, self.world_size)
 
 
-def add_episodic_config(cfg: CfgNode) -> None:
-    """DATALOADER.EPISODE_CLASSES (N) and EPISODE_IMAGES_PER_CLASS (K); N*K = per-GPU batch size."""
-    cfg.DATALOADER.EPISODE_CLASSES = 4
-    cfg.DATALOADER.EPISODE_IMAGES_PER_CLASS = 1
-
-
 def build_episodic_train_loader(cfg: CfgNode, mapper) -> torch.utils.data.DataLoader:
     """A training loader whose every batch is one episode (see :class:`EpisodicBatchSampler`)."""
     n, k = cfg.DATALOADER.EPISODE_CLASSES, cfg.DATALOADER.EPISODE_IMAGES_PER_CLASS

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .rle import SEVERSTAL_SHAPE, rle_encode
+from ..data.rle import SEVERSTAL_SHAPE, rle_encode
 
 # The class tuples equal those of .neu and .severstal (a test checks it); they are not imported from there
 # so that generating data does not import Detectron2 and torch.
