@@ -7,7 +7,6 @@ Writes OUTPUT_DIR/results.json (every printed metric), OUTPUT_DIR/predictions.pn
 prototype file.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from steel_fsd.data.mapper import SteelDatasetMapper
 from steel_fsd.engine.trainer import Trainer
 from steel_fsd.evaluation.report import format_table, per_class_rows
 from steel_fsd.utils.cli import run_main
+from steel_fsd.utils.io import write_json
 from steel_fsd.visualize import draw_predictions, grid
 
 DEFAULT_CONFIG = "configs/demo/proto_R18_FPN_synth_neu.yaml"
@@ -106,8 +106,7 @@ def main(argv=None) -> dict:
                "datasets": {name: {"per_class": per_class_rows(res, MetadataCatalog.get(name).thing_classes),
                                    "metrics": res} for name, res in results.items()},
                "overlay_png": png}
-    with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(cfg.OUTPUT_DIR, "results.json"), summary, indent=2, sort_keys=False)
     print(f"overlay: {png}\nresults: {os.path.join(cfg.OUTPUT_DIR, 'results.json')}  ({summary['wall_time_s']} s)")
     return summary
 

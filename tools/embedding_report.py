@@ -27,6 +27,7 @@ from steel_fsd.data.mapper import SteelDatasetMapper  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
 from steel_fsd.engine.trainer import load_model_for_eval  # noqa: E402
 from steel_fsd.utils.cli import check_output_dir, run_main  # noqa: E402
+from steel_fsd.utils.io import write_json  # noqa: E402
 from steel_fsd.evaluation.embeddings import distance_stats, nearest_prototype_confusion, pca_2d  # noqa: E402
 from steel_fsd.data.support import sample_support  # noqa: E402
 from steel_fsd.engine.fewshot import build_prototypes, embed_instances  # noqa: E402
@@ -106,8 +107,7 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     cm = nearest_prototype_confusion(zq, lq, protos)
     report = {"dataset": args.dataset, "classes": names, "confusion": cm.tolist(), "stats": distance_stats(zq, lq, protos)}
-    with open(os.path.join(args.out, "embedding_report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(args.out, "embedding_report.json"), report, indent=2, sort_keys=False)
     plot_confusion(cm, names, os.path.join(args.out, "confusion.png"))
     plot_pca(zq, lq, zs, ls, protos, names, os.path.join(args.out, "embeddings_pca.png"))
     print(json.dumps(report["stats"], indent=2))

@@ -23,6 +23,7 @@ import _path  # noqa: F401  (a source checkout works without installing steel_fs
 
 from steel_fsd.synthetic import generators as synthetic
 from steel_fsd.utils.cli import UserError, check_output_dir, run_main
+from steel_fsd.utils.io import write_json
 
 FORMAT_VERSION = 1  # bump when the generator's output changes, so existing folders are rebuilt
 
@@ -69,7 +70,7 @@ def build(folder: Path, params: dict, make: Callable[[Path], Path], readme: str)
     start = time.perf_counter()
     make(folder)
     (folder / "README.txt").write_text(readme)
-    stamp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json(stamp, record, indent=2)
     print(f"[make_synthetic] {folder}: done in {time.perf_counter() - start:.1f} s")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from steel_fsd.data.errors import SkipLog
 from steel_fsd.data.images import verify_images
 from steel_fsd.data.splits import DEFAULT_RATIOS, SPLITS, split_manifest, stratified_split
 from steel_fsd.utils.cli import check_output_dir, run_main
+from steel_fsd.utils.io import write_json
 
 
 def load_dataset(name: str, root: Path, skips: SkipLog) -> tuple[list[dict], list[str], list[Path]]:
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(str(args.out), "--out")
     for file_name, coco in outputs.items():
         write_coco(args.out / file_name, coco)
-    tmp = manifest_path.with_name(manifest_path.name + ".tmp")
-    tmp.write_text(json.dumps(dict(sorted(manifests.items())), indent=1) + "\n")
-    os.replace(tmp, manifest_path)
+    write_json(manifest_path, dict(sorted(manifests.items())), sort_keys=False)
     print(f"wrote {', '.join(outputs)} and splits.json to {args.out}")
     return 0
 

@@ -1,12 +1,13 @@
 """Export Detectron2 dataset dicts as COCO instances JSON (loadable by pycocotools and Detectron2)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
 
 from detectron2.structures import BoxMode
+
+from ..utils.io import write_json
 
 
 def polygon_area(polygons: Sequence[Sequence[float]]) -> float:
@@ -78,8 +79,4 @@ def to_coco(dicts: list[dict], class_names: Sequence[str], dataset_name: str,
 
 def write_coco(path: str | os.PathLike, coco: dict) -> None:
     """Write a COCO dict as compact, deterministic JSON (atomically: temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(coco, separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
+    write_json(path, coco, compact=True, sort_keys=False)

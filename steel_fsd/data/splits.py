@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..utils.io import file_sha256
+
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 SPLIT_METHOD = "stratified-rarest-class-v1"
@@ -116,7 +118,7 @@ def sha256_files(paths: Iterable[str | os.PathLike]) -> dict:
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
     h = hashlib.sha256()
     for rel, f in sorted((f.relative_to(root).as_posix(), f) for f in files):
-        content = hashlib.sha256(f.read_bytes()).hexdigest()
+        content = file_sha256(f)
         h.update(f"{rel}\0{content}\n".encode())
     return {"sha256": h.hexdigest(), "files": len(files)}
 

@@ -5,7 +5,6 @@ Everything a derived dataset is made of (parent, classes, manifest path and hash
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -13,6 +12,7 @@ from typing import Sequence
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .catalog import summary_line
+from ..utils.io import file_sha256
 
 logger = logging.getLogger("steel_fsd")
 
@@ -76,7 +76,7 @@ def register_manifest(name: str, parent: str, manifest_path: str | Path) -> dict
     classes = list(MetadataCatalog.get(parent).thing_classes)
     if manifest["class_names"] != classes:
         raise ValueError(f"{manifest_path}: manifest classes {manifest['class_names']} != {parent}'s {classes}")
-    digest = hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest()
+    digest = file_sha256(manifest_path)
 
     def load() -> list[dict]:
         dicts = manifest_support_dicts(manifest, DatasetCatalog.get(parent))

@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 from detectron2.structures import BoxMode
 
+from ..utils.io import write_json
+
 FORMAT = "steel_fsd.kshot_manifest"
 VERSION = 1
 RULE = ("K counts instances (boxes) per class, not images. Per class, the candidates are its non-crowd boxes "
@@ -155,11 +157,8 @@ def validate_manifest(m: object, path: str = "manifest") -> dict:
 
 def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
     """Validate and write ``manifest`` as canonical JSON (sorted keys, indent 1, trailing newline), atomically."""
-    path = Path(path)
     validate_manifest(manifest, str(path))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, manifest)
 
 
 def load_manifest(path: str | os.PathLike) -> dict:

@@ -18,9 +18,10 @@ from detectron2.structures import Boxes, BoxMode
 from ..data.mapper import SteelDatasetMapper
 from ..data.subsets import restrict_classes
 from ..data.support import entries_from_list, manifest_support_dicts, sample_support
-from ..modeling.prototypes import PrototypeSet, append_class, file_sha256, load_prototypes, save_prototypes
+from ..modeling.prototypes import PrototypeSet, append_class, load_prototypes, save_prototypes
 from ..modeling.support import relevant_config
 from ..utils.cli import UserError
+from ..utils.io import file_sha256
 from .trainer import evaluate, load_model_for_eval
 
 logger = logging.getLogger("steel_fsd")

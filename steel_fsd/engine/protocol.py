@@ -41,6 +41,7 @@ from ..data.catalog import require_registered
 from ..data.splits import sha256_files
 from ..data.subsets import register_class_subset, register_manifest
 from ..evaluation.aggregate import read_cell
+from ..utils.io import write_json
 from ..evaluation.report import METRICS, per_class_rows
 from ..utils.cli import UserError
 from .fewshot import evaluate_with_support, register_support
@@ -80,17 +81,6 @@ class Setting:
             if key not in datasets:
                 raise ValueError(f"setting {spec}: dataset {key!r} is not in DATASETS {sorted(datasets)}")
         return Setting(kind, src, tgt, tuple(spec.get("novel", ())))
-
-
-def _json_default(o):
-    return float(o) if isinstance(o, (float, int)) else str(o)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n")
-    os.replace(tmp, path)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -206,7 +196,7 @@ class Protocol:
             trainer.resume_or_load(resume=True)
             start = time.perf_counter()
             trainer.train()
-            _write_json(out_dir / "train_info.json", {
+            write_json(out_dir / "train_info.json", {
                 "model": model, "config": self.models[model], "train": train_ds, "val": val_ds, "seed": seed,
                 "iterations": cfg.SOLVER.MAX_ITER, "ims_per_batch": cfg.SOLVER.IMS_PER_BATCH,
                 "num_images": len(DatasetCatalog.get(train_ds)), "seconds": round(time.perf_counter() - start, 1)})
@@ -244,7 +234,7 @@ class Protocol:
                 "novel_classes": novel, "adapt_s": round(results.pop("_adapt_s"), 2), "adapt_iters": iters,
                 "manifest": os.path.relpath(self.manifest(setting.target, shots, seed), path.parent),
                 **_links(path, test, train_metrics, base_metrics), **cell_record(results, classes, base, novel if base else [])}
-        _write_json(path, cell)
+        write_json(path, cell)
         logger.info("[protocol] %s %s K=%d seed=%d: AP %.1f AP50 %.1f (%.1f s adaptation)", setting.name, method,
                     shots, seed, cell["metrics"]["AP"], cell["metrics"]["AP50"], cell["adapt_s"])
         return cell
@@ -347,7 +337,7 @@ class Protocol:
                 "seed": seed, "classes": classes, "base_classes": [], "novel_classes": classes, "adapt_s": 0.0,
                 "adapt_iters": 0, **_links(path, test, None, str(Path(cfg.OUTPUT_DIR) / "metrics.json")),
                 **cell_record(results, classes, [], [])}
-        _write_json(path, cell)
+        write_json(path, cell)
         return cell
 
     # ----- everything -----------------------------------------------------------------------------

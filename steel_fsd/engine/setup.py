@@ -13,6 +13,7 @@ from detectron2.config import CfgNode, get_cfg
 from ..config import add_steel_fsd_config
 from ..data.catalog import require_registered
 from ..utils.cli import UserError, check_output_dir
+from ..utils.io import write_json
 
 logger = logging.getLogger("steel_fsd")
 
@@ -76,9 +77,7 @@ def resolve_pixel_stats(cfg: CfgNode) -> None:
     mean, std = pixel_stats(list(cfg.DATASETS.TRAIN), h.NORMALIZE_MAX_IMAGES, clahe)
     logger.info("dataset pixel statistics of %s: mean %s std %s", key["datasets"], mean, std)
     cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = mean, std
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(cache, "w") as f:
-        json.dump({"key": key, "mean": mean, "std": std}, f, indent=2)
+    write_json(cache, {"key": key, "mean": mean, "std": std}, indent=2, sort_keys=False)
 
 
 def check_config_paths(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST")) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from scipy import stats
 
 from .report import METRICS
+from ..utils.io import atomic_open, write_json
 
 logger = logging.getLogger("steel_fsd")
 
@@ -234,17 +235,6 @@ def convergence(metrics_json: str, key: str = "bbox/AP", fraction: float = 0.95,
     return out
 
 
-def _strict(obj):
-    """``obj`` with NaN floats as None (strict JSON)."""
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
-
-
 def _cell_record(cell: dict, out_dir: str) -> dict:
     record = {k: v for k, v in cell.items() if not k.startswith("_")}
     if "_path" in cell:
@@ -264,13 +254,10 @@ def write_results(rows: list[dict], paired_rows: list[dict], out_dir: str,
     Output is deterministic: sorted keys, NaN as null, cell paths relative to ``out_dir``, no timestamps.
     Returns both paths.
     """
-    os.makedirs(out_dir, exist_ok=True)
     json_path, csv_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")
     doc = {"rows": rows, "paired": paired_rows, "cells": [_cell_record(c, out_dir) for c in cells]}
-    with open(json_path, "w") as f:
-        json.dump(_strict(doc), f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
-    with open(csv_path, "w", newline="") as f:
+    write_json(json_path, doc, indent=2)
+    with atomic_open(csv_path) as f:
         writer = csv.writer(f)
         writer.writerow(csv_header())
         for r in rows:

@@ -8,6 +8,7 @@ import numpy as np
 from detectron2.evaluation import COCOEvaluator
 
 from ..utils.env import has_compiled_ops
+from ..utils.io import write_json
 
 PR_CURVES_FILE = "pr_curves.json"
 PR_IOUS = {"precision": 0.5, "precision75": 0.75}  # pr_curves.json field -> IoU threshold
@@ -63,9 +64,8 @@ class SteelCOCOEvaluator(COCOEvaluator):
         if self._output_dir:
             names = list(class_names) if class_names else [str(c) for c in coco_eval.params.catIds]
             name = PR_CURVES_FILE if iou_type == "bbox" else f"pr_curves_{iou_type}.json"
-            os.makedirs(self._output_dir, exist_ok=True)
-            with open(os.path.join(self._output_dir, name), "w") as f:
-                json.dump(pr_curves_from_eval(coco_eval, names), f)
+            write_json(os.path.join(self._output_dir, name), pr_curves_from_eval(coco_eval, names), indent=None,
+                       sort_keys=False)
         if not class_names or len(class_names) <= 1:
             return results
         precisions = coco_eval.eval["precision"]  # (iou, recall, class, area, max dets)

@@ -6,7 +6,6 @@ it is not counted, and a detection matching one (and no free regular box) is nei
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,6 +20,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from detectron2.utils import comm
+
+from ..utils.io import write_json
 
 __all__ = ["match_detections", "prf_from_counts", "PRFEvaluator", "build_prf_evaluator"]
 
@@ -196,11 +197,7 @@ class PRFEvaluator(DatasetEvaluator):
         tp, fp, n_gt = (sum(s[0][k] for s in states) for k in ("tp", "fp", "n_gt"))
         results = self._summarize(tp, fp, n_gt)
         if self._output_dir:
-            os.makedirs(self._output_dir, exist_ok=True)
-            path = os.path.join(self._output_dir, "prf_results.json")
-            with open(path, "w") as f:  # NaN is written as null (strict JSON)
-                json.dump({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                           for k, v in results.items()}, f, indent=2)
+            write_json(os.path.join(self._output_dir, "prf_results.json"), results, indent=2, sort_keys=False)
         return {"prf": results}
 
     def _summarize(self, tp: np.ndarray, fp: np.ndarray, n_gt: np.ndarray) -> dict[str, float]:

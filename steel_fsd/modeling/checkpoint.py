@@ -21,11 +21,12 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from ..utils.io import atomic_open
 
 logger = logging.getLogger("steel_fsd")
 
@@ -111,19 +112,11 @@ def _first_line(e: BaseException) -> str:
 
 def atomic_save(obj, path: str) -> None:
     """``torch.save`` to a temp file in the same folder, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(obj, str):
-                f.write(obj.encode())
-            else:
-                torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        if isinstance(obj, str):
+            f.write(obj.encode())
+        else:
+            torch.save(obj, f)
 
 
 def checkpoint_classes(checkpoint: dict) -> list[str] | None:

@@ -8,7 +8,6 @@ A prototype file is a plain ``torch.save`` dict of tensors, strings and numbers,
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import pickle
 from dataclasses import asdict, dataclass, field
 
@@ -52,15 +51,6 @@ class PrototypeSet:
         idx = [self.class_names.index(c) for c in class_names]
         return PrototypeSet(list(class_names), self.prototypes[idx], self.shots, self.seed, self.support,
                             self.weights_sha256, self.config, self.created)
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a file's bytes (used to tie prototypes to the model weights that made them)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_prototypes(ps: PrototypeSet, path: str) -> None:

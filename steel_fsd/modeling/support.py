@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode
 
-from .prototypes import PrototypeFileError, PrototypeSet, file_sha256, load_prototypes
+from ..utils.io import file_sha256
+from .prototypes import PrototypeFileError, PrototypeSet, load_prototypes
 
 RELEVANT_KEYS = ("MODEL.META_ARCHITECTURE", "MODEL.RESNETS.DEPTH", "MODEL.ROI_HEADS.NAME", "MODEL.PROTOTYPE.EMBED_DIM",
                  "MODEL.PROTOTYPE.EMBED_NORM", "MODEL.PROTOTYPE.LOGIT",
