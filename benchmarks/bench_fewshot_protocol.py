@@ -1,19 +1,18 @@
-"""The few-shot protocol as a benchmark: runs (or resumes) tools/run_fewshot.py on a protocol file, then records
-its wall time, the adaptation cost of each method and the ratio prototype swap / fine-tuning, measured in that run.
+"""The few-shot protocol as a benchmark: runs (or resumes) a protocol file in this process
+(:meth:`steel_fsd.engine.protocol.Protocol.run`, as tools/run_fewshot.py does), then records its wall time,
+the adaptation cost of each method and the ratio prototype swap / fine-tuning, measured in that run.
 
-    python benchmarks/bench_fewshot_protocol.py [--config configs/protocols/synth_cpu.yaml] [run_fewshot args ...]
+    python benchmarks/bench_fewshot_protocol.py [--config configs/protocols/synth_cpu.yaml] \
+        [--settings base_novel cross] [--methods prototype finetune]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+import os
 import time
 
-from common import REPO, save
-
-sys.path.insert(0, str(REPO / "tools"))
+from common import REPO, save, synthetic_datasets
 
 
 def adaptation_summary(rows: list[dict]) -> dict:
@@ -31,21 +30,23 @@ def adaptation_summary(rows: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/protocols/synth_cpu.yaml")
-    args, rest = ap.parse_known_args()
-    rest = rest or ["--settings", "base_novel", "cross", "--methods", "prototype", "finetune"]  # = make fewshot-demo
+    ap.add_argument("--settings", nargs="+", default=["base_novel", "cross"], help="setting kinds (= make fewshot-demo)")
+    ap.add_argument("--methods", nargs="+", default=["prototype", "finetune"])
+    args = ap.parse_args()
+    from steel_fsd.engine.protocol import Protocol
+
+    os.chdir(REPO)  # the protocol file's paths (model configs, OUTPUT_DIR) are relative to the repository
     start = time.time()
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(REPO / "datasets")],
-                   check=True)
-    cmd = [sys.executable, str(REPO / "tools" / "run_fewshot.py"), "--config", args.config, *rest]
-    subprocess.run(cmd, check=True, cwd=REPO)
+    synthetic_datasets()
+    protocol = Protocol(args.config, methods=args.methods)
+    protocol.run(protocol.select(args.settings), variants=False)
     wall = time.time() - start
-    import yaml
-    out_dir = REPO / yaml.safe_load((REPO / args.config).read_text()).get("OUTPUT_DIR", "output/fewshot")
-    results = json.loads((out_dir / "results.json").read_text())
-    rows = results["rows"]
+    rows = json.loads((protocol.out / "results.json").read_text())["rows"]
     main_rows = [{"setting": r["setting"], "method": r["method"], "K": r["shots"], "n": r["n"],
                   **{m: (r[m]["mean"], r[m]["ci95"]) for m in ("AP", "AP50", "nAP", "F1") if r.get(m)}} for r in rows]
-    save("fewshot_protocol", {"command": " ".join(cmd[1:]), "wall_s_this_run": round(wall),
+    save("fewshot_protocol", {"command": f"python benchmarks/bench_fewshot_protocol.py --config {args.config} "
+                                         f"--settings {' '.join(args.settings)} --methods {' '.join(args.methods)}",
+                              "wall_s_this_run": round(wall),
                               "note": "wall time of this invocation: finished cells and models are reused",
                               "adaptation": adaptation_summary(rows), "rows": main_rows})
 

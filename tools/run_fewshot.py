@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-import time
 
 import _path  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data import register_all
-from steel_fsd.engine.protocol import Protocol, Setting
+from steel_fsd.engine.protocol import Protocol
 from steel_fsd.utils.cli import UserError, run_main
-
-logger = logging.getLogger("steel_fsd")
-
 
 def seeds_arg(values: list[str]) -> list[int]:
     """``["0..4"]`` -> [0, 1, 2, 3, 4]; ``["0", "2"]`` -> [0, 2]."""
@@ -39,29 +34,6 @@ def seeds_arg(values: list[str]) -> list[int]:
         if sep and int(hi) < int(lo):
             raise UserError(f"--seeds {v!r} is an empty range", "", "write the lower seed first, e.g. 0..4")
     return out
-
-
-def select(protocol: Protocol, kinds: list[str] | None, cross: list[str] | None,
-           only: list[str] | None = None) -> list[Setting]:
-    """The protocol's settings of the given kinds, cross directions (``SRC->TGT``) or names (``--list``)."""
-    if only:
-        names = {s.name: s for s in protocol.settings}
-        if set(only) - set(names):
-            raise UserError(f"--only {sorted(set(only) - set(names))}: no such setting", str(protocol.path),
-                            f"choose from {sorted(names)} (--list prints them)")
-        return [names[n] for n in only]
-    chosen = []
-    for s in protocol.settings:
-        if cross and s.kind == "cross" and f"{s.source}->{s.target}" in cross:
-            chosen.append(s)
-        elif kinds and s.kind in kinds:
-            chosen.append(s)
-    if cross:
-        known = {f"{s.source}->{s.target}" for s in protocol.settings if s.kind == "cross"}
-        unknown = sorted(set(cross) - known)
-        if unknown:
-            raise UserError(f"--cross {unknown}: no such cross setting", str(protocol.path), f"choose from {sorted(known)}")
-    return chosen if (kinds or cross) else list(protocol.settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logger(name="detectron2", abbrev_name="d2")
     register_all(args.datasets_root)
     protocol = Protocol(args.config, args.out, args.shots, seeds_arg(args.seeds) if args.seeds else None, args.methods)
-    settings = select(protocol, args.settings, args.cross, args.only)
+    settings = protocol.select(args.settings, args.cross, args.only)
     if args.list:
         for s in protocol.settings:
             print(f"{s.name}  ({s.kind}: {s.source} -> {s.target}{', novel ' + str(list(s.novel)) if s.novel else ''})"
@@ -91,22 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(protocol.cells(settings))} cells: methods {list(protocol.methods)}, K {protocol.shots}, "
               f"seeds {protocol.seeds}; variant rows: {sum(len(r) for r in protocol.variants.values())}")
         return 0
-    if not args.report_only:
-        todo = protocol.cells(settings)
-        variants = [] if args.no_variants else \
-            [(kind, row, spec) for kind, rows in protocol.variants.items() for row, spec in rows.items()]
-        total, start = len(todo) + len(variants), time.perf_counter()
-        logger.info("[run_fewshot] %d cells + %d variant rows -> %s", len(todo), len(variants), protocol.out)
-        for i, job in enumerate(todo + variants, 1):
-            t0 = time.perf_counter()
-            cell = protocol.run_cell(*job) if isinstance(job[0], Setting) else protocol.run_variant(*job)
-            done = time.perf_counter() - start
-            logger.info("[run_fewshot] %d/%d %s %s K=%s seed=%s: AP50 %.1f (%.0f s; elapsed %.0f s, ETA %.0f s)", i,
-                        total, cell["setting"], cell["method"], cell["shots"], cell["seed"], cell["metrics"]["AP50"],
-                        time.perf_counter() - t0, done, done / i * (total - i))
-    from steel_fsd.evaluation.fewshot_report import write_report
-
-    report = write_report(protocol.out)
+    if args.report_only:
+        from steel_fsd.evaluation.fewshot_report import write_report
+        report = write_report(protocol.out)
+    else:
+        report = protocol.run(settings, variants=not args.no_variants)
     print(report["markdown"])
     print(json.dumps({"results": str(protocol.out / "results.json"), "plots": report["plots"]}, indent=1))
     return 0

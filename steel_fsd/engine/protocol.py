@@ -348,6 +348,44 @@ class Protocol:
             out += [(s, method, k, seed) for method in self.methods for k in self.shots for seed in self.seeds]
         return out
 
+    def select(self, kinds: list[str] | None = None, cross: list[str] | None = None,
+               only: list[str] | None = None) -> list[Setting]:
+        """The settings of the given kinds, cross directions (``SRC->TGT``) or names (all when none is given)."""
+        if only:
+            names = {s.name: s for s in self.settings}
+            if set(only) - set(names):
+                raise UserError(f"--only {sorted(set(only) - set(names))}: no such setting", str(self.path),
+                                f"choose from {sorted(names)} (--list prints them)")
+            return [names[n] for n in only]
+        chosen = [s for s in self.settings if (cross and s.kind == "cross" and f"{s.source}->{s.target}" in cross)
+                  or (kinds and s.kind in kinds)]
+        if cross:
+            known = {f"{s.source}->{s.target}" for s in self.settings if s.kind == "cross"}
+            unknown = sorted(set(cross) - known)
+            if unknown:
+                raise UserError(f"--cross {unknown}: no such cross setting", str(self.path), f"choose from {sorted(known)}")
+        return chosen if (kinds or cross) else list(self.settings)
+
+    def run(self, settings: list[Setting] | None = None, variants: bool = True) -> dict:
+        """Run (or resume) every cell of ``settings`` (default: all) and, with ``variants``, the VARIANTS rows,
+        logging progress and ETA; then write results.json/csv, report.md and the plots. Returns
+        :func:`~steel_fsd.evaluation.fewshot_report.write_report`'s summary (``markdown``, ``plots``)."""
+        from ..evaluation.fewshot_report import write_report
+
+        todo = self.cells(settings)
+        extra = [(kind, row, spec) for kind, rows in self.variants.items() for row, spec in rows.items()] if variants else []
+        total, start = len(todo) + len(extra), time.perf_counter()
+        logger.info("[protocol] %d cells + %d variant rows -> %s", len(todo), len(extra), self.out)
+        for i, job in enumerate(todo + extra, 1):
+            t0 = time.perf_counter()
+            cell = self.run_cell(*job) if isinstance(job[0], Setting) else self.run_variant(*job)
+            done = time.perf_counter() - start
+            ap50 = cell["metrics"]["AP50"]
+            logger.info("[protocol] %d/%d %s %s K=%s seed=%s: AP50 %.1f (%.0f s; elapsed %.0f s, ETA %.0f s)", i, total,
+                        cell["setting"], cell["method"], cell["shots"], cell["seed"], math.nan if ap50 is None else ap50,
+                        time.perf_counter() - t0, done, done / i * (total - i))
+        return write_report(self.out)
+
 
 def _links(cell_path: Path, test: str, train_metrics: str | None, base_metrics: str | None) -> dict:
     """A cell's links (relative to its folder, None when absent): PR curves, fine-tune and base metrics.json."""
