@@ -11,10 +11,11 @@ ROWS = {"full": "configs/ablations/full.yaml", "A: no multi-scale fusion": "conf
 def main() -> None:
     synthetic_datasets()
     table = {row: train_and_evaluate(cfg, [])[0] for row, cfg in ROWS.items()}
-    print("| row | AP | AP50 | AP75 | P | R | F1 |\n|---|---|---|---|---|---|---|")
-    for row, r in table.items():
-        m = r["mean"]
-        print(f"| {row} | " + " | ".join(f"{m[k]:.1f}" for k in ("AP", "AP50", "AP75", "P", "R", "F1")) + " |")
+    from tabulate import tabulate
+
+    metrics = ("AP", "AP50", "AP75", "P", "R", "F1")
+    print(tabulate([[row] + [r["mean"][k] for k in metrics] for row, r in table.items()], headers=["row", *metrics],
+                   floatfmt=".1f", tablefmt="github"))
     save("ablations", {"rows": table})
 
 

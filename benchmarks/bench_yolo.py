@@ -255,22 +255,20 @@ def kshot(args) -> dict:
             "cells": str(out / "cells" / setting / "yolo"), "shots": rows}
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.1f}"
-
-
 def markdown(result: dict) -> str:
-    head = "| row | " + " | ".join(METRICS) + " | train s | steps |\n|---|" + "---:|" * (len(METRICS) + 2)
-    lines = [head]
+    from tabulate import tabulate
+
+    rows = []
     if "in_domain" in result:
         r = result["in_domain"]
-        lines.append(f"| YOLO in-domain ({r['train']} -> {r['test']}, {r['epochs']} ep) | "
-                     + " | ".join(_fmt(r['mean'][m]) for m in METRICS) + f" | {r['train_s']:.0f} | {r['optimizer_steps']} |")
+        rows.append([f"YOLO in-domain ({r['train']} -> {r['test']}, {r['epochs']} ep)"]
+                    + [r["mean"][m] for m in METRICS] + [round(r["train_s"]), r["optimizer_steps"]])
     if "kshot" in result:
         for k, r in result["kshot"]["shots"].items():
-            lines.append(f"| YOLO K={k} (seeds {r['seeds']}, {'/'.join(map(str, r.get('epochs', [])))} ep) | " + " | ".join(_fmt(r['mean'][m]) for m in METRICS)
-                         + f" | {r['adapt_s']:.0f} | {r['adapt_iters']:g} |")
-    return "\n".join(lines)
+            rows.append([f"YOLO K={k} (seeds {r['seeds']}, {'/'.join(map(str, r.get('epochs', [])))} ep)"]
+                        + [r["mean"][m] for m in METRICS] + [round(r["adapt_s"]), f"{r['adapt_iters']:g}"])
+    return tabulate(rows, headers=["row", *METRICS, "train s", "steps"], floatfmt=".1f", missingval="n/a",
+                    tablefmt="github")
 
 
 def main() -> int:

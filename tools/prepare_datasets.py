@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
+from tabulate import tabulate
 
 from steel_fsd.data.coco import to_coco, write_coco
 from steel_fsd.data.errors import SkipLog
@@ -51,11 +52,9 @@ def summary_table(name: str, manifest: dict, skips: SkipLog) -> str:
     rows.append(["(no boxes)"] + [f"{splits[s]['negative_images']}/0" for s in SPLITS])
     rows.append(["total"] + [f"{splits[s]['images']}/{splits[s]['boxes']}" for s in SPLITS])
     header = [f"{name}: class"] + [f"{s} images/boxes" for s in SPLITS]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    fmt = "  ".join(("{:<%d}" if i == 0 else "{:>%d}") % w for i, w in enumerate(widths))
-    lines = [fmt.format(*header)] + [fmt.format(*r) for r in rows]
-    lines.append(f"{name}: skips: {skips.summary()}")
-    return "\n".join(lines)
+    table = tabulate(rows, headers=header, tablefmt="plain", disable_numparse=True,
+                     colalign=("left",) + ("right",) * len(SPLITS))
+    return f"{table}\n{name}: skips: {skips.summary()}"
 
 
 def prepare(name: str, root: Path, seed: int, strict: bool, check_images: bool) -> tuple[dict, dict[str, dict]]:

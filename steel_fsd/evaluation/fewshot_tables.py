@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from tabulate import tabulate
+
 DASH = "–"
 MAIN_COLUMNS = (("mAP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("P", "P"), ("R", "R"), ("F1", "F1"),
                 ("adapt s", "adapt_s"))
@@ -40,9 +42,8 @@ def fmt_p(p: float | None) -> str:
 
 
 def markdown_table(header: list[str], body: Iterable[list]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(v) for v in r) + " |" for r in body])
+    """A GitHub-flavoured Markdown table (tabulate), cells written as given (no number re-formatting)."""
+    return tabulate([[str(v) for v in r] for r in body], headers=header, tablefmt="github", disable_numparse=True)
 
 
 def settings_of(rows: list[dict], kind: str | None = None) -> list[str]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from tabulate import tabulate
+
 METRICS = ("AP", "AP50", "AP75", "P", "R", "F1")
 
 
@@ -24,10 +26,6 @@ def per_class_rows(results: dict, class_names: list[str]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table of :func:`per_class_rows` output."""
-    width = max(len(r["class"]) for r in rows)
-    head = f"{'class':<{width}}  " + "  ".join(f"{m:>6}" for m in METRICS)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['class']:<{width}}  " + "  ".join(f"{r[m]:6.1f}" for m in METRICS))
-    return "\n".join(lines)
+    """A plain-text table of :func:`per_class_rows` output (tabulate, one decimal)."""
+    return tabulate([[r["class"]] + [r[m] for m in METRICS] for r in rows], headers=["class", *METRICS],
+                    floatfmt=".1f", tablefmt="simple")
