@@ -5,31 +5,27 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from detectron2.data import detection_utils
+from PIL import UnidentifiedImageError
 
 from .errors import DatasetError, SkipLog
 
 
 def read_image(path: str, format: str = "BGR") -> np.ndarray:
-    """Read an image fully (so truncated files fail here) as HxWx3 uint8 in ``format``.
+    """Detectron2's ``read_image`` (by content, EXIF orientation applied, fully decoded so truncated files fail
+    here) as HxWx3 uint8 in ``format``, with errors that name the file.
 
-    ``format`` is ``"BGR"``, ``"RGB"`` or ``"L"`` (HxWx1). Files are opened by content: Severstal's
-    PNG-encoded ``.jpg`` files read correctly.
+    ``format`` is ``"BGR"``, ``"RGB"`` or ``"L"`` (HxWx1). Severstal's PNG-encoded ``.jpg`` files read correctly.
     """
     try:
-        with Image.open(path) as img:
-            img.load()
-            mode = "L" if format == "L" else "RGB"
-            arr = np.asarray(img.convert(mode))
+        arr = detection_utils.read_image(path, format)
     except FileNotFoundError:
         raise DatasetError(path, "image file not found") from None
     except UnidentifiedImageError:
         raise DatasetError(path, "not a readable image (corrupt or unknown format)") from None
     except (OSError, SyntaxError) as e:
         raise DatasetError(path, f"corrupt or truncated image ({e})") from None
-    if format == "L":
-        return arr[:, :, None]
-    return arr[:, :, ::-1].copy() if format == "BGR" else arr
+    return np.ascontiguousarray(arr)
 
 
 def read_dataset_image(dataset_dict: dict, format: str = "BGR") -> np.ndarray:

@@ -1,10 +1,12 @@
 """Kaggle/Severstal run-length encoding: 1-indexed starts, column-major, and mask -> boxes."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 
 SEVERSTAL_SHAPE = (256, 1600)  # (height, width)
 
@@ -48,15 +50,22 @@ def parse_rle(rle: str, shape: tuple[int, int] = SEVERSTAL_SHAPE) -> tuple[np.nd
     return starts, lengths
 
 
-def rle_decode(rle: str, shape: tuple[int, int] = SEVERSTAL_SHAPE) -> np.ndarray:
-    """Decode to a boolean mask of ``shape`` (H, W). Vectorized: one cumsum over run edges."""
+def to_coco_rle(rle: str, shape: tuple[int, int] = SEVERSTAL_SHAPE) -> dict:
+    """The Kaggle RLE as a COCO RLE (pycocotools' compressed form). Both number pixels column-major; COCO
+    counts alternate background and foreground run lengths, starting with background."""
     starts, lengths = parse_rle(rle, shape)
     h, w = shape
-    edges = np.zeros(h * w + 1, dtype=np.int32)
-    np.add.at(edges, starts, 1)
-    np.add.at(edges, starts + lengths, -1)
-    flat = np.cumsum(edges[:-1], dtype=np.int32) > 0
-    return flat.reshape(w, h).T  # column-major numbering: pixel k is (row k % h, col k // h)
+    gaps = starts - np.concatenate([[0], (starts + lengths)[:-1]])  # background before each run
+    counts = np.stack([gaps, lengths], 1).reshape(-1).tolist()
+    return mask_util.frPyObjects({"counts": counts + [h * w - sum(counts)], "size": [h, w]}, h, w)
+
+
+def rle_decode(rle: str, shape: tuple[int, int] = SEVERSTAL_SHAPE) -> np.ndarray:
+    """Decode to a boolean mask of ``shape`` (H, W), through pycocotools."""
+    coco = to_coco_rle(rle, shape)
+    with warnings.catch_warnings():  # pycocotools' numpy-2 ``copy=False`` DeprecationWarning, harmless here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_util.decode(coco).astype(bool)
 
 
 def rle_encode(mask: np.ndarray) -> str:
