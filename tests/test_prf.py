@@ -334,3 +334,24 @@ def test_evaluator_real_gloo_two_processes(tmp_path):
     res1 = json.loads((tmp_path / "rank1.json").read_text())
     assert res1 == {}
     check_toy_results(res0["prf"])
+
+
+def test_evaluators_follow_the_datasets_evaluator_type(tmp_path):
+    """COCO + P/R/F1 for "coco" datasets (and those registered without a type); other types are refused by name."""
+    from detectron2.evaluation import COCOEvaluator
+
+    from steel_fsd.engine.setup import build_config
+    from steel_fsd.engine.trainer import build_evaluator
+    from steel_fsd.evaluation.prf import PRFEvaluator
+    from steel_fsd.utils.cli import UserError
+
+    cfg = build_config("configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", ["OUTPUT_DIR", str(tmp_path)])
+    names = {kind: f"t_evaltype_{kind}_{uuid.uuid4().hex[:6]}" for kind in ("coco", "none", "sem_seg")}
+    for kind, name in names.items():
+        DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).set(thing_classes=["a"], **({} if kind == "none" else {"evaluator_type": kind}))
+    for kind in ("coco", "none"):
+        evs = build_evaluator(cfg, names[kind])._evaluators
+        assert [type(e) for e in evs][1] is PRFEvaluator and isinstance(evs[0], COCOEvaluator)
+    with pytest.raises(UserError, match="evaluator_type 'sem_seg'"):
+        build_evaluator(cfg, names["sem_seg"])

@@ -46,13 +46,26 @@ def check_weights(path: str) -> None:
             "configs do this with GroupNorm, the usual choice without pretraining.")
 
 
+def _coco_and_prf(cfg: CfgNode, dataset_name: str, output_folder: str) -> list:
+    """COCO AP/AP50/AP75 (+ per class, PR curves) and precision/recall/F1 at the score threshold."""
+    return [SteelCOCOEvaluator(dataset_name, output_dir=output_folder),
+            build_prf_evaluator(cfg, dataset_name, output_folder)]
+
+
+# MetadataCatalog evaluator_type -> the evaluators of that kind of dataset (as Detectron2's tools/train_net.py
+# chooses them). Every steel dataset registers "coco"; so does register_coco_instances.
+EVALUATORS = {"coco": _coco_and_prf}
+
+
 def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluators:
-    """COCO AP/AP50/AP75 (+ per class) and precision/recall/F1 for one dataset."""
+    """The evaluators of ``dataset_name``'s ``evaluator_type`` (a dataset registered without one counts as
+    "coco", the only box-detection kind); an unknown type is an error naming the dataset."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-    return DatasetEvaluators([
-        SteelCOCOEvaluator(dataset_name, output_dir=output_folder),
-        build_prf_evaluator(cfg, dataset_name, output_folder),
-    ])
+    kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+    if kind not in EVALUATORS:
+        raise UserError(f"dataset {dataset_name!r} has evaluator_type {kind!r}", "its MetadataCatalog entry",
+                        f"steel-fsd evaluates box detection: register it with evaluator_type in {sorted(EVALUATORS)}")
+    return DatasetEvaluators(EVALUATORS[kind](cfg, dataset_name, output_folder))
 
 
 class Trainer(DefaultTrainer):
