@@ -128,7 +128,7 @@ def value(cell: dict, name: str):
 def loaded(cells_dir):
     root, raw = cells_dir
     cells = load_cells(str(root / "cells"))
-    return root, raw, cells, aggregate(cells)
+    return root, raw, cells, aggregate(cells, METHODS)
 
 
 def test_mean_ci_edge_cases():
@@ -144,6 +144,11 @@ def test_aggregate_equals_hand_computation(loaded):
     assert all(Path(c["_path"]).is_file() for c in cells)
     assert [(r["setting"], r["method"], r["shots"]) for r in rows] == [("ablation:neu_synth", "no_norm", 5)] + [
         (s, m, k) for s in sorted(SETTINGS) for m in METHODS for k in SHOTS]
+    # the method order is the caller's (a protocol file's METHODS); methods not in it follow alphabetically
+    assert [r["method"] for r in aggregate(cells) if r["shots"] == 1 and r["setting"] == sorted(SETTINGS)[0]] == \
+        sorted(METHODS)
+    assert [r["method"] for r in aggregate(cells, ["finetune"]) if r["shots"] == 1 and
+            r["setting"] == sorted(SETTINGS)[0]] == ["finetune", "prototype"]
     for row in rows:
         key = (row["setting"], row["method"], row["shots"])
         group = [c for c in raw if (c["setting"], c["method"], c["shots"]) == key]

@@ -63,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(protocol.cells(settings))} cells: methods {list(protocol.methods)}, K {protocol.shots}, "
               f"seeds {protocol.seeds}; variant rows: {sum(len(r) for r in protocol.variants.values())}")
         return 0
-    if args.report_only:
-        from steel_fsd.evaluation.fewshot_report import write_report
-        report = write_report(protocol.out)
-    else:
-        report = protocol.run(settings, variants=not args.no_variants)
+    report = protocol.report() if args.report_only else protocol.run(settings, variants=not args.no_variants)
     print(report["markdown"])
     print(json.dumps({"results": str(protocol.out / "results.json"), "plots": report["plots"]}, indent=1))
     return 0

@@ -127,6 +127,10 @@ class Protocol:
             raise UserError(f"methods {unknown} are not in the protocol file", str(self.path),
                             f"choose from {sorted(spec['METHODS'])}")
         self.methods: dict[str, dict] = {m: spec["METHODS"][m] for m in (methods or spec["METHODS"])}
+        self.method_order = list(spec["METHODS"])  # tables and plots list methods in the file's order
+        self.pairs = [tuple(p) for p in spec.get("PAIRED", [])]  # seed-paired comparisons a - b in the report
+        if any(len(p) != 2 or not all(isinstance(m, str) for m in p) for p in self.pairs):
+            raise ValueError(f"{self.path}: PAIRED must list [method_a, method_b] pairs, got {spec['PAIRED']}")
         for name, m in self.methods.items():
             if m.get("model") not in self.models or m.get("adapt") not in ADAPT:
                 raise ValueError(f"{self.path}: method {name}: needs model (one of {sorted(self.models)}) and "
@@ -370,8 +374,6 @@ class Protocol:
         """Run (or resume) every cell of ``settings`` (default: all) and, with ``variants``, the VARIANTS rows,
         logging progress and ETA; then write results.json/csv, report.md and the plots. Returns
         :func:`~steel_fsd.evaluation.fewshot_report.write_report`'s summary (``markdown``, ``plots``)."""
-        from ..evaluation.fewshot_report import write_report
-
         todo = self.cells(settings)
         extra = [(kind, row, spec) for kind, rows in self.variants.items() for row, spec in rows.items()] if variants else []
         total, start = len(todo) + len(extra), time.perf_counter()
@@ -384,7 +386,14 @@ class Protocol:
             logger.info("[protocol] %d/%d %s %s K=%s seed=%s: AP50 %.1f (%.0f s; elapsed %.0f s, ETA %.0f s)", i, total,
                         cell["setting"], cell["method"], cell["shots"], cell["seed"], math.nan if ap50 is None else ap50,
                         time.perf_counter() - t0, done, done / i * (total - i))
-        return write_report(self.out)
+        return self.report()
+
+    def report(self) -> dict:
+        """Rebuild results.json/csv, report.md and the plots from the finished cells (methods in the file's
+        order, the file's PAIRED comparisons)."""
+        from ..evaluation.fewshot_report import write_report
+
+        return write_report(self.out, self.method_order, self.pairs)
 
 
 def _links(cell_path: Path, test: str, train_metrics: str | None, base_metrics: str | None) -> dict:

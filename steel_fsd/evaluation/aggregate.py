@@ -25,7 +25,6 @@ from ..utils.io import atomic_open, write_json
 logger = logging.getLogger("steel_fsd")
 
 KINDS = ("base_novel", "cross", "kshot", "ablation", "preprocessing")
-METHOD_ORDER = ("prototype", "prototype_ft", "finetune", "retinanet_ft")
 SPLIT_METRICS = ("bAP", "nAP", "bAP50", "nAP50")
 STATS = METRICS + SPLIT_METRICS + ("adapt_s", "adapt_iters")
 PER_CLASS_STATS = ("AP", "AP50")
@@ -101,9 +100,11 @@ def cell_value(cell: dict, name: str) -> float | None:
     return None if value is None else float(value)
 
 
-def method_key(method: str) -> tuple[int, str]:
-    """Sort key: :data:`METHOD_ORDER` first, then other methods alphabetically."""
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+def method_sort_key(order=()):
+    """A sort key for method names: the methods of ``order`` (e.g. a protocol file's METHODS) in that order,
+    then any other method (e.g. an external adapter's) alphabetically."""
+    order = list(order)
+    return lambda method: (order.index(method) if method in order else len(order), method)
 
 
 def index_cells(cells: list[dict]) -> dict[tuple, dict]:
@@ -134,17 +135,17 @@ def _summarize(setting: str, method: str, shots: int, group: list[dict]) -> dict
     return row
 
 
-def row_key(row: dict) -> tuple:
-    """Deterministic row order: setting, method (:func:`method_key`), K."""
-    return (row["setting"], *method_key(row["method"]), row["shots"])
+def aggregate(cells: list[dict], method_order=()) -> list[dict]:
+    """One row per (setting, method, K): :func:`mean_ci` over seeds of each metric present, per class too.
 
-
-def aggregate(cells: list[dict]) -> list[dict]:
-    """One row per (setting, method, K): :func:`mean_ci` over seeds of each metric present, per class too."""
+    Rows are ordered by setting, method (``method_order`` first, see :func:`method_sort_key`), K; tables and
+    plots keep this order."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for (setting, method, shots, _), c in sorted(index_cells(cells).items()):
         groups[(setting, method, shots)].append(c)
-    return sorted((_summarize(*key, group) for key, group in groups.items()), key=row_key)
+    key = method_sort_key(method_order)
+    return sorted((_summarize(*k, group) for k, group in groups.items()),
+                  key=lambda r: (r["setting"], *key(r["method"]), r["shots"]))
 
 
 def paired(cells: list[dict], a: str = "prototype", b: str = "finetune",

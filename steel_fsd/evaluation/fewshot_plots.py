@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .aggregate import cell_file, matching_keys, method_key, metric_series, read_metrics
+from .aggregate import cell_file, matching_keys, method_sort_key, metric_series, read_metrics
 from .coco import PR_IOUS, read_pr_curves
 from .fewshot_tables import settings_of
 
@@ -57,7 +57,7 @@ def bar_chart(rows: list[dict], setting: str, metric: str, path: str) -> str | N
         logger.info("bar_chart: no %s for %s", metric, setting)
         return None
     shots = sorted({r["shots"] for r in sub})
-    methods = sorted({r["method"] for r in sub}, key=method_key)
+    methods = list(dict.fromkeys(r["method"] for r in sub))  # rows come in method order (aggregate)
     by = {(r["method"], r["shots"]): r for r in sub}
     fig = Figure(figsize=(max(5.0, 1.5 + 1.2 * len(shots) * max(1, len(methods) / 2)), 4))
     ax = fig.subplots()
@@ -69,8 +69,7 @@ def bar_chart(rows: list[dict], setting: str, metric: str, path: str) -> str | N
 
 def per_class_bars(rows: list[dict], setting: str, shots: int, path: str, metric: str = "AP50") -> str | None:
     """Per-class ``metric`` bars of one setting at K = ``shots``, one bar per method, 95% CI error bars."""
-    sub = sorted((r for r in rows if r["setting"] == setting and r["shots"] == shots and r.get("per_class")),
-                 key=lambda r: method_key(r["method"]))
+    sub = [r for r in rows if r["setting"] == setting and r["shots"] == shots and r.get("per_class")]
     if not sub:
         logger.info("per_class_bars: no rows for %s at K=%s", setting, shots)
         return None
@@ -172,19 +171,20 @@ def slug(setting: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", setting.replace("->", "_to_")).strip("_")
 
 
-def _first_seed(cells: list[dict]) -> dict[tuple[str, int], dict]:
+def _first_seed(cells: list[dict], method_order=()) -> dict[tuple[str, int], dict]:
     """The lowest-seed cell per (method, K), in method order then K."""
     out: dict[tuple[str, int], dict] = {}
-    for c in sorted(cells, key=lambda c: (method_key(c["method"]), int(c["shots"]), int(c["seed"]))):
+    key = method_sort_key(method_order)
+    for c in sorted(cells, key=lambda c: (key(c["method"]), int(c["shots"]), int(c["seed"]))):
         out.setdefault((c["method"], int(c["shots"])), c)
     return out
 
 
-def _loss_files(cells: list[dict]) -> dict[str, str]:
+def _loss_files(cells: list[dict], method_order=()) -> dict[str, str]:
     """Distinct base-training metrics files, then the fine-tune metrics file of each (method, K) at its lowest seed."""
     base = list(dict.fromkeys(os.path.realpath(p) for p in (cell_file(c, "base_metrics") for c in cells) if p))
     files = {("base" if len(base) == 1 else f"base: {os.path.basename(os.path.dirname(p))}"): p for p in base}
-    for (method, shots), c in _first_seed(cells).items():
+    for (method, shots), c in _first_seed(cells, method_order).items():
         p = cell_file(c, "train_metrics")
         if p and os.path.realpath(p) not in files.values():
             files[f"{method} K={shots}"] = os.path.realpath(p)
@@ -205,9 +205,10 @@ def write_all_plots(rows: list[dict], cells: list[dict], out_dir: str) -> list[s
         paths += [bar_chart(rows, setting, m, f"{name}_{m}.png") for m in ("AP50", "AP")]
         paths.append(per_class_bars(rows, setting, kmax, f"{name}_per_class_K{kmax}.png"))
         sub = [c for c in cells if c["setting"] == setting]
-        files = _loss_files(sub)
+        order = list(dict.fromkeys(r["method"] for r in rows))  # rows come in method order (aggregate)
+        files = _loss_files(sub, order)
         paths.append(loss_curves(files, f"{name}_loss.png") if files else None)
-        curves = {f"{m} K={k}": read_pr_curves(p) for (m, k), c in _first_seed(sub).items()
+        curves = {f"{m} K={k}": read_pr_curves(p) for (m, k), c in _first_seed(sub, order).items()
                   if k == kmax and (p := cell_file(c, "pr_curves"))}
         paths.append(pr_curves(curves, f"{name}_pr_K{kmax}.png") if curves else None)
         if not files or not curves:

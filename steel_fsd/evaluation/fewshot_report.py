@@ -12,7 +12,6 @@ from .fewshot_tables import markdown_report
 logger = logging.getLogger("steel_fsd")
 
 CELL_PATTERN = "K*_seed*.json"  # cells/<setting>/<method>/K<k>_seed<s>.json (evaluator files sit in K.._seed../)
-PAIRS = (("prototype", "finetune"), ("prototype_ft", "finetune"), ("prototype", "retinanet_ft"))
 
 
 def convergence_rows(out_dir: Path, fraction: float = 0.95) -> list[dict]:
@@ -31,15 +30,17 @@ def convergence_rows(out_dir: Path, fraction: float = 0.95) -> list[dict]:
     return rows
 
 
-def write_report(out_dir: str | Path) -> dict:
+def write_report(out_dir: str | Path, method_order=(), pairs=()) -> dict:
     """Aggregate every finished cell under ``out_dir``/cells; write results, report.md and plots.
 
+    Methods appear in ``method_order`` (a protocol file's METHODS; others after, alphabetically); each
+    ``(a, b)`` of ``pairs`` (its PAIRED) gets seed-paired comparisons a - b.
     Returns ``{"markdown": str, "plots": [paths], "results": path, "csv": path}``.
     """
     out_dir = Path(out_dir)
     cells = load_cells(str(out_dir / "cells"), CELL_PATTERN) if (out_dir / "cells").is_dir() else []
-    rows = aggregate(cells)
-    pairs = [p for a, b in PAIRS for p in paired(cells, a, b)]
+    rows = aggregate(cells, method_order)
+    pairs = [p for a, b in pairs for p in paired(cells, a, b)]
     conv = convergence_rows(out_dir)
     json_path, csv_path = write_results(rows, pairs, str(out_dir), cells)
     markdown = markdown_report(rows, pairs, conv)
