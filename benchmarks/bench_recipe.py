@@ -171,10 +171,8 @@ def summarize(runs: list[dict]) -> list[dict]:
     from steel_fsd.evaluation.aggregate import mean_ci
 
     out = []
-    for row in ROWS:
-        rs = [r for r in runs if r["row"] == row]
-        if not rs:
-            continue
+    for row, iters in sorted({(r["row"], r["iterations"]) for r in runs}, key=lambda k: (k[1], list(ROWS).index(k[0]))):
+        rs = [r for r in runs if r["row"] == row and r["iterations"] == iters]
         entry = {"row": row, "config": rs[0]["config"], "opts": rs[0]["opts"], "iterations": rs[0]["iterations"],
                  "seeds": [r["seed"] for r in rs], "wall_s": mean_ci([r["wall_s"] for r in rs])}
         for split in ("val", "test"):
@@ -253,8 +251,14 @@ def main() -> None:
 
     name = "recipe_neu" if args.iters == 300 else f"recipe_neu_it{args.iters}"
     png = plot_curves(runs, REPO / "benchmarks" / "results" / f"{name}_curves.png")
-    save(name, {"iterations_at_batch4": args.iters, "curves_png": str(png.relative_to(REPO)) if png else None, "data": args.data, "split": "neu_train -> neu_val / neu_test",
-                        "chosen_on_val": best["row"] if best else None, "rows": summary, "runs": runs})
+    save(name, {"iterations_at_batch4": args.iters, "curves_png": str(png.relative_to(REPO)) if png else None,
+                "data": args.data, "split": "neu_train -> neu_val / neu_test",
+                "chosen_on_val": best["row"] if best else None, "rows": summary, "runs": runs})
+    every = [json.loads(p.read_text()) for p in sorted(OUT.glob("it*/*/seed*/result.json"))]
+    save("real_neu", {"data": args.data, "split": "neu_train -> neu_val / neu_test",
+                      "note": "every finished run of benchmarks/bench_recipe.py, all budgets (iterations at batch 4); "
+                              "rows: mean +- 95% CI over seeds per (row, iterations)",
+                      "rows": summarize(every), "runs": every})
     print(table(summary))
 
 
