@@ -196,7 +196,7 @@ def kshot(args) -> dict:
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from steel_fsd.data.support import assert_disjoint, load_manifest, manifest_support_dicts
-    from steel_fsd.engine.protocol import cell_record
+    from steel_fsd.engine.protocol import Cell
     from yolo_export import write_data_yaml
 
     names = list(MetadataCatalog.get(args.train).thing_classes)
@@ -227,30 +227,25 @@ def kshot(args) -> dict:
             weights, train_s, steps, epochs = train_yolo(args, data_yaml, out / "yolo" / "runs" / f"{setting}_{split}", s)
             work = path.with_suffix("")
             results, predict_s = predict_and_evaluate(args, weights, args.test, index, work)
-            pr = work / "inference" / args.test / "pr_curves.json"
-            cell = {"setting": setting, "kind": "kshot", "source": args.key, "target": args.key, "method": "yolo",
-                    "shots": k, "seed": s, "classes": names, "base_classes": [], "novel_classes": names,
-                    "adapt_s": round(train_s, 2), "adapt_iters": steps,
-                    "pr_curves": os.path.relpath(pr, path.parent) if pr.is_file() else None,
-                    "train_metrics": None, "base_metrics": None, "manifest": os.path.relpath(mpath, path.parent),
-                    "support_images": len(support), "epochs": epochs, "model": args.model, "imgsz": args.imgsz,
-                    "predict_s": round(predict_s, 2), **cell_record(results, names, [], [])}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(cell, indent=1, sort_keys=True, default=float) + "\n")
-            os.replace(tmp, path)
+            cell = Cell.from_results(path, results, args.test, setting=setting, kind="kshot", source=args.key,
+                                     target=args.key, method="yolo", shots=k, seed=s, classes=names, base=[],
+                                     novel=names, adapt_s=train_s, adapt_iters=steps, manifest=mpath,
+                                     extra={"support_images": len(support), "epochs": epochs, "model": args.model,
+                                            "imgsz": args.imgsz, "predict_s": round(predict_s, 2)}).write(path)
             print(f"[bench_yolo] {setting} yolo K={k} seed={s}: AP {cell['metrics']['AP']:.1f} AP50 "
                   f"{cell['metrics']['AP50']:.1f} F1 {cell['metrics']['F1']:.1f} ({train_s:.1f} s training, "
                   f"{steps} steps, {len(support)} images) -> {path}")
             cells[(k, s)] = cell
+    from steel_fsd.evaluation.aggregate import aggregate
+
     rows = {}
-    for k in args.shots:
-        got = [cells[(k, s)] for s in args.seeds if (k, s) in cells]
-        rows[str(k)] = {"seeds": [c["seed"] for c in got], "epochs": sorted({c.get("epochs") for c in got}),
-                        "mean": _round({m: sum(c["metrics"][m] for c in got) / len(got) for m in METRICS}),
-                        "adapt_s": round(sum(c["adapt_s"] for c in got) / len(got), 1),
-                        "adapt_iters": round(sum(c["adapt_iters"] for c in got) / len(got), 1),
-                        "per_seed": {str(c["seed"]): _round(c["metrics"]) for c in got}}
+    for row in aggregate(list(cells.values())):  # the protocol's own mean +- CI over seeds
+        got = [c for (k, _), c in sorted(cells.items()) if k == row["shots"]]
+        rows[str(row["shots"])] = {
+            "seeds": row["seeds"], "epochs": sorted({c.get("epochs") for c in got}),
+            "mean": _round({m: row[m]["mean"] for m in METRICS}), "ci95": _round({m: row[m]["ci95"] for m in METRICS}),
+            "adapt_s": round(row["adapt_s"]["mean"], 1), "adapt_iters": round(row["adapt_iters"]["mean"], 1),
+            "per_seed": {str(c["seed"]): _round(c["metrics"]) for c in got}}
     return {"setting": setting, "train": args.train, "test": args.test, "manifests": str(args.kshot_manifests),
             "cells": str(out / "cells" / setting / "yolo"), "shots": rows}
 

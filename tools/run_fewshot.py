@@ -7,7 +7,7 @@
 
 Resumable: finished cells (``OUT/cells/**.json``) and trained models are reused; an interrupted training
 resumes from its last checkpoint. Writes ``OUT/results.json``, ``OUT/results.csv``, ``OUT/report.md``
-(the tables, also printed) and ``OUT/plots/*.png``. See steel_fsd/engine/protocol.py for the settings.
+(the tables, also printed) and ``OUT/plots/*.png``. See steel_fsd/engine/protocol/ for the settings.
 """
 from __future__ import annotations
 

@@ -1,0 +1,100 @@
+"""How a method adapts a trained model to a cell's K shots, by the ``adapt`` name a protocol file gives it.
+
+An adapter is ``f(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts)``
+returning ``(results with "_adapt_s", gradient steps, fine-tune metrics.json or None)``; register more with
+:func:`register_adapter` (methods whose cells are made outside the runner, such as the YOLO benchmark's,
+write them with :class:`~steel_fsd.engine.protocol.cells.Cell`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from detectron2.data import MetadataCatalog
+
+from ..fewshot import evaluate_with_support, register_support
+from ..trainer import Trainer, evaluate
+
+ADAPTERS: dict[str, Callable] = {}
+
+
+def register_adapter(name: str):
+    """Decorator: make ``fn`` the adapter of ``adapt: name`` in protocol files."""
+    def deco(fn: Callable) -> Callable:
+        ADAPTERS[name] = fn
+        return fn
+    return deco
+
+
+def parent_dataset(dataset: str) -> str:
+    """The dataset a derived (manifest) dataset draws from."""
+    return MetadataCatalog.get(dataset).parent
+
+
+def support_eval(cfg, weights: str, support_ds: str, manifest: dict, shots: int, seed: int, test: str,
+                 work: Path) -> dict:
+    """Prototypes from the manifest's boxes (timed as ``_adapt_s``), then evaluation with them."""
+    work.mkdir(parents=True, exist_ok=True)
+    protos = str(work / "prototypes.pt")
+    start = time.perf_counter()
+    register_support(cfg, weights, parent_dataset(support_ds), shots, seed, protos, manifest=manifest,
+                     progress=False)
+    adapt_s = time.perf_counter() - start
+    res = evaluate_with_support(cfg, weights, protos, [test], output_dir=str(work))[test]
+    return dict(res, _adapt_s=adapt_s)
+
+
+def finetune_eval(protocol, model: str, cfg, weights: str, setting, support_ds: str, manifest: dict,
+                  shots: int, seed: int, test: str, work: Path, method_opts: list[str]) -> tuple[dict, int]:
+    """Resize the base checkpoint to the target classes, fine-tune on the support set, evaluate on ``test``.
+
+    Adaptation time covers prototype registration (prototype models), surgery and training, not evaluation.
+    """
+    from ...modeling.surgery import resize_checkpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    init = None
+    if cfg.MODEL.ROI_HEADS.NAME == "PrototypeROIHeads":  # prototype-initialized fine-tune
+        ps = register_support(cfg, weights, parent_dataset(support_ds), shots, seed, str(work / "prototypes.pt"),
+                              manifest=manifest, progress=False)
+        init = dict(zip(ps.class_names, ps.prototypes))
+    src_classes = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes)
+    target = protocol.classes(setting.target)
+    resized = str(work / "model_resized.pth")
+    resize_checkpoint(weights, resized, src_classes, target, seed=seed, init_prototypes=init)
+    opts = protocol.base_opts + protocol.finetune_opts + [
+        "MODEL.WEIGHTS", resized, "DATASETS.TRAIN", f"('{support_ds}',)", "DATASETS.TEST", "()",
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(len(target)), "MODEL.RETINANET.NUM_CLASSES", str(len(target)),
+        "SEED", str(seed), "INPUT.HARMONIZE.NORMALIZE", "False", "MODEL.PIXEL_MEAN", str(list(cfg.MODEL.PIXEL_MEAN)),
+        "MODEL.PIXEL_STD", str(list(cfg.MODEL.PIXEL_STD)), "TEST.EVAL_PERIOD", "0", "TEST.VAL_LOSS_PERIOD", "0",
+        "SOLVER.CHECKPOINT_PERIOD", "1000000"] + method_opts
+    ft_cfg = protocol.config(model, opts, work)
+    torch.manual_seed(seed)
+    trainer = Trainer(ft_cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    adapt_s = time.perf_counter() - start
+    os.remove(resized)  # an intermediate: the adapted model is OUTPUT_DIR/model_final.pth
+    c = ft_cfg.clone()
+    c.defrost()
+    c.DATASETS.TEST = (test,)
+    res = evaluate(c, trainer.model)[test]
+    return dict(res, _adapt_s=adapt_s), ft_cfg.SOLVER.MAX_ITER
+
+
+@register_adapter("support")
+def adapt_support(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+    """Prototypes from the K shots, no gradient step."""
+    return support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work), 0, None
+
+
+@register_adapter("finetune")
+def adapt_finetune(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+    """Checkpoint resized to the target classes, then FINETUNE_OPTS (+ the method's opts) on the K shots."""
+    results, iters = finetune_eval(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test,
+                                   work, opts)
+    return results, iters, str(work / "metrics.json")

@@ -1,0 +1,123 @@
+"""The protocol file: its settings, datasets, models, methods (with their adaptation), shots, seeds, method
+order and paired comparisons, parsed and validated (errors name the file)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import yaml
+from detectron2.data import MetadataCatalog
+
+from ...data.catalog import require_registered
+from ...utils.cli import UserError
+from .methods import ADAPTERS
+
+KINDS = ("base_novel", "cross", "kshot")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One protocol setting; ``source``/``target`` are dataset keys of the protocol file."""
+
+    kind: str
+    source: str
+    target: str
+    novel: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """A readable label (also the cells' folder name); never parsed."""
+        if self.kind == "base_novel":
+            return f"base_novel_{self.source}_novel-{'+'.join(self.novel)}"
+        return f"cross_{self.source}-{self.target}" if self.kind == "cross" else f"kshot_{self.target}"
+
+    @staticmethod
+    def parse(spec: dict, datasets: dict) -> "Setting":
+        kind = spec.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"setting {spec}: kind must be one of {KINDS}")
+        src = spec.get("source", spec.get("dataset"))
+        tgt = spec.get("target", spec.get("dataset"))
+        for key in (src, tgt):
+            if key not in datasets:
+                raise ValueError(f"setting {spec}: dataset {key!r} is not in DATASETS {sorted(datasets)}")
+        return Setting(kind, src, tgt, tuple(spec.get("novel", ())))
+
+
+
+class ProtocolSpec:
+    """A parsed, validated protocol file (see :mod:`steel_fsd.engine.protocol`); :class:`Protocol` runs it."""
+
+    def __init__(self, path: str | os.PathLike, out_dir: str | None = None, shots: list[int] | None = None,
+                 seeds: list[int] | None = None, methods: list[str] | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"protocol file {self.path} not found", "", "give one of configs/protocols/*.yaml")
+        spec = yaml.safe_load(self.path.read_text())
+        missing = [k for k in ("DATASETS", "MODELS", "METHODS", "SETTINGS") if k not in spec]
+        if missing:
+            raise ValueError(f"{self.path}: missing keys {missing}")
+        self.datasets: dict[str, dict] = spec["DATASETS"]
+        self.models: dict[str, str] = spec["MODELS"]
+        unknown = sorted(set(methods or []) - set(spec["METHODS"]))
+        if unknown:
+            raise UserError(f"methods {unknown} are not in the protocol file", str(self.path),
+                            f"choose from {sorted(spec['METHODS'])}")
+        self.methods: dict[str, dict] = {m: spec["METHODS"][m] for m in (methods or spec["METHODS"])}
+        self.method_order = list(spec["METHODS"])  # tables and plots list methods in the file's order
+        self.pairs = [tuple(p) for p in spec.get("PAIRED", [])]  # seed-paired comparisons a - b in the report
+        if any(len(p) != 2 or not all(isinstance(m, str) for m in p) for p in self.pairs):
+            raise ValueError(f"{self.path}: PAIRED must list [method_a, method_b] pairs, got {spec['PAIRED']}")
+        for name, m in self.methods.items():
+            if m.get("model") not in self.models or m.get("adapt") not in ADAPTERS:
+                raise ValueError(f"{self.path}: method {name}: needs model (one of {sorted(self.models)}) and "
+                                 f"adapt (one of {sorted(ADAPTERS)}), got {m}")
+        self.settings = [Setting.parse(s, self.datasets) for s in spec["SETTINGS"]]
+        self.variants: dict[str, dict] = spec.get("VARIANTS", {})
+        for kind, rows in self.variants.items():
+            for row, v in rows.items():
+                if v.get("model") not in self.models or v.get("dataset") not in self.datasets:
+                    raise ValueError(f"{self.path}: VARIANTS {kind} {row!r}: needs model (one of {sorted(self.models)}) "
+                                     f"and dataset (one of {sorted(self.datasets)}), got {v}")
+        self.shots = list(shots or spec.get("SHOTS", [1, 5, 10]))
+        self.seeds = list(seeds if seeds is not None else spec.get("SEEDS", [0, 1, 2]))
+        self.out = Path(out_dir or spec.get("OUTPUT_DIR", "output/fewshot"))
+        self.base_opts = [str(v) for v in spec.get("BASE_OPTS", [])]
+        self.finetune_opts = [str(v) for v in spec.get("FINETUNE_OPTS", [])]
+        self.kshot_opts = [str(v) for v in spec.get("KSHOT_OPTS", [])]
+
+    # ----- datasets -----------------------------------------------------------------------------
+    def split(self, key: str, part: str) -> str:
+        name = self.datasets[key][part]
+        require_registered(name, f"{self.path} DATASETS.{key}.{part}")
+        return name
+
+    def classes(self, key: str) -> list[str]:
+        return list(MetadataCatalog.get(self.split(key, "train")).thing_classes)
+
+    # ----- everything -----------------------------------------------------------------------------
+    def cells(self, only: list[Setting] | None = None) -> list[tuple]:
+        """Every (setting, method, K, seed) to run, in order."""
+        out = []
+        for s in only or self.settings:
+            out += [(s, method, k, seed) for method in self.methods for k in self.shots for seed in self.seeds]
+        return out
+
+    def select(self, kinds: list[str] | None = None, cross: list[str] | None = None,
+               only: list[str] | None = None) -> list[Setting]:
+        """The settings of the given kinds, cross directions (``SRC->TGT``) or names (all when none is given)."""
+        if only:
+            names = {s.name: s for s in self.settings}
+            if set(only) - set(names):
+                raise UserError(f"--only {sorted(set(only) - set(names))}: no such setting", str(self.path),
+                                f"choose from {sorted(names)} (--list prints them)")
+            return [names[n] for n in only]
+        chosen = [s for s in self.settings if (cross and s.kind == "cross" and f"{s.source}->{s.target}" in cross)
+                  or (kinds and s.kind in kinds)]
+        if cross:
+            known = {f"{s.source}->{s.target}" for s in self.settings if s.kind == "cross"}
+            unknown = sorted(set(cross) - known)
+            if unknown:
+                raise UserError(f"--cross {unknown}: no such cross setting", str(self.path), f"choose from {sorted(known)}")
+        return chosen if (kinds or cross) else list(self.settings)
