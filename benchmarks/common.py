@@ -7,7 +7,6 @@ import platform
 import subprocess
 import sys
 import time
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,24 +87,3 @@ def time_inference(cfg, n_images: int, warmup: int = 2, model=None) -> float:
     for b in inputs[warmup:]:
         model(b)
     return (time.perf_counter() - start) / max(1, len(inputs) - warmup)
-
-
-def train_and_evaluate(config_file: str, opts: list[str]) -> tuple[dict, object]:
-    """Train ``config_file`` (resuming from its OUTPUT_DIR) and evaluate on its first DATASETS.TEST.
-
-    Returns ``(summary, cfg)``: iterations, batch, input size, wall time, mean and per-class rows.
-    """
-    from detectron2.data import MetadataCatalog
-
-    from steel_fsd.evaluation.report import per_class_rows
-
-    cfg = build_config(str(REPO / config_file), opts)
-    finalize_config(cfg)
-    start = time.time()
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=True)
-    test = cfg.DATASETS.TEST[0]
-    rows = per_class_rows(trainer.train()[test], MetadataCatalog.get(test).thing_classes)
-    return {"config": config_file, "test": test, "iterations": cfg.SOLVER.MAX_ITER, "batch": cfg.SOLVER.IMS_PER_BATCH,
-            "input_px": cfg.INPUT.HARMONIZE.RESIZE, "wall_s_this_run": round(time.time() - start),
-            "mean": rows[-1], "per_class": rows[:-1]}, cfg
