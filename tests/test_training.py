@@ -60,3 +60,31 @@ def test_unreadable_weights_fail_with_a_way_forward(tmp_path):
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "missing.pkl' cannot be read" in res.stderr and 'MODEL.WEIGHTS ""' in res.stderr
+
+
+@pytest.mark.slow
+def test_same_seed_same_training_in_process(tmp_path):
+    """A Trainer built in-process (as make demo, the protocol and the benchmarks do) is seeded by SEED:
+    two runs give the same losses, another seed different ones."""
+    from detectron2.utils.logger import setup_logger  # noqa: F401
+
+    from steel_fsd.data import register_neu
+    from steel_fsd.engine.setup import build_config, finalize_config
+    from steel_fsd.engine.trainer import Trainer
+
+    make_neu_synthetic(tmp_path / "neu", n_per_class=4, seed=0)
+    register_neu("t_seed_train", tmp_path / "neu", split="train")
+
+    def losses(seed: int, out: str) -> list[float]:
+        cfg = build_config(str(CFG), TINY + ["DATASETS.TRAIN", "('t_seed_train',)", "DATASETS.TEST", "()",
+                                             "SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "()", "SEED", str(seed),
+                                             "OUTPUT_DIR", str(tmp_path / out)])
+        finalize_config(cfg)
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        return [json.loads(line)["total_loss"] for line in (tmp_path / out / "metrics.json").read_text().splitlines()
+                if "total_loss" in line]
+
+    a, b, c = losses(5, "a"), losses(5, "b"), losses(6, "c")
+    assert a == b and a != c

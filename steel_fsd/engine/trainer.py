@@ -10,6 +10,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_tes
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 from detectron2.utils.file_io import PathManager
 
@@ -72,6 +74,10 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with steel-fsd's mapper (harmonization + augmentation) and evaluators."""
 
     def __init__(self, cfg):
+        # SEED >= 0 seeds every RNG before the model and the loader are built, as default_setup does for
+        # tools/train_net.py: the demo, the protocol and the benchmarks build a Trainer without it.
+        if cfg.SEED >= 0:
+            seed_all_rng(cfg.SEED + comm.get_rank())
         with cpu_ddp():  # several CPU processes (steel_fsd.engine.launch): DDP without device_ids
             super().__init__(cfg)
 
