@@ -1,0 +1,159 @@
+"""Pretraining pieces against brute-force references: NT-Xent, NNCLR's queue and loss, and the torchvision ->
+Detectron2 ResNet converter (features equal to torchvision's)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+from steel_fsd.pretrain import SupportQueue, backbone_prefix, nnclr_loss, nt_xent, torchvision_to_detectron2
+
+
+def nt_xent_reference(z1, z2, t):
+    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2])]
+    n2, n = len(z), len(z1)
+    total = 0.0
+    for i in range(n2):
+        j = (i + n) % n2
+        denom = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(n2) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[j]) / t) / denom)
+    return total / n2
+
+
+@pytest.mark.parametrize("n,d,t", [(4, 8, 0.1), (7, 3, 0.5), (1, 5, 1.0)])
+def test_nt_xent_matches_brute_force(n, d, t):
+    g = torch.Generator().manual_seed(n * 31 + d)
+    z1, z2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    assert float(nt_xent(z1, z2, t)) == pytest.approx(nt_xent_reference(z1, z2, t), rel=1e-5)
+    # identical views with orthogonal partners: the loss falls as the temperature falls
+    eye = torch.eye(4)
+    assert float(nt_xent(eye, eye, 0.05)) < float(nt_xent(eye, eye, 1.0))
+    with pytest.raises(ValueError):
+        nt_xent(z1, z2[:, :1], t)
+
+
+def test_support_queue_is_fifo_and_finds_the_nearest():
+    q = SupportQueue(size=5, dim=3)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 3, generator=g) for _ in range(4)]
+    for b in batches:
+        q.push(b)
+    kept = F.normalize(torch.cat(batches), dim=1)[-5:]
+    assert len(q) == 5 and torch.allclose(q.items, kept)
+    z = torch.randn(6, 3, generator=g)
+    want = torch.stack([kept[max(range(5), key=lambda k: float(F.normalize(r, dim=0) @ kept[k]))] for r in z])
+    assert torch.equal(q.nearest(z), want)
+    with pytest.raises(ValueError, match="empty"):
+        SupportQueue(3, 3).nearest(z)
+
+
+def test_nnclr_loss_uses_queue_neighbours_as_queries():
+    g = torch.Generator().manual_seed(1)
+    q = SupportQueue(size=16, dim=4)
+    q.push(torch.randn(10, 4, generator=g))
+    z1, z2, p1, p2 = (torch.randn(5, 4, generator=g) for _ in range(4))
+    before = q.items.clone()
+    nn1, nn2 = q.nearest(z1), q.nearest(z2)
+
+    def side(nn, p):
+        logits = [[float(F.normalize(a, dim=0) @ F.normalize(b, dim=0)) / 0.1 for b in p] for a in nn]
+        return sum(-math.log(math.exp(r[i]) / sum(math.exp(v) for v in r)) for i, r in enumerate(logits)) / len(p)
+
+    assert float(nnclr_loss(z1, z2, p1, p2, q)) == pytest.approx(0.5 * (side(nn1, p2) + side(nn2, p1)), rel=1e-5)
+    assert torch.allclose(q.items, torch.cat([before, F.normalize(z1, dim=1)])[-16:])  # z1 pushed afterwards
+
+
+def d2_resnet(depth: int, norm: str = "BN"):
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
+    cfg.MODEL.RESNETS.NORM = norm
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False  # torchvision: stride in the 3x3 conv
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    return build_resnet_backbone(cfg, ShapeSpec(channels=3))
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_converted_torchvision_resnet_gives_torchvisions_features(depth):
+    torch.manual_seed(depth)
+    tv = getattr(torchvision.models, f"resnet{depth}")()
+    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    tv.eval()
+    d2 = d2_resnet(depth).eval()
+    converted = torchvision_to_detectron2({"state_dict": {f"module.{k}": v for k, v in tv.state_dict().items()}},
+                                          prefix="")
+    missing, unexpected = d2.load_state_dict(converted, strict=False)
+    assert not unexpected and not missing
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        feats = d2(x)
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        for i, name in enumerate(["res2", "res3", "res4", "res5"], 1):
+            y = getattr(tv, f"layer{i}")(y)
+            torch.testing.assert_close(feats[name], y, rtol=1e-5, atol=1e-5)
+
+
+def test_converted_weights_cover_an_fpn_models_backbone():
+    from steel_fsd.engine.setup import build_config
+
+    cfg = build_config("configs/Base-RCNN-FPN.yaml", ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "50",
+                                                      "MODEL.RESNETS.NORM", "FrozenBN"])
+    model_state = build_model(cfg).state_dict()
+    prefix = backbone_prefix(model_state)
+    assert prefix == "backbone.bottom_up."
+    converted = torchvision_to_detectron2(torchvision.models.resnet50().state_dict(), prefix)
+    backbone = {k for k in model_state if k.startswith(prefix)}
+    # FrozenBN keeps weight, bias, running_mean, running_var (no num_batches_tracked)
+    assert backbone <= set(converted)
+    assert all(converted[k].shape == model_state[k].shape for k in backbone)
+    assert not [k for k in converted if "fc." in k]
+    with pytest.raises(ValueError, match="not a torchvision ResNet"):
+        torchvision_to_detectron2({"backbone.bottom_up.stem.conv1.weight": torch.zeros(1)})
+
+
+def test_convert_tool_round_trip_and_errors(tmp_path):
+    """tools/convert_torchvision.py: the written file loads into the config's model through the project's
+    checkpointer with every backbone tensor matched and changed; GN configs and bad files are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    from steel_fsd.engine.setup import build_config
+    from steel_fsd.modeling.checkpoint import SafeCheckpointer
+    from steel_fsd.utils.cli import run_main
+
+    spec = importlib.util.spec_from_file_location("convert_torchvision",
+                                                  Path(__file__).resolve().parents[1] / "tools" / "convert_torchvision.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    opts = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "FrozenBN",
+            "MODEL.RESNETS.STRIDE_IN_1X1", "False", "MODEL.DEVICE", "cpu"]
+    out = tmp_path / "r18_d2.pth"
+    assert run_main(tool.main, ["--weights", str(tmp_path / "r18.pth"), "--config-file", "configs/Base-RCNN-FPN.yaml",
+                                "--out", str(out), *opts]) == 0
+    model = build_model(build_config("configs/Base-RCNN-FPN.yaml", opts))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ck = SafeCheckpointer(model)
+    ck.load(str(out))
+    backbone = [k for k in before if k.startswith("backbone.bottom_up.")]
+    assert not [k for k in ck.last_incompatible.missing_keys if k.startswith("backbone.bottom_up.")]
+    after = model.state_dict()
+    assert torch.equal(after["backbone.bottom_up.stem.conv1.weight"], tv.conv1.weight)
+    assert all(not torch.equal(before[k], after[k]) for k in backbone if k.endswith("conv1.weight"))
+    gn = ["--weights", str(tmp_path / "r18.pth"), "--config-file", "configs/Base-R18-GN-CPU.yaml",
+          "--out", str(tmp_path / "x.pth")]
+    assert run_main(tool.main, gn) == 2  # GroupNorm config: refused with one line
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
+    assert run_main(tool.main, ["--weights", str(tmp_path / "bad.pth"), "--config-file", "configs/Base-RCNN-FPN.yaml",
+                                "--out", str(tmp_path / "y.pth"), *opts]) == 2
