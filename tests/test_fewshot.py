@@ -50,10 +50,9 @@ def trained(tmp_path_factory):
                              "OUTPUT_DIR", str(root / "out"), "SOLVER.MAX_ITER", "40", "SOLVER.STEPS", "(30,)",
                              "SOLVER.WARMUP_ITERS", "5", "INPUT.HARMONIZE.RESIZE", "128", "DATALOADER.NUM_WORKERS", "0",
                              "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SOLVER.CHECKPOINT_PERIOD", "1000",
-                             "MODEL.PROTOTYPE.EMBED_DIM", "64"])
+                             "MODEL.PROTOTYPE.EMBED_DIM", "64", "SEED", "0"])
     finalize_config(cfg)
-    torch.manual_seed(0)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)  # seeded by SEED
     trainer.resume_or_load(resume=False)
     trainer.train()
     return cfg, str(root / "out" / "model_final.pth"), root
