@@ -1,5 +1,6 @@
 """Pretraining pieces against brute-force references: NT-Xent, NNCLR's queue and loss, and the torchvision ->
 Detectron2 ResNet converter (features equal to torchvision's)."""
+import json
 import math
 
 import pytest
@@ -157,3 +158,73 @@ def test_convert_tool_round_trip_and_errors(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
     assert run_main(tool.main, ["--weights", str(tmp_path / "bad.pth"), "--config-file", "configs/Base-RCNN-FPN.yaml",
                                 "--out", str(tmp_path / "y.pth"), *opts]) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_neu(tmp_path_factory):
+    from steel_fsd.data import register_neu
+    from steel_fsd.synthetic import make_neu_synthetic
+
+    root = tmp_path_factory.mktemp("pre")
+    make_neu_synthetic(root / "neu", n_per_class=2, seed=0)
+    register_neu("t_pre_train", root / "neu", split=None)
+    return root
+
+
+@pytest.mark.parametrize("method", ["simclr", "nnclr", "supervised"])
+def test_pretrain_exports_the_configs_backbone_and_resumes(tiny_neu, tmp_path, method):
+    """One tiny epoch per method: the file loads into the detector config's model with every backbone tensor
+    matched and changed; a second call with more epochs resumes (history grows, the first epoch is kept)."""
+    from detectron2.data import DatasetCatalog
+
+    from steel_fsd.engine.setup import build_config, finalize_config
+    from steel_fsd.modeling.checkpoint import SafeCheckpointer
+    from steel_fsd.pretrain.train import pretrain
+
+    opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
+            "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
+    cfg = finalize_config(build_config("configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", opts))
+    dicts = DatasetCatalog.get("t_pre_train")
+    out = str(tmp_path / "w.pth")
+    rec = pretrain(cfg, dicts, method, 1, out, batch=6, label_classes=[0, 1, 2] if method == "supervised" else None,
+                   progress=False)
+    assert rec["images"] == 12 and len(rec["history"]) == 1 and math.isfinite(rec["history"][0]["loss"])
+    first = rec["history"][0]
+    rec = pretrain(cfg, dicts, method, 2, out, batch=6, label_classes=[0, 1, 2] if method == "supervised" else None,
+                   progress=False)
+    assert len(rec["history"]) == 2 and rec["history"][0] == first  # resumed after epoch 1
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.bottom_up.")}
+    ck = SafeCheckpointer(model)
+    ck.load(out)
+    assert not [k for k in ck.last_incompatible.missing_keys if k.startswith("backbone.bottom_up.")]
+    assert not ck.last_incompatible.unexpected_keys
+    after = model.state_dict()
+    changed = [k for k in before if k.endswith(".weight") and not torch.equal(before[k], after[k])]
+    assert len(changed) == sum(k.endswith(".weight") for k in before)
+
+
+def test_pretrain_tool_from_folders_and_its_errors(tiny_neu, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from steel_fsd.utils.cli import run_main
+
+    spec = importlib.util.spec_from_file_location("pretrain_backbone",
+                                                  Path(__file__).resolve().parents[1] / "tools" / "pretrain_backbone.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    common = ["--config-file", "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "--epochs", "1", "--batch", "6"]
+    opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
+            "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
+    out = tmp_path / "f.pth"
+    assert run_main(tool.main, [*common, "--images", str(tiny_neu / "neu"), "--out", str(out), *opts]) == 0
+    assert out.is_file() and json.loads(Path(str(out) + ".json").read_text())["images"] == 12
+    # labels need a dataset; unknown classes and empty folders are one-line errors
+    assert run_main(tool.main, [*common, "--images", str(tiny_neu / "neu"), "--method", "supervised",
+                                "--out", str(tmp_path / "s.pth"), *opts]) == 2
+    assert run_main(tool.main, [*common, "--datasets", "t_pre_train", "--method", "supervised", "--classes", "nope",
+                                "--out", str(tmp_path / "s.pth"), *opts]) == 2
+    (tmp_path / "empty").mkdir()
+    assert run_main(tool.main, [*common, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "e.pth"),
+                                *opts]) == 2

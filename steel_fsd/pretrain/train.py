@@ -1,0 +1,169 @@
+"""Pretrain a detector config's ResNet on steel pixels: SimCLR, NNCLR or image-level labels (multi-label).
+
+The encoder is exactly the ResNet the config builds (``backbone.bottom_up`` of an FPN model): its weights
+are exported under the model's own names, so ``MODEL.WEIGHTS`` loads them into every Faster R-CNN and
+prototype config of the same backbone. Images get the config's test-time harmonization (CLAHE, resize) and
+pixel statistics, then augmentations suited to grayscale steel: resized crops, flips, 90-degree rotations,
+brightness/contrast, blur and noise (no hue). A projection head (and NNCLR's predictor) is dropped at export.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T2
+
+from ..utils.io import write_json
+from .contrastive import SupportQueue, nnclr_loss, nt_xent
+
+logger = logging.getLogger("steel_fsd")
+METHODS = ("simclr", "nnclr", "supervised")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+
+
+def folder_dicts(folders: list[str]) -> list[dict]:
+    """Dataset-dict stubs (``file_name`` only) of every image under ``folders``, recursively, sorted; labels ignored."""
+    files = sorted({str(p) for f in folders for p in Path(f).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES})
+    if not files:
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folders}")
+    return [{"file_name": f, "image_id": i} for i, f in enumerate(files)]
+
+
+def image_labels(dicts: list[dict], classes: list[int]) -> torch.Tensor:
+    """Multi-label targets (N x len(classes)): which of ``classes`` (contiguous ids) each image holds a box of.
+    Boxes of other classes (e.g. novel ones in a base/novel setting) are ignored."""
+    index = {c: i for i, c in enumerate(classes)}
+    y = torch.zeros(len(dicts), len(classes))
+    for n, d in enumerate(dicts):
+        for a in d.get("annotations", []):
+            if a["category_id"] in index:
+                y[n, index[a["category_id"]]] = 1.0
+    return y
+
+
+def steel_augment(size: int) -> T2.Compose:
+    """Two-view augmentation for grayscale steel (tensors CHW float in [0, 255])."""
+    return T2.Compose([
+        T2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True),
+        T2.RandomHorizontalFlip(), T2.RandomVerticalFlip(),
+        T2.RandomChoice([T2.RandomRotation((a, a)) for a in (0, 90, 180, 270)]),
+        T2.RandomApply([T2.ColorJitter(brightness=0.4, contrast=0.4)], p=0.8),
+        T2.RandomApply([T2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.5),
+    ])
+
+
+class Encoder(nn.Module):
+    """The config's ResNet, global-average-pooled, with a projection head (and a predictor for NNCLR or a
+    linear classifier for image labels)."""
+
+    def __init__(self, resnet: nn.Module, method: str, num_labels: int = 0, dim: int = 128):
+        super().__init__()
+        self.resnet = resnet
+        self.top = resnet._out_features[-1]
+        width = resnet.output_shape()[self.top].channels
+        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+        self.predictor = (nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+                          if method == "nnclr" else None)
+        self.classifier = nn.Linear(width, num_labels) if method == "supervised" else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnet(x)[self.top].mean(dim=(2, 3))
+
+
+def _prepare(cfg, dicts: list[dict]) -> torch.Tensor:
+    """All images, harmonized as the detector sees them at test time, as one uint8 tensor (N, C, S, S)."""
+    from ..data.mapper import SteelDatasetMapper
+
+    mapper = SteelDatasetMapper(cfg, is_train=False)
+    size = cfg.INPUT.HARMONIZE.RESIZE
+    out = []
+    for d in dicts:
+        img = mapper(dict(d))["image"]
+        if img.shape[1:] != (size, size):  # native-size configs: square crops of the harmonized image
+            img = T2.functional.resize(img, [size, size], antialias=True)
+        out.append(img)
+    return torch.stack(out)
+
+
+def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: int = 32, lr: float = 0.05,
+             temperature: float = 0.1, queue_size: int = 4096, label_classes: list[int] | None = None,
+             seed: int = 0, progress: bool = True) -> dict:
+    """Pretrain ``cfg``'s ResNet on ``dicts`` and export it to ``out`` (``{"model": {name: tensor}}``).
+
+    Resumable: ``out + ".state.pth"`` holds the encoder, optimizer and epoch after each epoch. Returns the run
+    record (also ``out + ".json"``): method, images, epochs, per-epoch loss and seconds.
+    """
+    from detectron2.modeling import build_backbone
+
+    from ..modeling.checkpoint import atomic_save, read_weights_file
+    from ..pretrain.convert import backbone_prefix
+
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: choose from {METHODS}")
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg)
+    resnet = getattr(backbone, "bottom_up", backbone)
+    prefix = backbone_prefix(f"backbone.{k}" for k in backbone.state_dict())
+    labels = None
+    if method == "supervised":
+        if not label_classes:
+            raise ValueError("supervised pretraining needs the classes whose image labels to learn")
+        labels = image_labels(dicts, label_classes)
+    model = Encoder(resnet, method, len(label_classes or []))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    images = _prepare(cfg, dicts)
+    mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.MODEL.PIXEL_STD).view(1, -1, 1, 1)
+    aug = steel_augment(images.shape[-1])
+    queue = SupportQueue(queue_size, model.head[-1].out_features) if method == "nnclr" else None
+    state_path, record_path = out + ".state.pth", out + ".json"
+    record = {"method": method, "images": len(dicts), "epochs": epochs, "batch": batch, "lr": lr, "history": []}
+    start_epoch = 0
+    if os.path.isfile(state_path):
+        st = read_weights_file(state_path)
+        model.load_state_dict(st["encoder"])
+        opt.load_state_dict(st["optimizer"])
+        start_epoch, record["history"] = int(st["epoch"]), list(st["history"])
+        logger.info("pretrain: resuming %s after epoch %d", state_path, start_epoch)
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        x = torch.stack([aug(im.float()) for im in x])
+        x = x + torch.randn_like(x) * 2.55 * torch.rand(len(x), 1, 1, 1)  # noise up to 1% of 255
+        return (x - mean) / std
+
+    model.train()
+    for epoch in range(start_epoch, epochs):
+        t0, total, seen = time.perf_counter(), 0.0, 0
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        steps = range(0, max(len(order) - batch + 1, 1), batch)  # full batches (one short one if few images)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc=f"pretrain {method} epoch {epoch + 1}/{epochs}", unit="batch")
+        for i in steps:
+            idx = order[i:i + batch]
+            if method == "supervised":
+                logits = model.classifier(model.features(view(images[idx])))
+                loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
+            else:
+                z1 = model.head(model.features(view(images[idx])))
+                z2 = model.head(model.features(view(images[idx])))
+                loss = nt_xent(z1, z2, temperature) if method == "simclr" else \
+                    nnclr_loss(z1, z2, model.predictor(z1), model.predictor(z2), queue, temperature)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, seen = total + float(loss) * len(idx), seen + len(idx)
+            if progress:
+                steps.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        record["history"].append({"epoch": epoch + 1, "loss": total / max(seen, 1),
+                                  "seconds": round(time.perf_counter() - t0, 1)})
+        atomic_save({"encoder": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                     "history": record["history"]}, state_path)
+    atomic_save({"model": {f"{prefix}{k}": v for k, v in resnet.state_dict().items()}}, out)
+    write_json(record_path, record, indent=2)
+    return record

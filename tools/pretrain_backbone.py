@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Pretrain a config's ResNet backbone on steel images without downloads (SimCLR, NNCLR or image labels).
+
+    python tools/pretrain_backbone.py --config-file configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml \
+        (--images DIR [DIR ...] | --datasets NAME [NAME ...]) --method simclr|nnclr|supervised \
+        --epochs 20 --out output/pretrain/r18_simclr.pth [--classes NAME ...] [KEY VALUE ...]
+
+Then train any detector config of the same backbone with ``MODEL.WEIGHTS output/pretrain/r18_simclr.pth``.
+``--images`` reads every image under the folders (labels ignored); ``--datasets`` reads registered datasets.
+``supervised`` learns image-level labels from the datasets' boxes; ``--classes`` restricts them (in a
+base/novel setting pass the base classes only). Pixel statistics and harmonization are the config's
+(``DATASETS.TRAIN`` must be registered). Resumable (``OUT.state.pth``); the run record is ``OUT.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.logger import setup_logger
+
+from steel_fsd.data import register_all
+from steel_fsd.data.catalog import require_registered
+from steel_fsd.engine.setup import build_config, finalize_config
+from steel_fsd.pretrain.train import METHODS, folder_dicts, pretrain
+from steel_fsd.utils.cli import UserError, check_output_file, run_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config-file", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", help="folders of images (searched recursively; labels ignored)")
+    src.add_argument("--datasets", nargs="+", help="registered datasets")
+    ap.add_argument("--method", choices=METHODS, default="simclr")
+    ap.add_argument("--classes", nargs="+", help="supervised: only these classes' image labels")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="backbone weights to write (.pth)")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = ap.parse_args(argv)
+    setup_logger(name="steel_fsd")
+    register_all()
+    cfg = build_config(args.config_file, args.opts)
+    check_output_file(args.out, "--out")
+    finalize_config(cfg, datasets=("TRAIN",))  # the detector's pixel statistics
+    if args.images:
+        if args.method == "supervised":
+            raise UserError("--method supervised needs labels", "--images", "pass --datasets NAME instead")
+        dicts = folder_dicts(args.images)
+    else:
+        for name in args.datasets:
+            require_registered(name, "--datasets", nonempty=True)
+        dicts = [d for name in args.datasets for d in DatasetCatalog.get(name)]
+    classes = None
+    if args.method == "supervised":
+        names = list(MetadataCatalog.get(args.datasets[0]).thing_classes)
+        unknown = sorted(set(args.classes or []) - set(names))
+        if unknown:
+            raise UserError(f"--classes {unknown} are not classes of {args.datasets[0]}", "--classes", f"choose from {names}")
+        classes = [names.index(c) for c in (args.classes or names)]
+    record = pretrain(cfg, dicts, args.method, args.epochs, args.out, args.batch, args.lr, label_classes=classes,
+                      seed=args.seed)
+    print(json.dumps(record, indent=1))
+    print(f"wrote {args.out}: train with MODEL.WEIGHTS {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
