@@ -2,6 +2,7 @@
 Detectron2 ResNet converter (features equal to torchvision's)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,6 +190,7 @@ def test_pretrain_exports_the_configs_backbone_and_resumes(tiny_neu, tmp_path, m
     rec = pretrain(cfg, dicts, method, 1, out, batch=6, label_classes=[0, 1, 2] if method == "supervised" else None,
                    progress=False)
     assert rec["images"] == 12 and len(rec["history"]) == 1 and math.isfinite(rec["history"][0]["loss"])
+    assert 0.0 <= rec["history"][0]["probe_acc"] <= 100.0 and Path(out + ".png").stat().st_size > 0
     first = rec["history"][0]
     rec = pretrain(cfg, dicts, method, 2, out, batch=6, label_classes=[0, 1, 2] if method == "supervised" else None,
                    progress=False)
@@ -228,3 +230,17 @@ def test_pretrain_tool_from_folders_and_its_errors(tiny_neu, tmp_path):
     (tmp_path / "empty").mkdir()
     assert run_main(tool.main, [*common, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "e.pth"),
                                 *opts]) == 2
+
+
+def test_linear_probe_separates_separable_features_and_not_noise():
+    from steel_fsd.pretrain.train import linear_probe, single_labels
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat(40)
+    separable = torch.randn(120, 8, generator=g) * 0.1 + F.one_hot(y, 8).float() * 3
+    assert linear_probe(separable, y) == 100.0
+    assert linear_probe(torch.randn(120, 8, generator=g), y) < 70.0  # chance is 33%
+    assert torch.equal(single_labels([{"annotations": [{"category_id": 2}, {"category_id": 2}]},
+                                      {"annotations": [{"category_id": 0}, {"category_id": 1}]}, {}]),
+                       torch.tensor([2, -1, -1]))
+    assert single_labels([{"file_name": "x"}]) is None

@@ -208,6 +208,43 @@ def test_protocol_file_errors(tmp_path):
         Protocol(bad)
 
 
+def test_pretrained_backbone_per_model(tmp_path, monkeypatch):
+    """PRETRAINED: {model: weights} is validated at parse time and becomes MODEL.WEIGHTS of that model's training."""
+    from steel_fsd.engine.protocol import runner
+    from steel_fsd.utils.cli import UserError
+
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    spec = {"DATASETS": {"neu": {"train": "t_pre_proto", "val": "t_pre_proto", "test": "t_pre_proto"}},
+            "MODELS": {"m": "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml"},
+            "METHODS": {"a": {"model": "m", "adapt": "finetune"}}, "SETTINGS": [], "OUTPUT_DIR": str(tmp_path / "o"),
+            "BASE_OPTS": ["INPUT.HARMONIZE.NORMALIZE", False]}
+    path = tmp_path / "p.yaml"
+    for bad, err in (({"nope": str(weights)}, ValueError), ({"m": str(tmp_path / "missing.pth")}, UserError)):
+        path.write_text(yaml.safe_dump(dict(spec, PRETRAINED=bad)))
+        with pytest.raises(err, match="nope|not found"):
+            Protocol(path)
+    path.write_text(yaml.safe_dump(dict(spec, PRETRAINED={"m": str(weights)})))
+    proto = Protocol(path)
+    DatasetCatalog.register("t_pre_proto", lambda: [{"file_name": "x.png", "image_id": 0, "height": 8, "width": 8,
+                                                     "annotations": []}])
+    MetadataCatalog.get("t_pre_proto").set(thing_classes=["a", "b"], evaluator_type="coco")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class FakeTrainer:
+        def __init__(self, cfg):
+            seen["weights"] = cfg.MODEL.WEIGHTS
+            raise Stop
+
+    monkeypatch.setattr(runner, "Trainer", FakeTrainer)
+    with pytest.raises(Stop):
+        proto.train("m", "t_pre_proto", "t_pre_proto", proto.base_opts, "label")
+    assert seen["weights"] == str(weights)
+
+
 def test_seeds_argument_ranges():
     import run_fewshot
 

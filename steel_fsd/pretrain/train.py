@@ -75,6 +75,36 @@ class Encoder(nn.Module):
         return self.resnet(x)[self.top].mean(dim=(2, 3))
 
 
+def single_labels(dicts: list[dict]) -> torch.Tensor | None:
+    """Each image's class when it holds boxes of exactly one class (NEU-DET: all of them), else -1; None when no
+    image has a label (folders)."""
+    y = torch.tensor([next(iter(c)) if len(c := {a["category_id"] for a in d.get("annotations", [])}) == 1 else -1
+                      for d in dicts])
+    return y if (y >= 0).any() else None
+
+
+@torch.no_grad()
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, seed: int = 0, steps: int = 200) -> float:
+    """Accuracy (%) of a linear classifier on frozen ``features``: trained on a seeded 70% of the labelled
+    images (full-batch Adam on standardized features), scored on the other 30%."""
+    keep = labels >= 0
+    x, y = features[keep], labels[keep]
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(0.7 * len(y)))
+    tr, te = perm[:cut], perm[cut:] if cut < len(y) else perm[:cut]
+    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+    x = (x - mu) / sd
+    lin = nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(lin(x[tr]), y[tr])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return float((lin(x[te]).argmax(1) == y[te]).float().mean() * 100)
+
+
 def _prepare(cfg, dicts: list[dict]) -> torch.Tensor:
     """All images, harmonized as the detector sees them at test time, as one uint8 tensor (N, C, S, S)."""
     from ..data.mapper import SteelDatasetMapper
@@ -123,6 +153,7 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
     queue = SupportQueue(queue_size, model.head[-1].out_features) if method == "nnclr" else None
     state_path, record_path = out + ".state.pth", out + ".json"
     record = {"method": method, "images": len(dicts), "epochs": epochs, "batch": batch, "lr": lr, "history": []}
+    probe_labels = single_labels(dicts)
     start_epoch = 0
     if os.path.isfile(state_path):
         st = read_weights_file(state_path)
@@ -160,10 +191,40 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
             total, seen = total + float(loss) * len(idx), seen + len(idx)
             if progress:
                 steps.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        record["history"].append({"epoch": epoch + 1, "loss": total / max(seen, 1),
-                                  "seconds": round(time.perf_counter() - t0, 1)})
+        entry = {"epoch": epoch + 1, "loss": total / max(seen, 1), "seconds": round(time.perf_counter() - t0, 1)}
+        if probe_labels is not None:  # a cheap quality signal: linear-probe accuracy on the image classes
+            model.eval()
+            with torch.no_grad():
+                feats = torch.cat([model.features((images[i:i + 64].float() - mean) / std)
+                                   for i in range(0, len(images), 64)])
+            model.train()
+            entry["probe_acc"] = round(linear_probe(feats, probe_labels, seed), 2)
+        record["history"].append(entry)
+        logger.info("pretrain %s epoch %d/%d: loss %.4f%s (%.0f s)", method, epoch + 1, epochs, entry["loss"],
+                    f", linear probe {entry['probe_acc']:.1f}%" if "probe_acc" in entry else "", entry["seconds"])
         atomic_save({"encoder": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                      "history": record["history"]}, state_path)
     atomic_save({"model": {f"{prefix}{k}": v for k, v in resnet.state_dict().items()}}, out)
     write_json(record_path, record, indent=2)
+    _plot(record, out + ".png")
     return record
+
+
+def _plot(record: dict, path: str) -> None:
+    """Loss and (when measured) linear-probe accuracy per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = record["history"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([e["epoch"] for e in h], [e["loss"] for e in h], marker="o", color="tab:blue")
+    ax.set(xlabel="epoch", ylabel=f"{record['method']} loss")
+    if any("probe_acc" in e for e in h):
+        ax2 = ax.twinx()
+        ax2.plot([e["epoch"] for e in h if "probe_acc" in e], [e["probe_acc"] for e in h if "probe_acc" in e],
+                 marker="s", color="tab:orange")
+        ax2.set_ylabel("linear probe accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

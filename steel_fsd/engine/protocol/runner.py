@@ -64,6 +64,8 @@ class Protocol(ProtocolSpec):
     def train(self, model: str, train_ds: str, val_ds: str, opts: list[str], label: str, seed: int = 0):
         """Train (or resume, or reuse) ``model`` on ``train_ds``; returns (finalized cfg, weights path)."""
         n = len(MetadataCatalog.get(train_ds).thing_classes)
+        if model in self.pretrained:
+            opts = opts + ["MODEL.WEIGHTS", self.pretrained[model]]
         opts = opts + ["DATASETS.TRAIN", f"('{train_ds}',)", "DATASETS.TEST", f"('{val_ds}',)",
                        "MODEL.ROI_HEADS.NUM_CLASSES", str(n), "MODEL.RETINANET.NUM_CLASSES", str(n), "SEED", str(seed),
                        "TEST.VAL_LOSS_DATASET", val_ds]

@@ -86,6 +86,15 @@ class ProtocolSpec:
         self.base_opts = [str(v) for v in spec.get("BASE_OPTS", [])]
         self.finetune_opts = [str(v) for v in spec.get("FINETUNE_OPTS", [])]
         self.kshot_opts = [str(v) for v in spec.get("KSHOT_OPTS", [])]
+        # PRETRAINED: {model: backbone weights} (tools/pretrain_backbone.py or convert_torchvision.py), used as
+        # MODEL.WEIGHTS whenever that model trains (base and K-shot training)
+        self.pretrained: dict[str, str] = {str(m): str(w) for m, w in (spec.get("PRETRAINED") or {}).items()}
+        for m, w in self.pretrained.items():
+            if m not in self.models:
+                raise ValueError(f"{self.path}: PRETRAINED names model {m!r}, not one of {sorted(self.models)}")
+            if not os.path.isfile(w):
+                raise UserError(f"PRETRAINED {m}: weights file {w} not found", str(self.path),
+                                "make it with tools/pretrain_backbone.py (or tools/convert_torchvision.py) first")
 
     # ----- datasets -----------------------------------------------------------------------------
     def split(self, key: str, part: str) -> str:
