@@ -85,7 +85,6 @@ def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0) 
     sys.path.insert(0, str(REPO))
     import torch
     from detectron2.data import MetadataCatalog
-    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
     from steel_fsd.data import register_all
@@ -105,7 +104,6 @@ def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0) 
     for name in ("detectron2", "fvcore", "steel_fsd"):
         setup_logger(str(out), name=name)
     finalize_config(cfg)
-    seed_all_rng(seed)
     start = time.time()
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)

@@ -44,8 +44,6 @@ def _links(cell_path: Path, test: str, train_metrics: str | None, base_metrics: 
     return {"pr_curves": rel(str(pr)), "train_metrics": rel(train_metrics), "base_metrics": rel(base_metrics)}
 
 
-
-
 @dataclasses.dataclass
 class Cell:
     """One cell. ``metrics``/``per_class``/``bAP``... come from :func:`cell_record`; links (PR curves, training

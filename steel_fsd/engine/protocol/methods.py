@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 from detectron2.data import MetadataCatalog
 
 from ..fewshot import evaluate_with_support, register_support
@@ -73,8 +72,7 @@ def finetune_eval(protocol, model: str, cfg, weights: str, setting, support_ds: 
         "MODEL.PIXEL_STD", str(list(cfg.MODEL.PIXEL_STD)), "TEST.EVAL_PERIOD", "0", "TEST.VAL_LOSS_PERIOD", "0",
         "SOLVER.CHECKPOINT_PERIOD", "1000000"] + method_opts
     ft_cfg = protocol.config(model, opts, work)
-    torch.manual_seed(seed)
-    trainer = Trainer(ft_cfg)
+    trainer = Trainer(ft_cfg)  # seeded by SEED
     trainer.resume_or_load(resume=False)
     trainer.train()
     adapt_s = time.perf_counter() - start

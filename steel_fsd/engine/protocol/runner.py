@@ -11,7 +11,6 @@ import re
 import time
 from pathlib import Path
 
-import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ...data.splits import sha256_files
@@ -76,8 +75,7 @@ class Protocol(ProtocolSpec):
         weights = out_dir / "model_final.pth"
         if not weights.is_file():
             logger.info("[protocol] training %s on %s -> %s", model, train_ds, out_dir)
-            torch.manual_seed(seed)
-            trainer = Trainer(cfg)
+            trainer = Trainer(cfg)  # seeded by SEED
             trainer.resume_or_load(resume=True)
             start = time.perf_counter()
             trainer.train()
