@@ -110,7 +110,8 @@ def train_yolo(args, data_yaml: Path, run_dir: Path, seed: int) -> tuple[Path, f
     model.add_callback("on_pretrain_routine_end", count_steps)
     run_dir = run_dir.resolve()  # a relative project would land under Ultralytics' runs_dir
     start = time.perf_counter()
-    model.train(data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch,
+    budget = {"time": args.time_minutes / 60} if getattr(args, "time_minutes", None) else {}  # overrides epochs
+    model.train(data=str(data_yaml), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, **budget,
                 nbs=args.nbs or args.batch, device="cpu", workers=0, pretrained=False, amp=False, plots=False,
                 val=False, seed=seed, deterministic=True, project=str(run_dir.parent), name=run_dir.name,
                 exist_ok=True, verbose=False)
@@ -281,6 +282,9 @@ def main() -> int:
     ap.add_argument("--work", default="output/yolo", help="exports, runs and evaluator files of --in-domain")
     ap.add_argument("--model", default="yolo11n.yaml", help="packaged Ultralytics model YAML (built from scratch)")
     ap.add_argument("--epochs", type=int, default=None, help="default: 30 in-domain, 40 K-shot")
+    ap.add_argument("--time-minutes", type=float, default=None,
+                    help="--in-domain: train for this wall time instead of --epochs (Ultralytics' `time`, which fits "
+                         "the epochs and LR schedule to it), for a row at the same wall budget as a Detectron2 row")
     ap.add_argument("--imgsz", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--nbs", type=int, default=0, help="nominal batch size (default: --batch, so one optimizer "
@@ -288,6 +292,9 @@ def main() -> int:
     ap.add_argument("--conf", type=float, default=0.001)
     ap.add_argument("--max-det", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for training and prediction")
+    ap.add_argument("--data", default=None, help="also register the datasets under this folder (e.g. ../shared/data "
+                                                "for the real neu_train/neu_val/neu_test)")
+    ap.add_argument("--save-as", default="yolo", help="results file benchmarks/results/<NAME>.json")
     ap.add_argument("--overwrite", action="store_true", help="redo existing K-shot cells")
     ap.add_argument("--allow-network", action="store_true", help="do not block sockets (they are not needed)")
     ap.add_argument("--verbose", action="store_true", help="Ultralytics' own training and validation output")
@@ -308,8 +315,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     ultralytics = prepare_ultralytics(Path(args.work) / "ultralytics_config", args.threads, args.verbose)
     synthetic_datasets()
+    if args.data:
+        from steel_fsd.data import register_all
+        register_all(args.data)
 
-    previous = RESULTS / "yolo.json"
+    previous = RESULTS / f"{args.save_as}.json"
     result = {k: v for k, v in json.loads(previous.read_text()).items() if k in ("in_domain", "kshot")} \
         if previous.is_file() else {}
     settings = {"model": args.model, "imgsz": args.imgsz, "batch": args.batch, "nbs": args.nbs or args.batch,
@@ -318,14 +328,14 @@ def main() -> int:
     if args.in_domain:
         a = argparse.Namespace(**vars(args))
         a.epochs = args.epochs or 30
-        result["in_domain"] = dict(in_domain(a), settings=dict(settings, epochs=a.epochs))
+        result["in_domain"] = dict(in_domain(a), settings=dict(settings, epochs=a.epochs, time_minutes=a.time_minutes))
     if args.kshot_manifests:
         a = argparse.Namespace(**vars(args))
         a.epochs = args.epochs or 40
         result["kshot"] = dict(kshot(a), settings=dict(settings, epochs=a.epochs))
     table = markdown(result)
     print("\n" + table + "\n")
-    save("yolo", {"ultralytics": ultralytics.__version__, "install": INSTALL, "network_attempts": NETWORK_ATTEMPTS,
+    save(args.save_as, {"ultralytics": ultralytics.__version__, "install": INSTALL, "network_attempts": NETWORK_ATTEMPTS,
                   "markdown": table, **result})
     return 0
 

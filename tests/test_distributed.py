@@ -43,6 +43,31 @@ def test_cpu_launch_uses_gloo_and_detectron2_comm(tmp_path):
         assert rec["ddp"]  # a CPU model is wrapped in DistributedDataParallel (no device_ids)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_cpu_worker_destroys_its_process_group(tmp_path, monkeypatch, fails):
+    """A worker that leaves its gloo group to interpreter exit can abort (SIGABRT) after succeeding."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    if hasattr(comm, "_LOCAL_PROCESS_GROUP"):
+        monkeypatch.setattr(comm, "_LOCAL_PROCESS_GROUP", None)
+    seen = []
+
+    def work():
+        seen.append((dist.is_initialized(), dist.get_backend(), comm.get_world_size()))
+        if fails:
+            raise RuntimeError("boom")
+
+    url = (tmp_path / "rendezvous").as_uri()
+    if fails:
+        with pytest.raises(RuntimeError, match="boom"):
+            launch_mod._cpu_worker(0, work, 1, 1, 0, url, (), launch_mod.DEFAULT_TIMEOUT)
+    else:
+        launch_mod._cpu_worker(0, work, 1, 1, 0, url, (), launch_mod.DEFAULT_TIMEOUT)
+    assert seen == [(True, "gloo", 1)]
+    assert not dist.is_initialized()
+
+
 def test_cuda_or_single_process_delegates_to_detectron2(monkeypatch):
     calls = []
     monkeypatch.setattr(launch_mod, "_d2_launch", lambda *a, **k: calls.append((a, k)))

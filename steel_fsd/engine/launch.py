@@ -55,9 +55,16 @@ def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_ra
     except Exception:
         logger.error("Process group URL: %s", dist_url)
         raise
-    _create_local_process_group(procs_per_machine)
-    comm.synchronize()  # as Detectron2: avoids a possible timeout right after init_process_group
-    main_func(*args)
+    try:
+        _create_local_process_group(procs_per_machine)
+        comm.synchronize()  # as Detectron2: avoids a possible timeout right after init_process_group
+        main_func(*args)
+        comm.synchronize()  # no rank tears down while another still talks to it
+    finally:
+        # Without this, gloo's worker threads can outlive the interpreter and the process aborts at exit
+        # ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489): a run that
+        # succeeded would be reported as crashed by mp.spawn.
+        dist.destroy_process_group()
 
 
 def _create_local_process_group(procs_per_machine: int) -> None:
