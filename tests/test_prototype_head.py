@@ -160,7 +160,7 @@ def test_training_step_losses_bank_and_unit_norm(model):
 def test_bank_ema_update_matches_formula():
     pred = PrototypeOutputLayers.__new__(PrototypeOutputLayers)
     torch.nn.Module.__init__(pred)
-    pred.num_classes, pred.momentum = 3, 0.75
+    pred.num_classes, pred.momentum, pred.source, pred.absent_classes = 3, 0.75, "ema", "bank"
     pred.register_buffer("bank", torch.tensor([[1.0, 0], [0, 1], [0, 0]]))
     pred.register_buffer("bank_filled", torch.tensor([True, True, False]))
     z = torch.tensor([[0.0, 1], [1, 0], [0.6, 0.8], [1, 1]])
@@ -433,3 +433,79 @@ def test_briefly_trained_head_gets_foreground_rois_right(tmp_path):
             same = out.pred_classes[:, None] == torch.tensor([a["category_id"] for a in d["annotations"]])[None]
             hits += int(((pairwise_iou(out.pred_boxes, gt) >= 0.5) & same).any(1).sum())
     assert hits >= 5
+
+
+def _labelled_batch(seed=0, n=12, channels=16, num_classes=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, generator=g)
+    gt = torch.tensor([0, 0, 2, 2, 2, 3, num_classes, num_classes, 0, 3, num_classes, 2])[:n]
+    return x, gt
+
+
+def test_absent_classes_mask_leaves_stale_bank_rows_out_of_the_softmax():
+    """ABSENT_CLASSES "mask": a class filled in the bank but absent from this batch gets -inf; "bank" keeps it."""
+    x, gt = _labelled_batch()
+    for mode in ("bank", "mask"):
+        head = _head("MODEL.PROTOTYPE.ABSENT_CLASSES", mode, "MODEL.PROTOTYPE.LOGIT", "factorized")
+        with torch.no_grad():
+            head.bank[5] = torch.nn.functional.normalize(torch.ones(8), dim=0)
+            head.bank_filled[5] = True  # seen in an earlier batch, absent from this one
+        feats, _ = head(x)
+        z = head.split(feats)[0].detach()
+        protos, available = head.training_prototypes(z, gt)
+        assert available.tolist() == [True, False, True, True, False, mode == "bank"]
+        ref = [[(float("-inf") if not available[c] else float(head.tau * torch.nn.functional.cosine_similarity(
+            z[i], protos[c], dim=0))) for c in range(6)] for i in range(len(z))]
+        ref = torch.log_softmax(torch.tensor(ref), 1)
+        got = head.logits(feats, protos, available)[:, :6].detach()
+        torch.testing.assert_close(got, ref)
+
+
+def test_learned_prototypes_are_imprinted_once_then_trained_and_used_at_inference():
+    head = _head("MODEL.PROTOTYPE.SOURCE", "learned", "MODEL.PROTOTYPE.LOGIT", "factorized")
+    assert "learned" in dict(head.named_parameters()) and "learned_filled" in head.state_dict()
+    x, gt = _labelled_batch()
+    feats, _ = head(x)
+    z = head.split(feats)[0].detach()
+    protos, available = head.training_prototypes(head.split(feats)[0], gt)
+    assert protos is head.learned and available.tolist() == [True, False, True, True, False, False]
+    for c in (0, 2, 3):  # imprinted: the brute-force mean of the class's embeddings
+        torch.testing.assert_close(head.learned[c].detach(), z[gt == c].mean(0))
+    assert head.learned[1].abs().sum() == 0
+    imprinted = head.learned.detach().clone()
+    x2, _ = _labelled_batch(seed=1)
+    feats2, _ = head(x2)
+    protos2, _ = head.training_prototypes(head.split(feats2)[0], gt)
+    torch.testing.assert_close(protos2.detach(), imprinted)  # seen classes are not imprinted again
+    assert not torch.equal(head.bank[0], imprinted[0])  # the EMA bank moved on
+    loss = head.losses((feats2, torch.zeros(len(gt), 4)), [_proposals(gt)])["loss_cls"]
+    loss.backward()
+    assert head.learned.grad is not None and head.learned.grad[[0, 2, 3]].abs().sum() > 0
+    head.eval()
+    assert head.active_prototypes() is head.learned
+    head.set_support(torch.nn.functional.normalize(torch.randn(2, 8), dim=1))
+    assert head.active_prototypes() is head.support
+
+
+def _proposals(gt):
+    p = Instances((64, 64))
+    boxes = Boxes(torch.tensor([[4.0, 4, 20, 20]]).repeat(len(gt), 1))
+    p.proposal_boxes, p.gt_boxes, p.gt_classes = boxes, boxes.clone(), gt
+    return p
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_triplet_weight_warms_up_linearly(warmup):
+    head = _head("MODEL.PROTOTYPE.TRIPLET_WARMUP_ITERS", str(warmup), "MODEL.PROTOTYPE.TRIPLET_WEIGHT", "0.5")
+    x, gt = _labelled_batch()
+    feats, _ = head(x)
+    z, fg = head.split(feats)[0], gt < 6
+    ref = float(batch_hard_triplet_loss(z[fg], gt[fg], head.triplet_margin))
+    assert ref > 0
+    got = []
+    with EventStorage(start_iter=0) as storage:
+        for it in (0, 1, 3, 7):
+            storage.iter = it
+            got.append(float(head.losses((feats, torch.zeros(len(gt), 4)), [_proposals(gt)])["loss_triplet"]))
+    scale = [1.0] * 4 if warmup == 0 else [min(1.0, (it + 1) / warmup) for it in (0, 1, 3, 7)]
+    assert got == pytest.approx([0.5 * s * ref for s in scale], rel=1e-6)

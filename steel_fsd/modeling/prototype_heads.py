@@ -22,6 +22,13 @@ Background (MODEL.PROTOTYPE.BACKGROUND):
   * "prototype": a learned background prototype (a free vector in the embedding space), whose logit
     has the same form as the classes'. Measured to stall training from scratch: background ROIs embed
     near the class means, so tau is driven to its floor (see README).
+Training prototypes (MODEL.PROTOTYPE.SOURCE, ABSENT_CLASSES, TRIPLET_WARMUP_ITERS):
+  * "ema" (the paper's): a class present in the batch uses the EMA of the bank and its batch mean; an
+    absent class its (stale) bank row, or none with ABSENT_CLASSES "mask" (left out of that batch's softmax).
+  * "learned": one parameter vector per class, imprinted (set to the class's batch mean) the first time the
+    class is seen, then trained by the classification loss, as a cosine classifier's weights (TFA); the
+    EMA bank is still updated, and support prototypes still replace both at inference.
+  * the triplet weight can ramp up linearly over the first TRIPLET_WARMUP_ITERS iterations.
 Box regression is class-agnostic, so classes never seen in training are still localized.
 """
 from __future__ import annotations
@@ -104,7 +111,7 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
     def __init__(self, input_shape: ShapeSpec, *, embed_dim: int = 256, tau_init: float = 10.0,
                  tau_range: tuple[float, float] = (1.0, 64.0), momentum: float = 0.9, triplet_margin: float = 0.3,
                  triplet_weight: float = 1.0, background: str = "logit", logit: str = "distance", embed_norm: str = "",
-                 **kwargs):
+                 triplet_warmup_iters: int = 0, source: str = "ema", absent_classes: str = "bank", **kwargs):
         # Detectron2 after v0.6 (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS) alters the softmax classifier's
         # loss and probabilities, which this head replaces: refuse them rather than ignore them silently.
         unsupported = [k for k in ("use_sigmoid_ce", "use_fed_loss") if kwargs.get(k)]
@@ -138,6 +145,15 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         self.register_buffer("bank", torch.zeros(self.num_classes, embed_dim))
         self.register_buffer("bank_filled", torch.zeros(self.num_classes, dtype=torch.bool))
         self.momentum, self.triplet_margin, self.triplet_weight = momentum, triplet_margin, triplet_weight
+        self.triplet_warmup_iters = int(triplet_warmup_iters)
+        if source not in ("ema", "learned"):
+            raise ValueError(f"MODEL.PROTOTYPE.SOURCE must be 'ema' or 'learned', got {source!r}")
+        if absent_classes not in ("bank", "mask"):
+            raise ValueError(f"MODEL.PROTOTYPE.ABSENT_CLASSES must be 'bank' or 'mask', got {absent_classes!r}")
+        self.source, self.absent_classes = source, absent_classes
+        if source == "learned":
+            self.learned = torch.nn.Parameter(torch.zeros(self.num_classes, embed_dim))
+            self.register_buffer("learned_filled", torch.zeros(self.num_classes, dtype=torch.bool))
         self.support: torch.Tensor | None = None  # (C', D), not part of the state dict
         self.support_classes: list[str] | None = None
 
@@ -147,7 +163,8 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         p = cfg.MODEL.PROTOTYPE
         ret.update(embed_dim=p.EMBED_DIM, tau_init=p.TAU_INIT, tau_range=tuple(p.TAU_RANGE), momentum=p.MOMENTUM,
                    triplet_margin=p.TRIPLET_MARGIN, triplet_weight=p.TRIPLET_WEIGHT, background=p.BACKGROUND,
-                   logit=p.LOGIT, embed_norm=p.EMBED_NORM)
+                   logit=p.LOGIT, embed_norm=p.EMBED_NORM, triplet_warmup_iters=p.TRIPLET_WARMUP_ITERS,
+                   source=p.SOURCE, absent_classes=p.ABSENT_CLASSES)
         return ret
 
     @property
@@ -191,8 +208,11 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         self.support_classes = class_names
 
     def active_prototypes(self) -> torch.Tensor:
-        """Foreground prototypes used at inference: the support set if given, else the bank."""
-        return self.support if self.support is not None else self.bank
+        """Foreground prototypes used at inference: the support set if given, else the learned prototypes
+        (SOURCE "learned") or the bank."""
+        if self.support is not None:
+            return self.support
+        return self.learned if self.source == "learned" else self.bank
 
     def logits(self, features: torch.Tensor, fg_prototypes: torch.Tensor,
                available: torch.Tensor | None = None) -> torch.Tensor:
@@ -219,7 +239,9 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         A class present in the batch (foreground ROIs, i.e. matched to a ground truth at the ROI head's
         IoU threshold) uses ``momentum * bank + (1 - momentum) * batch mean`` (the batch mean alone if the
         bank has not seen it yet), with gradient through the batch mean; absent classes use the bank.
-        The bank is then updated by the same EMA, without gradient.
+        The bank is then updated by the same EMA, without gradient. With SOURCE "learned" the prototypes are
+        the ``learned`` parameters instead (a class's row imprinted with its first batch mean); with
+        ABSENT_CLASSES "mask" only classes present in the batch are available.
         """
         C = self.num_classes
         fg = (gt_classes >= 0) & (gt_classes < C)
@@ -233,7 +255,26 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         with torch.no_grad():
             self.bank.copy_(torch.where(present.unsqueeze(1), mix.detach(), bank))
             self.bank_filled |= present
-        return protos, self.bank_filled.clone()
+        available = self.bank_filled.clone()
+        if self.source == "learned":
+            with torch.no_grad():  # imprint classes seen for the first time with their batch mean
+                new = present & ~self.learned_filled
+                self.learned[new] = means[new].detach()
+                self.learned_filled |= present
+            protos, available = self.learned, self.learned_filled.clone()
+        if self.absent_classes == "mask":
+            available &= present
+        return protos, available
+
+    def triplet_scale(self) -> float:
+        """The triplet weight's warm-up factor at the trainer's current iteration (1 outside a trainer)."""
+        if self.triplet_warmup_iters <= 0:
+            return 1.0
+        try:
+            it = get_event_storage().iter
+        except AssertionError:  # outside a trainer
+            return 1.0
+        return min(1.0, (it + 1) / self.triplet_warmup_iters)
 
     def losses(self, predictions, proposals):
         features, deltas = predictions
@@ -252,7 +293,7 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         losses = {
             "loss_cls": F.cross_entropy(logits, gt_classes) if len(gt_classes) else features.sum() * 0.0,
             "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes),
-            "loss_triplet": self.triplet_weight * batch_hard_triplet_loss(z[fg], gt_classes[fg], self.triplet_margin),
+            "loss_triplet": self.triplet_weight * self.triplet_scale() * batch_hard_triplet_loss(z[fg], gt_classes[fg], self.triplet_margin),
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
