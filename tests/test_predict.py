@@ -1,0 +1,218 @@
+"""Inspection-time prediction: inputs, tiling of strips and merging across tiles, decisions, and tools/predict.py
+end to end (a briefly trained demo model; bad inputs)."""
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.structures import Boxes, Instances, pairwise_iou
+
+from steel_fsd.engine.predict import Predictor, find_images, image_decision, merge_tile_detections, tile_windows
+from steel_fsd.engine.setup import build_config
+from steel_fsd.utils.cli import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+CFG = str(REPO / "configs" / "demo" / "faster_rcnn_R18_FPN_synth_neu.yaml")
+PROTO_CFG = str(REPO / "configs" / "demo" / "proto_R18_FPN_synth_neu.yaml")
+
+
+class BrightBoxModel(torch.nn.Module):
+    """A stand-in detector with a known output: one box around the bright pixels of each input (in the
+    input's original pixels, as Detectron2's models return), score 0.9, class 1."""
+
+    def forward(self, inputs):
+        outs = []
+        for d in inputs:
+            img = d["image"].float().mean(0)
+            sy, sx = d["height"] / img.shape[0], d["width"] / img.shape[1]
+            ys, xs = torch.nonzero(img > 200, as_tuple=True)
+            inst = Instances((d["height"], d["width"]))
+            if len(xs):
+                box = torch.tensor([[xs.min() * sx, ys.min() * sy, (xs.max() + 1) * sx, (ys.max() + 1) * sy]])
+                inst.pred_boxes, inst.scores, inst.pred_classes = Boxes(box.float()), torch.tensor([0.9]), torch.tensor([1])
+            else:
+                inst.pred_boxes, inst.scores = Boxes(torch.zeros(0, 4)), torch.zeros(0)
+                inst.pred_classes = torch.zeros(0, dtype=torch.long)
+            outs.append({"instances": inst})
+        return outs
+
+
+def _image(h, w, box):
+    img = np.full((h, w, 3), 40, np.uint8)
+    x0, y0, x1, y1 = box
+    img[y0:y1, x0:x1] = 255
+    return img
+
+
+def _stub_predictor(**kwargs):
+    cfg = build_config(CFG, ["INPUT.HARMONIZE.CLAHE", "False"])
+    return Predictor(cfg, BrightBoxModel(), ["a", "b"], **kwargs)
+
+
+def test_tile_windows_cover_a_strip_like_the_training_tiles():
+    wins = tile_windows(256, 1600, 256, 32)
+    assert [w[0] for w in wins] == [0, 224, 448, 672, 896, 1120, 1344]
+    assert all(w[2] - w[0] == 256 and w[1] == 0 and w[3] == 256 for w in wins)
+    assert tile_windows(200, 200, 256, 32) == [(0, 0, 200, 200)] and tile_windows(256, 1600, 0, 32) == [(0, 0, 1600, 256)]
+
+
+@pytest.mark.parametrize("defect", [(230, 60, 300, 120), (200, 60, 500, 120), (20, 10, 90, 50)])
+def test_strip_defect_crossing_tile_borders_gives_one_box(defect):
+    img = _image(256, 1600, defect)
+    pred = _stub_predictor()
+    assert len(pred.windows(256, 1600)) == 7  # auto: a strip is tiled into 256-pixel squares
+    (inst,) = pred([img])
+    assert len(inst) == 1
+    iou = float(pairwise_iou(inst.pred_boxes, Boxes(torch.tensor([defect], dtype=torch.float32))))
+    assert iou > 0.9, (inst.pred_boxes, defect)
+
+
+def test_square_image_is_not_tiled_and_boxes_are_in_original_pixels():
+    pred = _stub_predictor()
+    (inst,) = pred([_image(200, 200, (50, 60, 110, 90))])
+    assert pred.windows(200, 200) == [(0, 0, 200, 200)]
+    assert inst.image_size == (200, 200)
+    np.testing.assert_allclose(inst.pred_boxes.tensor[0].numpy(), [50, 60, 110, 90], atol=2.0)
+
+
+def test_merge_joins_only_boxes_of_one_class_from_different_tiles():
+    big, inner = [0.0, 0, 50, 50], [10.0, 10, 30, 30]  # IoU 0.16 (NMS keeps both), inner fully inside big
+    scores, same_class = torch.tensor([0.9, 0.8]), torch.tensor([0, 0])
+    b, s, _ = merge_tile_detections(torch.tensor([inner, big]), scores, same_class, torch.tensor([1, 0]))
+    assert b.tolist() == [big] and s.tolist() == pytest.approx([0.9])  # union box, highest score
+    b, _, _ = merge_tile_detections(torch.tensor([inner, big]), scores, same_class, torch.tensor([0, 0]))
+    assert len(b) == 2  # one tile: the model's own NMS decided, nothing is merged
+    b, _, _ = merge_tile_detections(torch.tensor([inner, big]), scores, torch.tensor([0, 1]), torch.tensor([1, 0]))
+    assert len(b) == 2  # other class
+    # intersection 10x50 over the smaller 50x50 box = 0.2 < 0.5: two defects side by side stay two
+    b, _, _ = merge_tile_detections(torch.tensor([[0.0, 0, 50, 50], [40, 0, 100, 50]]), scores, same_class,
+                                    torch.tensor([0, 1]))
+    assert len(b) == 2
+
+
+def test_image_decision_uses_the_top_detection():
+    inst = Instances((10, 10), pred_boxes=Boxes(torch.zeros(2, 4)), scores=torch.tensor([0.3, 0.7]),
+                     pred_classes=torch.tensor([0, 1]))
+    d = image_decision(inst, ["a", "b"], 0.5)
+    assert d.defect and d.worst_class == "b" and d.max_score == pytest.approx(0.7)
+    assert not image_decision(inst, ["a", "b"], 0.71).defect
+    empty = Instances((10, 10), pred_boxes=Boxes(torch.zeros(0, 4)), scores=torch.zeros(0),
+                      pred_classes=torch.zeros(0, dtype=torch.long))
+    assert not image_decision(empty, ["a"], 0.0).defect
+
+
+def test_find_images_files_folders_globs_and_errors(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for p in ("a/x.png", "a/b/y.JPG", "a/notes.txt", "z.bmp"):
+        (tmp_path / p).write_bytes(b"0")
+    got = find_images([str(tmp_path / "a"), str(tmp_path / "*.bmp"), str(tmp_path / "a" / "x.png")])
+    assert [os.path.relpath(p, tmp_path) for p in got] == ["a/b/y.JPG", "a/x.png", "z.bmp"]
+    with pytest.raises(UserError, match="does not exist"):
+        find_images([str(tmp_path / "missing")])
+    with pytest.raises(UserError, match="matches no file"):
+        find_images([str(tmp_path / "*.tif")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no image found"):
+        find_images([str(tmp_path / "empty")])
+
+
+TINY = ["INPUT.HARMONIZE.RESIZE", "96", "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()",
+        "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "1000", "DATALOADER.NUM_WORKERS", "0",
+        "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "8", "MODEL.PROTOTYPE.EMBED_DIM", "32", "SEED", "0",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "DATASETS.TEST", "()"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A prototype demo model after 2 iterations (outputs are not meaningful; files and plumbing are)."""
+    from detectron2.data import DatasetCatalog
+
+    from steel_fsd.data import register_neu
+    from steel_fsd.engine.setup import finalize_config
+    from steel_fsd.engine.trainer import Trainer
+    from steel_fsd.synthetic import make_neu_synthetic
+
+    tmp = tmp_path_factory.mktemp("predict")
+    root = make_neu_synthetic(tmp / "neu", n_per_class=2, seed=0)
+    if "t_pred_train" not in DatasetCatalog.list():
+        register_neu("t_pred_train", root, split="train")
+    out = tmp / "run"
+    cfg = build_config(PROTO_CFG, TINY + ["DATASETS.TRAIN", "('t_pred_train',)", "OUTPUT_DIR", str(out)])
+    finalize_config(cfg, datasets=("TRAIN",))
+    trainer = Trainer(cfg)
+    trainer.train()
+    images = tmp / "images"
+    images.mkdir()
+    for i, p in enumerate(sorted((root / "IMAGES").glob("*.jpg"))[:2]):
+        (images / f"neu{i}.jpg").write_bytes(p.read_bytes())
+    (images / "sub").mkdir()
+    cv2.imwrite(str(images / "sub" / "strip.png"), _image(256, 1600, (230, 60, 300, 120)))
+    return {"weights": str(out / "model_final.pth"), "images": images, "tmp": tmp}
+
+
+def _predict(*argv):
+    import predict
+    from steel_fsd.utils.cli import run_main
+    # the training run's config: its pixel_stats.json (next to the weights) is then used
+    return run_main(predict.main, ["--config-file", PROTO_CFG, *argv, *TINY, "DATASETS.TRAIN", "('t_pred_train',)"])
+
+
+def test_predict_tool_writes_json_csv_overlays_and_reports_skips(trained, tmp_path, capsys):
+    bad = trained["images"] / "truncated.png"
+    good = cv2.imencode(".png", _image(200, 200, (10, 10, 50, 50)))[1].tobytes()
+    bad.write_bytes(good[: len(good) // 2])
+    try:
+        out = tmp_path / "out"
+        rc = _predict("--weights", trained["weights"], "--input", str(trained["images"]), "--output", str(out))
+        assert rc == 1  # a skipped image makes the run exit non-zero
+        assert "truncated.png" in capsys.readouterr().err
+        with open(out / "predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 4 and [r["decision"] for r in rows].count("skipped") == 1
+        assert {r["file"].split(os.sep)[-1] for r in rows} == {"neu0.jpg", "neu1.jpg", "strip.png", "truncated.png"}
+        strip_row = next(r for r in rows if r["file"].endswith("strip.png"))
+        assert (int(strip_row["width"]), int(strip_row["height"])) == (1600, 256)
+        preds = json.loads((out / "predictions.json").read_text())
+        sizes = {int(r["image_id"]): (int(r["width"]), int(r["height"])) for r in rows if r["width"]}
+        assert preds and all(p["image_id"] in sizes for p in preds)
+        for p in preds:  # boxes in the original pixels of their image
+            w, h = sizes[p["image_id"]]
+            x, y, bw, bh = p["bbox"]
+            assert -1e-3 <= x and x + bw <= w + 1e-3 and -1e-3 <= y and y + bh <= h + 1e-3
+        assert len(list((out / "overlays").glob("*.png"))) == 3
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["skipped"] == 1 and summary["predicted"] == 3 and summary["threshold_source"] == "TEST.PRF_SCORE_THRESH"
+        threshold = tmp_path / "t.json"
+        threshold.write_text(json.dumps({"score_threshold": 2.0}))
+        rc = _predict("--weights", trained["weights"], "--input", str(trained["images"]), "--output", str(out),
+                      "--allow-skips", "--threshold-file", str(threshold), "--no-overlays")
+        assert rc == 0
+        with open(out / "predictions.csv") as f:
+            assert {r["decision"] for r in csv.DictReader(f)} == {"pass", "skipped"}  # nothing scores >= 2
+    finally:
+        bad.unlink()
+
+
+def test_predict_tool_refuses_bad_setups_before_any_image_is_read(trained, tmp_path, capsys):
+    from steel_fsd.modeling.prototypes import PrototypeSet, save_prototypes
+
+    protos = tmp_path / "p.pt"
+    save_prototypes(PrototypeSet(["x"], torch.randn(1, 7), 1, 0), str(protos))
+    out = tmp_path / "out"
+    rc = _predict("--weights", trained["weights"], "--prototypes", str(protos), "--input", str(trained["images"]),
+                  "--output", str(out))
+    assert rc == 2 and "embed dim 7" in capsys.readouterr().err
+    assert not (out / "predictions.csv").exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert _predict("--weights", trained["weights"], "--input", str(trained["images"]), "--output", str(a_file)) == 2
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert _predict("--weights", trained["weights"], "--input", str(tmp_path / "empty"), "--output", str(out)) == 2
+    assert "no image found" in capsys.readouterr().err

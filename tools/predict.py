@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Run a trained model on image files and folders: boxes, overlays and a pass/fail per image.
+
+    python tools/predict.py --config-file CFG --weights output/.../model_final.pth --input DIR [more ...] \
+        --output out/ [--prototypes protos.pt] [--threshold-file threshold.json] [--device cpu|cuda]
+
+Inputs: image files, folders (searched recursively) and glob patterns; grayscale or RGB, any size (strips
+such as Severstal's 1600x256 are tiled as in training and merged back). The training harmonization (CLAHE,
+resize, the training run's pixel statistics, read from ``pixel_stats.json`` next to the weights) is applied.
+Writes, under ``--output``:
+  predictions.json   COCO results (image_id = the row of predictions.csv, file_name, category_id, bbox xywh, score)
+  predictions.csv    one row per image: file, size, detections, defect (0/1), worst class, max score, decision
+  overlays/*.png     the image with boxes, class and score (scores >= --overlay-score)
+  summary.json       counts, threshold and its source, skipped images, images/s
+An unreadable image is reported, skipped and counted; the run then exits 1 unless ``--allow-skips``.
+"""
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+
+import _path  # noqa: F401
+import cv2
+import numpy as np
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from steel_fsd.data.errors import DatasetError
+from steel_fsd.data.images import read_image
+from steel_fsd.engine.predict import Predictor, find_images, image_decision
+from steel_fsd.engine.setup import build_config, finalize_config
+from steel_fsd.utils.cli import UserError, check_output_dir, run_main
+from steel_fsd.utils.io import write_json
+
+CSV_HEADER = ["image_id", "file", "width", "height", "detections", "defect", "worst_class", "max_score", "decision",
+              "error"]
+
+
+def load_threshold(path: str | None, default: float) -> tuple[float, str]:
+    """(score threshold, where it came from): ``--threshold-file`` (from tools/calibrate_threshold.py) or the
+    config's TEST.PRF_SCORE_THRESH."""
+    if not path:
+        return default, "TEST.PRF_SCORE_THRESH"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return float(data["score_threshold"]), path
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--threshold-file {path} is not a threshold file ({type(e).__name__}: {e})", "",
+                        "write one with tools/calibrate_threshold.py") from None
+
+
+def overlay(image_rgb: np.ndarray, instances, class_names: list[str], min_score: float) -> np.ndarray:
+    """RGB overlay: boxes, class and score on a dimmed-free copy of the image, labels on a solid background
+    (legible on dark and on bright steel)."""
+    vis = Visualizer(image_rgb, metadata=None, scale=max(1.0, 400 / max(image_rgb.shape[:2])),
+                     instance_mode=ColorMode.IMAGE)
+    keep = instances[instances.scores >= min_score]
+    for box, score, cls in zip(keep.pred_boxes.tensor.tolist(), keep.scores.tolist(), keep.pred_classes.tolist()):
+        vis.draw_box(box, edge_color="red", alpha=1.0)
+        vis.draw_text(f"{class_names[cls]} {score:.2f}", (box[0], box[1]), color="white", horizontal_alignment="left",
+                      font_size=vis._default_font_size)
+        vis.output.ax.texts[-1].set_bbox({"facecolor": "black", "alpha": 0.7, "pad": 1, "edgecolor": "none"})
+    return vis.output.get_image()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config-file", required=True)
+    ap.add_argument("--weights", required=True, help="trained model (.pth)")
+    ap.add_argument("--prototypes", help="prototype file from tools/register_support.py (prototype configs)")
+    ap.add_argument("--input", nargs="+", required=True, help="image files, folders (recursive), glob patterns")
+    ap.add_argument("--output", required=True, help="output folder")
+    ap.add_argument("--threshold-file", help="score threshold from tools/calibrate_threshold.py")
+    ap.add_argument("--overlay-score", type=float, help="draw boxes scoring >= this (default: the threshold)")
+    ap.add_argument("--tile", default="auto", help="'auto' (strips into squares of their short side, <= 256), "
+                                                   "a tile size in pixels, or 0 (never tile)")
+    ap.add_argument("--batch-size", type=int, default=8, help="images (tiles) per forward pass")
+    ap.add_argument("--device", help="cpu or cuda (default: the config's MODEL.DEVICE)")
+    ap.add_argument("--no-overlays", action="store_true")
+    ap.add_argument("--allow-skips", action="store_true", help="exit 0 even if unreadable images were skipped")
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    args = ap.parse_args(argv)
+    setup_logger(name="steel_fsd")
+    # Checks before any work: output writable, inputs exist, threshold and model (and prototypes) load.
+    check_output_dir(args.output, "--output")
+    files = find_images(args.input)
+    opts = list(args.opts) + (["MODEL.DEVICE", args.device] if args.device else []) + ["OUTPUT_DIR", args.output]
+    cfg = build_config(args.config_file, opts)
+    stats = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "pixel_stats.json")
+    if cfg.INPUT.HARMONIZE.NORMALIZE and os.path.isfile(stats):  # the training run's pixel statistics
+        shutil.copyfile(stats, os.path.join(args.output, "pixel_stats.json"))
+    finalize_config(cfg, datasets=())
+    threshold, source = load_threshold(args.threshold_file, cfg.TEST.PRF_SCORE_THRESH)
+    tile = args.tile if args.tile == "auto" else int(args.tile)
+    predictor = Predictor.from_files(cfg, args.weights, args.prototypes, tile=tile, batch_size=args.batch_size)
+    names = predictor.class_names
+    min_score = threshold if args.overlay_score is None else args.overlay_score
+    if not args.no_overlays:
+        os.makedirs(os.path.join(args.output, "overlays"), exist_ok=True)
+
+    results, rows, skipped = [], [], []
+    start, n_done = time.perf_counter(), 0
+    chunk = max(1, args.batch_size)
+    for first in range(0, len(files), chunk):
+        batch, images = [], []
+        for image_id, path in enumerate(files[first:first + chunk], first):
+            try:
+                img = read_image(path, cfg.INPUT.FORMAT)
+            except DatasetError as e:
+                print(f"[predict] skipped: {e}", file=sys.stderr, flush=True)
+                skipped.append(path)
+                rows.append([image_id, path, "", "", "", "", "", "", "skipped", str(e)])
+                continue
+            batch.append((image_id, path))
+            images.append(img)
+        for (image_id, path), img, inst in zip(batch, images, predictor(images) if images else []):
+            d = image_decision(inst, names, threshold)
+            h, w = img.shape[:2]
+            for box, score, cls in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
+                                       inst.pred_classes.tolist()):
+                results.append({"image_id": image_id, "file_name": path, "category_id": cls,
+                                "category_name": names[cls], "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                "score": score})
+            rows.append([image_id, path, w, h, len(inst), int(d.defect), d.worst_class, round(d.max_score, 4),
+                         "reject" if d.defect else "pass", ""])
+            if not args.no_overlays:
+                rgb = img[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else img
+                png = os.path.join(args.output, "overlays", f"{image_id:06d}_{os.path.splitext(os.path.basename(path))[0]}.png")
+                cv2.imwrite(png, overlay(np.ascontiguousarray(rgb), inst, names, min_score)[:, :, ::-1])
+        n_done += len(batch)
+        el = time.perf_counter() - start
+        done = min(first + chunk, len(files))
+        print(f"[predict] {done}/{len(files)} images, {n_done / max(el, 1e-9):.1f} images/s, "
+              f"ETA {el / done * (len(files) - done):.0f} s", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+    rows.sort(key=lambda r: r[0])
+    with open(os.path.join(args.output, "predictions.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows)
+    write_json(os.path.join(args.output, "predictions.json"), results)
+    rejected = sum(1 for r in rows if r[8] == "reject")
+    summary = {"images": len(files), "predicted": n_done, "skipped": len(skipped), "skipped_files": skipped,
+               "rejected": rejected, "passed": n_done - rejected, "score_threshold": threshold,
+               "threshold_source": source, "classes": names, "seconds": round(seconds, 2),
+               "images_per_s": round(n_done / max(seconds, 1e-9), 2), "weights": args.weights,
+               "prototypes": args.prototypes or None, "device": cfg.MODEL.DEVICE}
+    write_json(os.path.join(args.output, "summary.json"), summary, indent=2, sort_keys=False)
+    print(f"[predict] {n_done} images ({rejected} rejected at score >= {threshold:g}, {len(skipped)} skipped) "
+          f"in {seconds:.1f} s -> {args.output}")
+    if skipped and not args.allow_skips:
+        print(f"[predict] {len(skipped)} unreadable image(s) skipped (listed in predictions.csv); exit code 1 "
+              "(--allow-skips for 0)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
