@@ -167,7 +167,7 @@ def test_two_cpu_processes_train_on_distinct_shards_and_gather_evaluation(tmp_pa
     assert [r["backend"] for r in recs] == ["gloo", "gloo"]
     assert [r["model"] for r in recs] == ["DistributedDataParallel"] * 2
     assert recs[0]["param_sum"] == pytest.approx(recs[1]["param_sum"], rel=1e-9)  # gradients were all-reduced
-    assert set(recs[0]["results"]["t_dist_test"]) == {"bbox", "prf"}
+    assert set(recs[0]["results"]["t_dist_test"]) == {"bbox", "prf", "image_level"}
     assert recs[1]["results"] == {"t_dist_test": {}}  # only rank 0 gets results
 
     inference = tmp_path / "run" / "inference" / "t_dist_test"

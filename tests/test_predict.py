@@ -216,3 +216,83 @@ def test_predict_tool_refuses_bad_setups_before_any_image_is_read(trained, tmp_p
     (tmp_path / "empty").mkdir()
     assert _predict("--weights", trained["weights"], "--input", str(tmp_path / "empty"), "--output", str(out)) == 2
     assert "no image found" in capsys.readouterr().err
+
+
+def test_calibrate_threshold_meets_the_false_alarm_rate_within_one_image(trained, tmp_path):
+    import calibrate_threshold
+    from steel_fsd.utils.cli import run_main
+
+    good = sorted(trained["tmp"].joinpath("neu", "IMAGES").glob("*.jpg"))  # 12 images playing "good product"
+    out = tmp_path / "threshold.json"
+    rc = run_main(calibrate_threshold.main, ["--config-file", PROTO_CFG, "--weights", trained["weights"],
+                                             "--good-images", *map(str, good), "--defect-images", str(trained["images"]),
+                                             "--false-alarm", "0.25", "--out", str(out), *TINY,
+                                             "DATASETS.TRAIN", "('t_pred_train',)"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["good_images"] == 12 and res["defect_images"] == 3
+    assert 0.25 - 1 / 12 < res["false_alarm"] <= 0.25  # 3 of 12 good images rejected (scores are distinct)
+    assert Path(res["roc_png"]).is_file()
+    # predict.py applies it: the calibration's good images are rejected at the calibrated rate
+    pred_out = tmp_path / "pred"
+    assert _predict("--weights", trained["weights"], "--input", *map(str, good), "--output", str(pred_out),
+                    "--threshold-file", str(out), "--no-overlays") == 0
+    with open(pred_out / "predictions.csv") as f:
+        assert [r["decision"] for r in csv.DictReader(f)].count("reject") == round(res["false_alarm"] * 12)
+
+
+def test_calibration_splits_a_dataset_into_good_and_defect_images():
+    from detectron2.data import DatasetCatalog
+
+    import calibrate_threshold
+
+    dicts = [{"file_name": "/a.png", "annotations": []}, {"file_name": "/b.png", "annotations": [{"bbox": [0, 0, 1, 1]}]},
+             {"file_name": "/c.png", "annotations": []}, {"file_name": "/c.png", "annotations": [{"bbox": [0, 0, 1, 1]}]}]
+    if "t_calib_split" not in DatasetCatalog.list():
+        DatasetCatalog.register("t_calib_split", lambda: dicts)
+    good, defect = calibrate_threshold.dataset_images("t_calib_split")
+    assert good == ["/a.png"] and defect == ["/b.png", "/c.png"]  # a tile with a defect makes its image a defect
+
+
+@pytest.mark.parametrize("config", [CFG, PROTO_CFG])
+def test_torchscript_export_gives_the_eager_boxes(config, tmp_path):
+    from detectron2.modeling import build_model
+
+    from steel_fsd.engine.export import trace_model
+    from steel_fsd.synthetic import make_neu_synthetic
+
+    cfg = build_config(config, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.PROTOTYPE.EMBED_DIM", "32"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    if config == PROTO_CFG:  # prototypes swapped in are baked into the export
+        model.roi_heads.box_predictor.set_support(torch.nn.functional.normalize(torch.randn(3, 32), dim=1))
+    root = make_neu_synthetic(tmp_path / "neu", n_per_class=1, seed=3)
+    images = [torch.as_tensor(cv2.imread(str(p)).transpose(2, 0, 1).copy()) for p in sorted((root / "IMAGES").glob("*.jpg"))[:3]]
+    traced, adapter = trace_model(model, images[0])
+    traced.save(str(tmp_path / "m.ts"))
+    loaded = torch.jit.load(str(tmp_path / "m.ts"))
+    for img in images[1:]:  # other images than the one traced on
+        boxes, classes, scores, _ = loaded(img)
+        with torch.no_grad():
+            ref = model.inference([{"image": img}], do_postprocess=False)[0]
+        assert len(ref) > 0 and len(boxes) == len(ref)
+        torch.testing.assert_close(boxes, ref.pred_boxes.tensor, atol=1e-3, rtol=0)
+        torch.testing.assert_close(scores, ref.scores, atol=1e-3, rtol=0)
+        assert torch.equal(classes, ref.pred_classes)
+        if config == PROTO_CFG:
+            assert int(classes.max()) <= 2  # the 3 support classes, not the 6 trained ones
+
+
+def test_export_tool_writes_model_and_check(trained, tmp_path):
+    import export_model
+    from steel_fsd.utils.cli import run_main
+
+    sample = next(trained["images"].glob("*.jpg"))
+    rc = run_main(export_model.main, ["--config-file", PROTO_CFG, "--weights", trained["weights"], "--output",
+                                      str(tmp_path), "--sample-image", str(sample), *TINY,
+                                      "DATASETS.TRAIN", "('t_pred_train',)"])
+    assert rc == 0
+    rec = json.loads((tmp_path / "export.json").read_text())
+    assert rec["check"]["same_count"] and rec["check"]["same_classes"] and rec["check"]["max_box_diff"] <= 1e-3
+    assert rec["input"]["traced_size"] == [96, 96] and len(rec["classes"]) == 6
+    assert (tmp_path / "model.ts").is_file()

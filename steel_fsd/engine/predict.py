@@ -28,7 +28,7 @@ from ..utils.cli import UserError
 from .trainer import load_model_for_eval
 
 __all__ = ["IMAGE_EXTENSIONS", "find_images", "tile_windows", "merge_tile_detections", "Predictor",
-           "image_decision"]
+           "image_decision", "top_scores"]
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -202,3 +202,31 @@ class Predictor:
             b, s, c = merge_tile_detections(b, s, c, t, self.nms_thresh)
         order = s.argsort(descending=True)[: self.max_dets]
         return Instances(tuple(shape), pred_boxes=Boxes(b[order]), scores=s[order], pred_classes=c[order])
+
+
+def top_scores(predictor: Predictor, paths: list[str], progress: bool = True) -> tuple[list[float], list[str]]:
+    """The top detection score of each readable image in ``paths`` (0 without detections), and the unreadable
+    ones (skipped, named on stderr)."""
+    import sys
+    import time
+
+    from ..data.errors import DatasetError
+    from ..data.images import read_image
+
+    scores, skipped, start = [], [], time.perf_counter()
+    step = max(1, predictor.batch_size)
+    for first in range(0, len(paths), step):
+        images = []
+        for path in paths[first:first + step]:
+            try:
+                images.append(read_image(path, predictor.cfg.INPUT.FORMAT))
+            except DatasetError as e:
+                print(f"skipped: {e}", file=sys.stderr, flush=True)
+                skipped.append(path)
+        for inst in predictor(images) if images else []:
+            scores.append(float(inst.scores.max()) if len(inst) else 0.0)
+        if progress:
+            done, el = min(first + step, len(paths)), time.perf_counter() - start
+            print(f"  {done}/{len(paths)} images, {len(scores) / max(el, 1e-9):.1f} images/s, "
+                  f"ETA {el / done * (len(paths) - done):.0f} s", file=sys.stderr, flush=True)
+    return scores, skipped

@@ -18,6 +18,7 @@ from detectron2.utils.file_io import PathManager
 from ..data.episodic import SAMPLER_NAME, build_episodic_train_loader
 from ..data.mapper import SteelDatasetMapper
 from ..evaluation.coco import SteelCOCOEvaluator
+from ..evaluation.image_level import ImageLevelEvaluator
 from ..evaluation.prf import build_prf_evaluator
 from ..modeling.checkpoint import SafeCheckpointer
 from ..modeling.support import attach_support
@@ -49,9 +50,11 @@ def check_weights(path: str) -> None:
 
 
 def _coco_and_prf(cfg: CfgNode, dataset_name: str, output_folder: str) -> list:
-    """COCO AP/AP50/AP75 (+ per class, PR curves) and precision/recall/F1 at the score threshold."""
+    """COCO AP/AP50/AP75 (+ per class, PR curves), precision/recall/F1 at the score threshold, and image-level
+    defect recall at 1% and 5% false alarms on the defect-free images."""
     return [SteelCOCOEvaluator(dataset_name, output_dir=output_folder),
-            build_prf_evaluator(cfg, dataset_name, output_folder)]
+            build_prf_evaluator(cfg, dataset_name, output_folder),
+            ImageLevelEvaluator(dataset_name, output_dir=output_folder)]
 
 
 # MetadataCatalog evaluator_type -> the evaluators of that kind of dataset (as Detectron2's tools/train_net.py
