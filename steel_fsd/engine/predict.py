@@ -84,25 +84,30 @@ def merge_tile_detections(boxes: torch.Tensor, scores: torch.Tensor, classes: to
     keep = batched_nms(boxes, scores, classes, nms_thresh)
     boxes, scores, classes, tiles = boxes[keep].clone(), scores[keep], classes[keep], tiles[keep]
     alive = torch.ones(len(boxes), dtype=torch.bool)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     for i in range(len(boxes)):  # keep is sorted by decreasing score
         if not alive[i]:
             continue
-        changed = True
-        members = {int(tiles[i])}
-        while changed:
-            changed = False
-            for j in range(i + 1, len(boxes)):
-                if not alive[j] or classes[j] != classes[i] or int(tiles[j]) in members:
-                    continue
-                a, b = boxes[i], boxes[j]
-                iw = (torch.min(a[2], b[2]) - torch.max(a[0], b[0])).clamp(min=0)
-                ih = (torch.min(a[3], b[3]) - torch.max(a[1], b[1])).clamp(min=0)
-                smaller = torch.min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1])).clamp(min=1e-6)
-                if iw * ih / smaller >= merge_thresh:
-                    boxes[i] = torch.stack([torch.min(a[0], b[0]), torch.min(a[1], b[1]),
-                                            torch.max(a[2], b[2]), torch.max(a[3], b[3])])
-                    alive[j], changed = False, True
-                    members.add(int(tiles[j]))
+        members = torch.zeros(int(tiles.max()) + 1, dtype=torch.bool)
+        members[tiles[i]] = True
+        while True:  # absorb, grow the box, and look again (a defect may span several tiles)
+            cand = alive & (classes == classes[i]) & ~members[tiles]
+            cand[: i + 1] = False
+            if not cand.any():
+                break
+            a, b = boxes[i], boxes[cand]
+            iw = (torch.min(a[2], b[:, 2]) - torch.max(a[0], b[:, 0])).clamp(min=0)
+            ih = (torch.min(a[3], b[:, 3]) - torch.max(a[1], b[:, 1])).clamp(min=0)
+            smaller = torch.min((a[2] - a[0]) * (a[3] - a[1]), area[cand]).clamp(min=1e-6)
+            hit = iw * ih / smaller >= merge_thresh
+            if not hit.any():
+                break
+            idx = cand.nonzero().flatten()[hit]
+            group = torch.cat([boxes[i:i + 1], boxes[idx]])
+            boxes[i] = torch.cat([group[:, :2].min(0).values, group[:, 2:].max(0).values])
+            area[i] = (boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1])
+            alive[idx] = False
+            members[tiles[idx]] = True
     return boxes[alive], scores[alive], classes[alive]
 
 

@@ -1,0 +1,93 @@
+"""Inspection-time throughput: images/s through steel_fsd.engine.predict.Predictor (harmonization, batching,
+model, tiling) for the demo R18-FPN and an R50-FPN, at 200 and 512 px, batch 1 and 8, stock against the
+prototype head, all in one run on one machine (so the ratios are comparable).
+
+    python benchmarks/bench_inference.py [--images 16] [--threads 2] [--device cpu|cuda]
+    python benchmarks/bench_inference.py --quick      # demo size only (200 px), a smoke run
+
+Models are randomly initialized (no weights can be downloaded; the cost of a forward pass does not depend on
+the weights, but the number of boxes after the score threshold does, so the threshold is set to 0 and every
+image keeps TEST.DETECTIONS_PER_IMAGE detections: the slowest case). Images are synthetic 200x200 NEU-like
+pictures; a Severstal-size row (1600x256 strips, tiled into 256-pixel squares) is measured for the demo model.
+Writes benchmarks/results/inference.json with images/s per row and the prototype / stock ratio per setting.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from common import REPO, save
+
+MODELS = {
+    "R18_FPN": ("configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "configs/demo/proto_R18_FPN_synth_neu.yaml"),
+    "R50_FPN": ("configs/baselines/faster_rcnn_R50_FPN_scratch_GN_neu.yaml", "configs/prototype/proto_R50_FPN_neu.yaml"),
+}
+
+
+def images_per_s(config: str, size: int, batch: int, images: list[np.ndarray], device: str, tile="auto") -> float:
+    from detectron2.modeling import build_model
+
+    from steel_fsd.engine.predict import Predictor
+    from steel_fsd.engine.setup import build_config
+
+    cfg = build_config(str(REPO / config), ["INPUT.HARMONIZE.RESIZE", str(size), "INPUT.HARMONIZE.NORMALIZE", "False",
+                                            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.DEVICE", device,
+                                            "MODEL.WEIGHTS", ""])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if cfg.MODEL.ROI_HEADS.NAME == "PrototypeROIHeads":  # inference uses the (filled) bank or support prototypes
+        pred = model.roi_heads.box_predictor
+        pred.set_support(torch.nn.functional.normalize(torch.randn(cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                                                                   pred.embed.out_features), dim=1))
+    predictor = Predictor(cfg, model, [str(i) for i in range(cfg.MODEL.ROI_HEADS.NUM_CLASSES)], tile=tile,
+                          batch_size=batch)
+    predictor(images[:batch])  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(images), batch):
+        predictor(images[i:i + batch])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=16, help="images per row (a multiple of 8)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="R18 at 200 px only")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from steel_fsd.synthetic.generators import render_neu_image, render_severstal_image
+
+    gray3 = lambda a: np.repeat(a[:, :, None], 3, axis=2)  # noqa: E731  (BGR input, as read_image gives)
+    images = [gray3(render_neu_image(0, i % 6, i // 6 + 1).image) for i in range(args.images)]
+    strips = [gray3(render_severstal_image(0, i, (1 + i % 4,)).image) for i in range(8)]
+    rows = []
+    models = {"R18_FPN": MODELS["R18_FPN"]} if args.quick else MODELS
+    sizes = (200,) if args.quick else (200, 512)
+    for name, (stock, proto) in models.items():
+        for size in sizes:
+            for batch in (1, 8):
+                ips = {head: images_per_s(cfg, size, batch, images, args.device)
+                       for head, cfg in (("stock", stock), ("prototype", proto))}
+                rows.append({"model": name, "px": size, "batch": batch, "stock_images_per_s": round(ips["stock"], 2),
+                             "prototype_images_per_s": round(ips["prototype"], 2),
+                             "prototype_over_stock": round(ips["prototype"] / ips["stock"], 3)})
+                print(rows[-1], flush=True)
+    strip_ips = images_per_s(MODELS["R18_FPN"][0], 200, 8, strips, args.device)
+    rows.append({"model": "R18_FPN", "px": "1600x256 strips (7 tiles of 256 -> 200 px)", "batch": 8,
+                 "stock_images_per_s": round(strip_ips, 2)})
+    print(rows[-1], flush=True)
+    save("inference", {"device": args.device, "threads": args.threads, "images_per_row": args.images,
+                       "weights": "random init, score threshold 0 (every image keeps its maximum detections)",
+                       "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
