@@ -296,3 +296,41 @@ def test_export_tool_writes_model_and_check(trained, tmp_path):
     assert rec["check"]["same_count"] and rec["check"]["same_classes"] and rec["check"]["max_box_diff"] <= 1e-3
     assert rec["input"]["traced_size"] == [96, 96] and len(rec["classes"]) == 6
     assert (tmp_path / "model.ts").is_file()
+
+
+def test_predict_tool_json_and_overlay_put_the_box_on_a_known_defect(tmp_path, monkeypatch):
+    """tools/predict.py with a stand-in detector whose output is fixed by the image: the json box and the
+    overlay's red box lie on the synthetic defect, for a square image and a tiled strip."""
+    import predict
+    from steel_fsd.engine import predict as predict_mod
+    from steel_fsd.utils.cli import run_main
+
+    monkeypatch.setattr(predict_mod.Predictor, "from_files",
+                        classmethod(lambda cls, cfg, w, p=None, **kw: cls(cfg, BrightBoxModel(), ["a", "b"], **kw)))
+    defects = {"square.png": ((200, 200), (50, 60, 110, 90)), "strip.png": ((256, 1600), (200, 60, 500, 120))}
+    for name, (shape, box) in defects.items():
+        cv2.imwrite(str(tmp_path / name), _image(*shape, box))
+    out = tmp_path / "out"
+    rc = run_main(predict.main, ["--config-file", CFG, "--weights", "unused.pth", "--input", str(tmp_path / "*.png"),
+                                 "--output", str(out), "INPUT.HARMONIZE.CLAHE", "False", "INPUT.HARMONIZE.NORMALIZE",
+                                 "False"])
+    assert rc == 0
+    preds = json.loads((out / "predictions.json").read_text())
+    with open(out / "predictions.csv") as f:
+        files = {int(r["image_id"]): Path(r["file"]).name for r in csv.DictReader(f)}
+    assert sorted(files.values()) == sorted(defects)
+    for p in preds:
+        x, y, w, h = p["bbox"]
+        truth = torch.tensor([defects[files[p["image_id"]]][1]], dtype=torch.float32)
+        assert float(pairwise_iou(Boxes(torch.tensor([[x, y, x + w, y + h]])), Boxes(truth))) > 0.5
+        assert p["category_name"] == "b" and p["score"] == pytest.approx(0.9)
+    assert len(preds) == 2  # one box per image: the strip's defect spans two tile borders
+    for png in (out / "overlays").glob("*.png"):
+        name = png.name.split("_", 1)[1]
+        (h, w), (x0, y0, x1, y1) = defects[name]
+        ov = cv2.imread(str(png))[:, :, ::-1].astype(int)  # RGB, scaled by the overlay's factor
+        s = ov.shape[1] / w
+        red = (ov[:, :, 0] > 180) & (ov[:, :, 1] < 80) & (ov[:, :, 2] < 80)
+        ys, xs = np.nonzero(red)
+        assert len(xs) > 0
+        assert abs(xs.min() / s - x0) < 4 and abs(xs.max() / s - x1) < 4 and abs(ys.max() / s - y1) < 4
