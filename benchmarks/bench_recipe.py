@@ -4,6 +4,8 @@ choice on its own, at one training budget, several seeds per row, chosen on neu_
     python benchmarks/bench_recipe.py [--rows paper flips_only ...] [--seeds 0 1] [--iters 300] [--jobs 2]
     python benchmarks/bench_recipe.py --list            # the rows and their overrides
     python benchmarks/bench_recipe.py --report-only     # the table from the finished runs
+    python benchmarks/bench_recipe.py --rows default proto_default --weights output/pretrain/r18_simclr.pth
+                                                        # rows "default+r18_simclr": from a pretrained backbone
 
 Each row is a config (the stock or prototype CPU config) plus overrides, trained from scratch on neu_train
 with Detectron2's SEED set to the run's seed, for ``--iters`` iterations at batch 4 (rows with another
@@ -80,8 +82,17 @@ ROWS: dict[str, tuple[str, list[str], float]] = {
 METRICS = ("AP", "AP50", "AP75", "P", "R", "F1")
 
 
-def run_dir(row: str, seed: int, iters: int) -> Path:
-    return OUT / f"it{iters}" / row / f"seed{seed}"
+def row_name(row: str, weights: str = "") -> str:
+    """A row trained from a pretrained backbone (``--weights``) is reported as ``<row>+<weights file stem>``."""
+    return f"{row}+{Path(weights).stem}" if weights else row
+
+
+def base_row(name: str) -> str:
+    return name.split("+", 1)[0] if name not in ROWS else name
+
+
+def run_dir(row: str, seed: int, iters: int, weights: str = "") -> Path:
+    return OUT / f"it{iters}" / row_name(row, weights) / f"seed{seed}"
 
 
 def schedule(iters: int) -> list[str]:
@@ -90,7 +101,7 @@ def schedule(iters: int) -> list[str]:
             "SOLVER.WARMUP_ITERS", str(min(50, iters // 10)), "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 4))]
 
 
-def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0) -> dict:
+def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0, weights: str = "") -> dict:
     """Train and evaluate one (row, seed) in this process; the result is also written to its folder.
 
     With ``eval_period`` the model is evaluated on neu_val every that many iterations (the convergence
@@ -108,8 +119,9 @@ def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0) 
 
     register_all(data)
     config, opts, factor = ROWS[row]
-    out = run_dir(row, seed, iters)
+    out = run_dir(row, seed, iters, weights)
     n = int(round(iters * factor))
+    opts = opts + (["MODEL.WEIGHTS", str(Path(weights).resolve())] if weights else [])
     full = opts + schedule(n) + ["SEED", str(seed), "OUTPUT_DIR", str(out), "DATALOADER.NUM_WORKERS", "0",
                                  "DATASETS.TEST", "('neu_val',)" if eval_period else "('neu_val', 'neu_test')",
                                  "TEST.EVAL_PERIOD", str(eval_period)]
@@ -128,7 +140,7 @@ def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0) 
         test_cfg.DATASETS.TEST = ("neu_test",)
         results.update(evaluate(test_cfg, trainer.model))
     rows = {d: per_class_rows(results[d], MetadataCatalog.get(d).thing_classes) for d in ("neu_val", "neu_test")}
-    result = {"row": row, "config": config, "opts": opts, "seed": seed, "iterations": n,
+    result = {"row": row_name(row, weights), "config": config, "opts": opts, "seed": seed, "iterations": n,
               "batch": cfg.SOLVER.IMS_PER_BATCH, "threads": torch.get_num_threads(),
               "wall_s": round(time.time() - start), "val": rows["neu_val"][-1], "test": rows["neu_test"][-1],
               "test_per_class": rows["neu_test"][:-1], "curve": curve(out, n) if eval_period else None}
@@ -183,7 +195,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     from steel_fsd.evaluation.aggregate import mean_ci
 
     out = []
-    for row, iters in sorted({(r["row"], r["iterations"]) for r in runs}, key=lambda k: (k[1], list(ROWS).index(k[0]))):
+    for row, iters in sorted({(r["row"], r["iterations"]) for r in runs}, key=lambda k: (k[1], list(ROWS).index(base_row(k[0])), k[0])):
         rs = [r for r in runs if r["row"] == row and r["iterations"] == iters]
         entry = {"row": row, "config": rs[0]["config"], "opts": rs[0]["opts"], "iterations": rs[0]["iterations"],
                  "seeds": [r["seed"] for r in rs], "wall_s": mean_ci([r["wall_s"] for r in rs])}
@@ -221,6 +233,8 @@ def main() -> None:
     ap.add_argument("--eval-period", type=int, default=0,
                     help="evaluate on neu_val every N iterations (convergence curve; neu_test once at the end)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding neu-det/")
+    ap.add_argument("--weights", default="", help="start every row from these weights (e.g. a pretrained backbone "
+                                                  "from tools/pretrain_backbone.py): rows named <row>+<file stem>")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--run", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)  # one run (subprocess)
@@ -230,20 +244,21 @@ def main() -> None:
             print(f"{name}: {config} {' '.join(opts)}" + (f" (x{factor} iterations)" if factor != 1 else ""))
         return
     if args.run:
-        train_one(args.run[0], int(args.run[1]), args.iters, args.data, args.eval_period)
+        train_one(args.run[0], int(args.run[1]), args.iters, args.data, args.eval_period, args.weights)
         return
     if not args.report_only:
         todo = [(r, s) for r in args.rows for s in args.seeds
-                if not (run_dir(r, s, args.iters) / "result.json").is_file()]
+                if not (run_dir(r, s, args.iters, args.weights) / "result.json").is_file()]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         start = time.time()
 
         def launch(row: str, seed: int) -> tuple[str, int, int]:
-            log = run_dir(row, seed, args.iters)
+            log = run_dir(row, seed, args.iters, args.weights)
             log.mkdir(parents=True, exist_ok=True)
             with open(log / "stdout.log", "a") as f:
                 rc = subprocess.run([sys.executable, __file__, "--run", row, str(seed), "--iters", str(args.iters),
-                                     "--data", args.data, "--eval-period", str(args.eval_period)], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+                                     "--data", args.data, "--eval-period", str(args.eval_period),
+                                     *(["--weights", args.weights] if args.weights else [])], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
             return row, seed, rc
 
         print(f"[bench_recipe] {len(todo)} runs to do ({args.jobs} at a time), output under {OUT}", flush=True)
