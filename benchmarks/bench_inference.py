@@ -9,7 +9,9 @@ Models are randomly initialized (no weights can be downloaded; the cost of a for
 the weights, but the number of boxes after the score threshold does, so the threshold is set to 0 and every
 image keeps TEST.DETECTIONS_PER_IMAGE detections: the slowest case). Images are synthetic 200x200 NEU-like
 pictures; a Severstal-size row (1600x256 strips, tiled into 256-pixel squares) is measured for the demo model.
-Writes benchmarks/results/inference.json with images/s per row and the prototype / stock ratio per setting.
+Stock and prototype predictors are timed in alternation (median of ``--rounds`` passes each) so that other
+load on the machine hits both alike. Writes benchmarks/results/inference.json with images/s per row and the
+prototype / stock ratio per setting.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ MODELS = {
 }
 
 
-def images_per_s(config: str, size: int, batch: int, images: list[np.ndarray], device: str, tile="auto") -> float:
+def build_predictor(config: str, size: int, batch: int, device: str, tile="auto"):
     from detectron2.modeling import build_model
 
     from steel_fsd.engine.predict import Predictor
@@ -42,17 +44,31 @@ def images_per_s(config: str, size: int, batch: int, images: list[np.ndarray], d
         pred = model.roi_heads.box_predictor
         pred.set_support(torch.nn.functional.normalize(torch.randn(cfg.MODEL.ROI_HEADS.NUM_CLASSES,
                                                                    pred.embed.out_features), dim=1))
-    predictor = Predictor(cfg, model, [str(i) for i in range(cfg.MODEL.ROI_HEADS.NUM_CLASSES)], tile=tile,
-                          batch_size=batch)
-    predictor(images[:batch])  # warm-up
+    return Predictor(cfg, model, [str(i) for i in range(cfg.MODEL.ROI_HEADS.NUM_CLASSES)], tile=tile,
+                     batch_size=batch)
+
+
+def seconds(predictor, images: list[np.ndarray], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for i in range(0, len(images), batch):
-        predictor(images[i:i + batch])
+    for i in range(0, len(images), predictor.batch_size):
+        predictor(images[i:i + predictor.batch_size])
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return len(images) / (time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
+def compare(predictors: dict, images: list[np.ndarray], device: str, rounds: int) -> dict[str, float]:
+    """Median images/s of each predictor, timed in alternation (round r: each in turn) after one warm-up
+    batch each, so that load from other processes hits every predictor alike."""
+    for p in predictors.values():
+        p(images[:p.batch_size])
+    times: dict[str, list[float]] = {k: [] for k in predictors}
+    for _ in range(rounds):
+        for k, p in predictors.items():
+            times[k].append(seconds(p, images, device))
+    return {k: len(images) / float(np.median(v)) for k, v in times.items()}
 
 
 def main() -> None:
@@ -60,6 +76,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16, help="images per row (a multiple of 8)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--rounds", type=int, default=3, help="timed passes per predictor (median reported)")
     ap.add_argument("--quick", action="store_true", help="R18 at 200 px only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,17 +91,20 @@ def main() -> None:
     for name, (stock, proto) in models.items():
         for size in sizes:
             for batch in (1, 8):
-                ips = {head: images_per_s(cfg, size, batch, images, args.device)
-                       for head, cfg in (("stock", stock), ("prototype", proto))}
+                ips = compare({"stock": build_predictor(stock, size, batch, args.device),
+                               "prototype": build_predictor(proto, size, batch, args.device)},
+                              images, args.device, args.rounds)
                 rows.append({"model": name, "px": size, "batch": batch, "stock_images_per_s": round(ips["stock"], 2),
                              "prototype_images_per_s": round(ips["prototype"], 2),
                              "prototype_over_stock": round(ips["prototype"] / ips["stock"], 3)})
                 print(rows[-1], flush=True)
-    strip_ips = images_per_s(MODELS["R18_FPN"][0], 200, 8, strips, args.device)
+    ips = compare({"stock": build_predictor(MODELS["R18_FPN"][0], 200, 8, args.device)}, strips, args.device,
+                  args.rounds)
     rows.append({"model": "R18_FPN", "px": "1600x256 strips (7 tiles of 256 -> 200 px)", "batch": 8,
-                 "stock_images_per_s": round(strip_ips, 2)})
+                 "stock_images_per_s": round(ips["stock"], 2), "tiles_per_s": round(7 * ips["stock"], 2)})
     print(rows[-1], flush=True)
     save("inference", {"device": args.device, "threads": args.threads, "images_per_row": args.images,
+                       "rounds": args.rounds, "timing": "median of the rounds, stock and prototype in alternation",
                        "weights": "random init, score threshold 0 (every image keeps its maximum detections)",
                        "rows": rows})
 
