@@ -66,3 +66,11 @@ def test_evaluator_reads_defect_free_images_from_the_dataset(tmp_path):
     assert res["good_images"] == 10 and res["defect_images"] == 10
     assert res["recall@FA1%"] == 100 and res["false_alarm@FA1%"] == 0 and res["roc_auc"] == pytest.approx(1.0)
     assert (tmp_path / "image_level.json").is_file()
+
+
+def test_image_level_line_only_when_both_kinds_of_image_exist():
+    from steel_fsd.evaluation.report import image_level_line
+
+    res = {"image_level": summarize([0.1, 0.2, 0.3], [0.25, 0.9])}
+    assert image_level_line(res).startswith("image level (3 defect-free / 2 defect images): defect recall 50.0% at 1%")
+    assert image_level_line({"image_level": summarize([], [0.9])}) is None and image_level_line({}) is None

@@ -23,7 +23,7 @@ from steel_fsd.engine.fewshot import evaluate_with_support, register_support
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.data.mapper import SteelDatasetMapper
 from steel_fsd.engine.trainer import Trainer
-from steel_fsd.evaluation.report import format_table, per_class_rows
+from steel_fsd.evaluation.report import format_table, image_level_line, per_class_rows
 from steel_fsd.utils.cli import run_main
 from steel_fsd.utils.io import write_json
 from steel_fsd.visualize import draw_predictions, grid
@@ -70,6 +70,9 @@ def fewshot_step(cfg, seed: int) -> dict:
     print(f"\nFew-shot, cross-dataset: trained on {cfg.DATASETS.TRAIN[0]}, K={FEWSHOT_K} supports per class from "
           f"{FEWSHOT_SUPPORT} (prototype swap, no retraining), evaluated on {FEWSHOT_TEST}:")
     print(format_table(per_class_rows(results[FEWSHOT_TEST], classes)))
+    line = image_level_line(results[FEWSHOT_TEST])  # Severstal tiles include defect-free ones
+    if line:
+        print(line)
     return results
 
 

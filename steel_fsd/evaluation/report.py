@@ -29,3 +29,14 @@ def format_table(rows: list[dict]) -> str:
     """A plain-text table of :func:`per_class_rows` output (tabulate, one decimal)."""
     return tabulate([[r["class"]] + [r[m] for m in METRICS] for r in rows], headers=["class", *METRICS],
                     floatfmt=".1f", tablefmt="simple")
+
+
+def image_level_line(results: dict) -> str | None:
+    """One line on image-level accept/reject (:class:`~steel_fsd.evaluation.image_level.ImageLevelEvaluator`),
+    or None when the dataset has no defect-free or no defect image to measure it on."""
+    il = results.get("image_level") or {}
+    if not il.get("good_images") or not il.get("defect_images"):
+        return None
+    return (f"image level ({int(il['good_images'])} defect-free / {int(il['defect_images'])} defect images): "
+            f"defect recall {il['recall@FA1%']:.1f}% at 1% false alarms, {il['recall@FA5%']:.1f}% at 5%, "
+            f"ROC AUC {il['roc_auc']:.3f}")
