@@ -97,7 +97,9 @@ def run(data, tmp_path_factory):
                        "faster_rcnn": str(REPO / "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml")},
             "METHODS": {"prototype": {"model": "prototype", "adapt": "support"},
                         "prototype_ft": {"model": "prototype", "adapt": "finetune"},
-                        "finetune": {"model": "faster_rcnn", "adapt": "finetune"}},
+                        "finetune": {"model": "faster_rcnn", "adapt": "finetune"},
+                        "prototype_pcb": {"model": "prototype", "adapt": "support_pcb"},
+                        "finetune_pcb": {"model": "faster_rcnn", "adapt": "finetune_pcb"}},
             "SETTINGS": [{"kind": "base_novel", "dataset": "neu", "novel": ["inclusion", "scratches"]},
                          {"kind": "cross", "source": "neu", "target": "sev"},
                          {"kind": "kshot", "dataset": "sev"}],
@@ -125,9 +127,9 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
     cells = {p.relative_to(out / "cells").as_posix(): json.loads(p.read_text())
              for p in (out / "cells").rglob("K*_seed*.json")}
     settings = ["base_novel_neu_novel-inclusion+scratches", "cross_neu-sev"]
-    want = {f"{s}/{m}/K2_seed{seed}.json" for s in settings for m in ("prototype", "prototype_ft", "finetune")
-            for seed in (0, 1)} | {"preprocessing_neu/off/K0_seed0.json", "kshot_sev/prototype/K2_seed1.json",
-                                   "kshot_sev/finetune/K2_seed1.json"}
+    methods = ("prototype", "prototype_ft", "finetune", "prototype_pcb", "finetune_pcb")
+    want = {f"{s}/{m}/K2_seed{seed}.json" for s in settings for m in methods for seed in (0, 1)} | {
+        "preprocessing_neu/off/K0_seed0.json", "kshot_sev/prototype/K2_seed1.json", "kshot_sev/finetune/K2_seed1.json"}
     assert set(cells) == want
     for name, c in cells.items():
         per_class_ap = [v["AP"] for v in c["per_class"].values()]
@@ -137,7 +139,8 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
             assert c["novel_classes"] == ["inclusion", "scratches"] and len(c["base_classes"]) == 4
             finite = [c["per_class"][k]["AP"] for k in c["novel_classes"] if c["per_class"][k]["AP"] is not None]
             assert c["nAP"] == (pytest.approx(sum(finite) / len(finite)) if finite else None)
-        assert (c["adapt_iters"] == 0) == (c["method"] == "prototype" and c["kind"] != "kshot" or c["kind"] == "preprocessing")
+        swap = c["method"] in ("prototype", "prototype_pcb")
+        assert (c["adapt_iters"] == 0) == (swap and c["kind"] != "kshot" or c["kind"] == "preprocessing")
     # the runner's aggregate equals a hand computation from the per-cell json
     results = json.loads((out / "results.json").read_text())
     for row in results["rows"]:

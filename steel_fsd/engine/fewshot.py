@@ -64,24 +64,28 @@ def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed:
 
 
 def evaluate_with_support(cfg: CfgNode, weights: str, support_file: str, datasets: list[str],
-                          output_dir: str | None = None) -> dict[str, dict]:
+                          output_dir: str | None = None, wrap=None) -> dict[str, dict]:
     """Evaluate ``weights`` on ``datasets`` predicting exactly the classes of ``support_file`` (``""``: the
-    model's own classifier or memory bank); evaluator files under ``output_dir``/inference, default cfg.OUTPUT_DIR."""
+    model's own classifier or memory bank); evaluator files under ``output_dir``/inference, default cfg.OUTPUT_DIR.
+    ``wrap(model, cfg)`` may replace the loaded model for evaluation (e.g. :func:`calibrated_model`)."""
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS, cfg.MODEL.PROTOTYPE.SUPPORT_FILE = weights, support_file
     cfg.DATASETS.TEST = tuple(datasets)
     cfg.OUTPUT_DIR = output_dir or cfg.OUTPUT_DIR
     cfg.freeze()
-    return evaluate(cfg, load_model_for_eval(cfg))
+    model = load_model_for_eval(cfg)
+    return evaluate(cfg, wrap(model, cfg) if wrap else model)
 
 
-def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool = False) -> torch.Tensor:
+def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool = False, embed=None) -> torch.Tensor:
     """Embeddings (N, D) of the annotated boxes ``[(dataset_dict, annotation_index), ...]``.
 
     ``mapper`` is the evaluation mapper (test-time harmonization); boxes are scaled into its output size.
-    Each image goes through the backbone once, however many of its boxes are listed.
+    Each image goes through the backbone once, however many of its boxes are listed. ``embed(features,
+    boxes)`` gives the features (default: the prototype head's ``embed_boxes``).
     """
+    embed = embed or model.roi_heads.embed_boxes
     by_image: dict[int, list[int]] = {}
     for n, (d, _) in enumerate(picks):
         by_image.setdefault(id(d), []).append(n)
@@ -91,7 +95,7 @@ def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool
         groups = tqdm(groups, desc="embedding boxes", unit="img")
     was_training = model.training
     model.eval()
-    out = torch.zeros(len(picks), model.roi_heads.box_predictor.embed.out_features)
+    out: torch.Tensor | None = None
     with torch.no_grad():
         for group in groups:
             d = picks[group[0]][0]
@@ -102,9 +106,12 @@ def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool
                                  dtype=torch.float32) * torch.tensor([sx, sy, sx, sy])
             images = model.preprocess_image([mapped])
             features = model.backbone(images.tensor)
-            out[group] = model.roi_heads.embed_boxes(features, [Boxes(boxes.to(images.tensor.device))]).cpu()
+            z = embed(features, [Boxes(boxes.to(images.tensor.device))]).cpu()
+            if out is None:
+                out = torch.zeros(len(picks), z.shape[1])
+            out[group] = z
     model.train(was_training)
-    return out
+    return out if out is not None else torch.zeros(0, 0)
 
 
 def build_prototypes(model, dataset_dicts: list[dict], class_names: list[str], mapper, shots: int, seed: int,
@@ -118,3 +125,21 @@ def build_prototypes(model, dataset_dicts: list[dict], class_names: list[str], m
                 "file_name": d["file_name"], "bbox": [float(v) for v in d["annotations"][i]["bbox"]]} for d, i in picks]
     return PrototypeSet(list(class_names), protos, shots, seed, support,
                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def calibrated_model(model, cfg: CfgNode, support_dicts: list[dict], support_classes: list[str], shots: int,
+                     seed: int, model_classes: list[str], alpha: float):
+    """``model`` wrapped for PCB (:class:`~steel_fsd.modeling.calibration.CalibratedRCNN`): prototypes are the
+    mean box features of the K seeded supports per class of ``support_dicts``, ordered as ``model_classes``
+    (classes without supports keep their scores)."""
+    from ..modeling.calibration import CalibratedRCNN, box_features
+
+    picks = sample_support(support_dicts, len(support_classes), shots, seed)
+    feats = embed_instances(model, picks, SteelDatasetMapper(cfg, is_train=False),
+                            embed=lambda f, b: box_features(model.roi_heads, f, b))
+    labels = torch.tensor([d["annotations"][i]["category_id"] for d, i in picks])
+    protos = torch.full((len(model_classes), feats.shape[1]), float("nan"))
+    for c, name in enumerate(support_classes):
+        if name in model_classes and (labels == c).any():
+            protos[model_classes.index(name)] = feats[labels == c].mean(0)
+    return CalibratedRCNN(model, protos, alpha)

@@ -34,23 +34,49 @@ def parent_dataset(dataset: str) -> str:
 
 
 def support_eval(cfg, weights: str, support_ds: str, manifest: dict, shots: int, seed: int, test: str,
-                 work: Path) -> dict:
-    """Prototypes from the manifest's boxes (timed as ``_adapt_s``), then evaluation with them."""
+                 work: Path, wrap=None) -> dict:
+    """Prototypes from the manifest's boxes (timed as ``_adapt_s``), then evaluation with them; ``wrap(model,
+    cfg)`` (e.g. PCB) is applied to the loaded model and its time added to ``_adapt_s``."""
     work.mkdir(parents=True, exist_ok=True)
     protos = str(work / "prototypes.pt")
     start = time.perf_counter()
     register_support(cfg, weights, parent_dataset(support_ds), shots, seed, protos, manifest=manifest,
                      progress=False)
     adapt_s = time.perf_counter() - start
-    res = evaluate_with_support(cfg, weights, protos, [test], output_dir=str(work))[test]
-    return dict(res, _adapt_s=adapt_s)
+    wrap_s = [0.0]
+
+    def timed_wrap(model, c):
+        t0 = time.perf_counter()
+        out = wrap(model, c)
+        wrap_s[0] = time.perf_counter() - t0
+        return out
+    res = evaluate_with_support(cfg, weights, protos, [test], output_dir=str(work),
+                                wrap=timed_wrap if wrap else None)[test]
+    return dict(res, _adapt_s=adapt_s + wrap_s[0])
+
+
+def pcb_wrap(support_ds: str, manifest: dict, shots: int, seed: int, test: str):
+    """``wrap(model, cfg)`` for :func:`support_eval` / :func:`finetune_eval`: prototype calibration (PCB) with
+    the manifest's K boxes per class, weight TEST.PCB_ALPHA on the detector's score."""
+    from detectron2.data import DatasetCatalog
+
+    from ...data.support import manifest_support_dicts
+    from ..fewshot import calibrated_model
+
+    def wrap(model, cfg):
+        parent = parent_dataset(support_ds)
+        dicts = manifest_support_dicts(manifest, DatasetCatalog.get(parent))
+        return calibrated_model(model, cfg, dicts, list(MetadataCatalog.get(parent).thing_classes), shots, seed,
+                                list(MetadataCatalog.get(test).thing_classes), cfg.TEST.PCB_ALPHA)
+    return wrap
 
 
 def finetune_eval(protocol, model: str, cfg, weights: str, setting, support_ds: str, manifest: dict,
-                  shots: int, seed: int, test: str, work: Path, method_opts: list[str]) -> tuple[dict, int]:
+                  shots: int, seed: int, test: str, work: Path, method_opts: list[str], wrap=None) -> tuple[dict, int]:
     """Resize the base checkpoint to the target classes, fine-tune on the support set, evaluate on ``test``.
 
-    Adaptation time covers prototype registration (prototype models), surgery and training, not evaluation.
+    Adaptation time covers prototype registration (prototype models), surgery, training and ``wrap(model,
+    cfg)`` (e.g. PCB), not evaluation.
     """
     from ...modeling.surgery import resize_checkpoint
 
@@ -75,12 +101,13 @@ def finetune_eval(protocol, model: str, cfg, weights: str, setting, support_ds: 
     trainer = Trainer(ft_cfg)  # seeded by SEED
     trainer.resume_or_load(resume=False)
     trainer.train()
-    adapt_s = time.perf_counter() - start
-    os.remove(resized)  # an intermediate: the adapted model is OUTPUT_DIR/model_final.pth
     c = ft_cfg.clone()
     c.defrost()
     c.DATASETS.TEST = (test,)
-    res = evaluate(c, trainer.model)[test]
+    adapted = wrap(trainer.model, c) if wrap else trainer.model
+    adapt_s = time.perf_counter() - start
+    os.remove(resized)  # an intermediate: the adapted model is OUTPUT_DIR/model_final.pth
+    res = evaluate(c, adapted)[test]
     return dict(res, _adapt_s=adapt_s), ft_cfg.SOLVER.MAX_ITER
 
 
@@ -95,4 +122,19 @@ def adapt_finetune(protocol, model, cfg, weights, setting, support_ds, manifest,
     """Checkpoint resized to the target classes, then FINETUNE_OPTS (+ the method's opts) on the K shots."""
     results, iters = finetune_eval(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test,
                                    work, opts)
+    return results, iters, str(work / "metrics.json")
+
+
+@register_adapter("support_pcb")
+def adapt_support_pcb(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+    """The prototype swap, then prototype calibration (PCB) of its detections with the same K shots."""
+    wrap = pcb_wrap(support_ds, manifest, shots, seed, test)
+    return support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work, wrap), 0, None
+
+
+@register_adapter("finetune_pcb")
+def adapt_finetune_pcb(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+    """The fine-tune, then prototype calibration (PCB) of its detections with the same K shots (DeFRCN)."""
+    results, iters = finetune_eval(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test,
+                                   work, opts, wrap=pcb_wrap(support_ds, manifest, shots, seed, test))
     return results, iters, str(work / "metrics.json")
