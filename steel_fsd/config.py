@@ -31,6 +31,7 @@ def add_steel_fsd_config(cfg: CN) -> CN:
     _C.INPUT.AUG.CROP_RANGE = [0.8, 1.0]       # relative crop side, per axis
     # Evaluation.
     _C.TEST.PRF_SCORE_THRESH = 0.5             # detections >= this score count for precision/recall/F1
+    _C.MODEL.ROI_BOX_HEAD.COSINE_SCALE = 20.0    # CosineROIHeads (TFA's cosine classifier): scale of the cosines
     _C.TEST.PCB_ALPHA = 0.5                    # prototype calibration (adapt: *_pcb): weight of the detector score
     _C.TEST.PRF_IOU_THRESH = 0.5
     # Validation loss during training (loss curves): the training losses on a fixed, unaugmented set of images.
