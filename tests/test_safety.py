@@ -322,8 +322,14 @@ def test_tool_mistakes_are_one_line_with_exit_code_2(data, tmp_path, capsys, mon
 
 
 def test_empty_split_after_tiling_is_one_line(tmp_path, capsys, monkeypatch):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
     sev = make_severstal_synthetic(tmp_path / "ds" / "severstal-synth", n_images=1, seed=0, negative_fraction=0.0)
     assert sev.is_dir()
+    # names registered earlier in this process (e.g. from ./datasets) are kept by register_all: set them aside
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        for name in [n for n in list(catalog) if n.startswith(("severstal_synth", "steel_mixed_synth"))]:
+            monkeypatch.delitem(catalog, name)
     monkeypatch.setenv("STEEL_FSD_DATASETS", str(tmp_path / "ds"))
     train_net = load_tool("train_net")
     cfg = str(REPO / "configs/demo/proto_R18_FPN_synth_severstal.yaml")
