@@ -327,9 +327,19 @@ def test_empty_split_after_tiling_is_one_line(tmp_path, capsys, monkeypatch):
     sev = make_severstal_synthetic(tmp_path / "ds" / "severstal-synth", n_images=1, seed=0, negative_fraction=0.0)
     assert sev.is_dir()
     # names registered earlier in this process (e.g. from ./datasets) are kept by register_all: set them aside
-    for catalog in (DatasetCatalog, MetadataCatalog):
-        for name in [n for n in list(catalog) if n.startswith(("severstal_synth", "steel_mixed_synth"))]:
-            monkeypatch.delitem(catalog, name)
+    aside = [(c, n, c.data.pop(n)) for c in (DatasetCatalog, MetadataCatalog) for n in list(c.data)
+             if n.startswith(("severstal_synth", "steel_mixed_synth"))]
+    try:
+        _empty_split_run(tmp_path, capsys, monkeypatch)
+    finally:  # the names as they were: this test's registrations (of a temporary folder) go
+        for c in (DatasetCatalog, MetadataCatalog):
+            for n in [n for n in list(c.data) if n.startswith(("severstal_synth", "steel_mixed_synth"))]:
+                del c.data[n]
+        for c, n, v in aside:
+            c.data[n] = v
+
+
+def _empty_split_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("STEEL_FSD_DATASETS", str(tmp_path / "ds"))
     train_net = load_tool("train_net")
     cfg = str(REPO / "configs/demo/proto_R18_FPN_synth_severstal.yaml")
