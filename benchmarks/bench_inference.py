@@ -1,6 +1,7 @@
 """Inspection-time throughput: images/s through steel_fsd.engine.predict.Predictor (harmonization, batching,
 model, tiling) for the demo R18-FPN and an R50-FPN, at 200 and 512 px, batch 1 and 8, stock against the
-prototype head, all in one run on one machine (so the ratios are comparable).
+prototype head (the same config with either ROI head), all in one run on one machine (so the ratios are
+comparable).
 
     python benchmarks/bench_inference.py [--images 16] [--threads 2] [--device cpu|cuda]
     python benchmarks/bench_inference.py --quick      # demo size only (200 px), a smoke run
@@ -23,13 +24,13 @@ import torch
 
 from common import REPO, save
 
-MODELS = {
-    "R18_FPN": ("configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "configs/demo/proto_R18_FPN_synth_neu.yaml"),
-    "R50_FPN": ("configs/baselines/faster_rcnn_R50_FPN_scratch_GN_neu.yaml", "configs/prototype/proto_R50_FPN_neu.yaml"),
-}
+# The prototype configs; the stock row is the same config with Detectron2's StandardROIHeads, so that the heads
+# are the only difference (backbone, box head, RPN and test settings equal).
+MODELS = {"R18_FPN": "configs/demo/proto_R18_FPN_synth_neu.yaml", "R50_FPN": "configs/prototype/proto_R50_FPN_neu.yaml"}
+STOCK = ["MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "False"]
 
 
-def build_predictor(config: str, size: int, batch: int, device: str, tile="auto"):
+def build_predictor(config: str, size: int, batch: int, device: str, tile="auto", opts=()):
     from detectron2.modeling import build_model
 
     from steel_fsd.engine.predict import Predictor
@@ -37,7 +38,7 @@ def build_predictor(config: str, size: int, batch: int, device: str, tile="auto"
 
     cfg = build_config(str(REPO / config), ["INPUT.HARMONIZE.RESIZE", str(size), "INPUT.HARMONIZE.NORMALIZE", "False",
                                             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.DEVICE", device,
-                                            "MODEL.WEIGHTS", ""])
+                                            "MODEL.WEIGHTS", "", *opts])
     torch.manual_seed(0)
     model = build_model(cfg)
     if cfg.MODEL.ROI_HEADS.NAME == "PrototypeROIHeads":  # inference uses the (filled) bank or support prototypes
@@ -88,22 +89,22 @@ def main() -> None:
     rows = []
     models = {"R18_FPN": MODELS["R18_FPN"]} if args.quick else MODELS
     sizes = (200,) if args.quick else (200, 512)
-    for name, (stock, proto) in models.items():
+    for name, config in models.items():
         for size in sizes:
             for batch in (1, 8):
-                ips = compare({"stock": build_predictor(stock, size, batch, args.device),
-                               "prototype": build_predictor(proto, size, batch, args.device)},
+                ips = compare({"stock": build_predictor(config, size, batch, args.device, opts=STOCK),
+                               "prototype": build_predictor(config, size, batch, args.device)},
                               images, args.device, args.rounds)
                 rows.append({"model": name, "px": size, "batch": batch, "stock_images_per_s": round(ips["stock"], 2),
                              "prototype_images_per_s": round(ips["prototype"], 2),
                              "prototype_over_stock": round(ips["prototype"] / ips["stock"], 3)})
                 print(rows[-1], flush=True)
-    ips = compare({"stock": build_predictor(MODELS["R18_FPN"][0], 200, 8, args.device)}, strips, args.device,
-                  args.rounds)
+    ips = compare({"stock": build_predictor(MODELS["R18_FPN"], 200, 8, args.device, opts=STOCK)}, strips,
+                  args.device, args.rounds)
     rows.append({"model": "R18_FPN", "px": "1600x256 strips (7 tiles of 256 -> 200 px)", "batch": 8,
                  "stock_images_per_s": round(ips["stock"], 2), "tiles_per_s": round(7 * ips["stock"], 2)})
     print(rows[-1], flush=True)
-    save("inference", {"device": args.device, "threads": args.threads, "images_per_row": args.images,
+    save("inference", {"configs": MODELS, "stock_overrides": STOCK, "device": args.device, "threads": args.threads, "images_per_row": args.images,
                        "rounds": args.rounds, "timing": "median of the rounds, stock and prototype in alternation",
                        "weights": "random init, score threshold 0 (every image keeps its maximum detections)",
                        "rows": rows})
