@@ -88,7 +88,8 @@ def row_name(row: str, weights: str = "") -> str:
 
 
 def base_row(name: str) -> str:
-    return name.split("+", 1)[0] if name not in ROWS else name
+    """The ROWS entry of a reported row name (``<row>`` or ``<row>+<weights stem>``; row names may hold "+")."""
+    return name if name in ROWS else name.rsplit("+", 1)[0]
 
 
 def run_dir(row: str, seed: int, iters: int, weights: str = "") -> Path:
