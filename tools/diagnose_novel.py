@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prototypes", help="prototype file: the model predicts its classes (prototype swap)")
     ap.add_argument("--dataset", required=True, help="registered dataset with boxes (a val split)")
     ap.add_argument("--datasets-root", help="folder of the datasets (default $STEEL_FSD_DATASETS or ./datasets)")
-    ap.add_argument("--novel", nargs="+", required=True, help="the novel class names")
+    ap.add_argument("--novel", nargs="*", default=[], help="the novel class names (none: every class is judged "
+                                                          "as a base class, e.g. for a fully supervised model)")
     ap.add_argument("--out", help="JSON to write (table and per-box records)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = ap.parse_args(argv)
