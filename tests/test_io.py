@@ -37,3 +37,19 @@ def test_file_sha256_matches_hashlib(tmp_path):
     data = np.random.default_rng(0).bytes(3 * (1 << 20) + 17)  # several read chunks
     (tmp_path / "b").write_bytes(data)
     assert file_sha256(tmp_path / "b") == hashlib.sha256(data).hexdigest()
+
+
+def test_atomic_write_gives_the_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    from steel_fsd.utils.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {"a": 1})
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "r.json") == mode(tmp_path / "plain.txt") == 0o644
