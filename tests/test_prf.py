@@ -317,6 +317,7 @@ def _dist_worker(rank: int, port: int, out_dir: str) -> None:
         res = run_evaluator(ev, [["a"], ["b", "c"]][rank])
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(res, f)
+        dist.barrier()  # as steel_fsd.engine.launch: no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
