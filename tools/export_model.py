@@ -16,23 +16,14 @@ import sys
 import _path  # noqa: F401
 import numpy as np
 import torch
-from detectron2.data import transforms as T
 from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data.images import read_image
-from steel_fsd.data.transforms import build_harmonization
 from steel_fsd.engine.export import export_onnx, trace_model
 from steel_fsd.engine.predict import Predictor
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.utils.cli import check_output_dir, run_main
 from steel_fsd.utils.io import write_json
-
-
-def harmonized(cfg, image: np.ndarray) -> torch.Tensor:
-    aug = T.AugInput(image)
-    T.AugmentationList(build_harmonization(cfg))(aug)
-    img = aug.image if aug.image.ndim == 3 else aug.image[:, :, None]
-    return torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
 def main(argv=None) -> int:
@@ -48,17 +39,13 @@ def main(argv=None) -> int:
     setup_logger(name="steel_fsd")
     check_output_dir(args.output, "--output")
     cfg = build_config(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", args.output])
-    stats = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "pixel_stats.json")
-    if cfg.INPUT.HARMONIZE.NORMALIZE and os.path.isfile(stats):
-        with open(stats, "rb") as src, open(os.path.join(args.output, "pixel_stats.json"), "wb") as dst:
-            dst.write(src.read())
-    finalize_config(cfg, datasets=())
+    finalize_config(cfg, datasets=(), weights=args.weights)
     predictor = Predictor.from_files(cfg, args.weights, args.prototypes)
     if args.sample_image:
         sample = read_image(args.sample_image, cfg.INPUT.FORMAT)
     else:
         sample = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
-    image = harmonized(cfg, sample)
+    image = predictor.harmonize(sample)
     model = predictor.model
     record = {"classes": predictor.class_names, "input": {"format": cfg.INPUT.FORMAT, "layout": "CHW uint8",
               "harmonize": {"clahe": cfg.INPUT.HARMONIZE.CLAHE, "clahe_clip": cfg.INPUT.HARMONIZE.CLAHE_CLIP,

@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -28,9 +27,7 @@ import numpy as np
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from steel_fsd.data.errors import DatasetError
-from steel_fsd.data.images import read_image
-from steel_fsd.engine.predict import Predictor, find_images, image_decision
+from steel_fsd.engine.predict import Predictor, find_images, image_decision, predict_paths
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.utils.cli import UserError, check_output_dir, run_main
 from steel_fsd.utils.io import write_json
@@ -90,10 +87,7 @@ def main(argv=None) -> int:
     files = find_images(args.input)
     opts = list(args.opts) + (["MODEL.DEVICE", args.device] if args.device else []) + ["OUTPUT_DIR", args.output]
     cfg = build_config(args.config_file, opts)
-    stats = os.path.join(os.path.dirname(os.path.abspath(args.weights)), "pixel_stats.json")
-    if cfg.INPUT.HARMONIZE.NORMALIZE and os.path.isfile(stats):  # the training run's pixel statistics
-        shutil.copyfile(stats, os.path.join(args.output, "pixel_stats.json"))
-    finalize_config(cfg, datasets=())
+    finalize_config(cfg, datasets=(), weights=args.weights)  # the training run's pixel statistics
     threshold, source = load_threshold(args.threshold_file, cfg.TEST.PRF_SCORE_THRESH)
     tile = args.tile if args.tile == "auto" else int(args.tile)
     predictor = Predictor.from_files(cfg, args.weights, args.prototypes, tile=tile, batch_size=args.batch_size)
@@ -104,40 +98,25 @@ def main(argv=None) -> int:
 
     results, rows, skipped = [], [], []
     start, n_done = time.perf_counter(), 0
-    chunk = max(1, args.batch_size)
-    for first in range(0, len(files), chunk):
-        batch, images = [], []
-        for image_id, path in enumerate(files[first:first + chunk], first):
-            try:
-                img = read_image(path, cfg.INPUT.FORMAT)
-            except DatasetError as e:
-                print(f"[predict] skipped: {e}", file=sys.stderr, flush=True)
-                skipped.append(path)
-                rows.append([image_id, path, "", "", "", "", "", "", "skipped", str(e)])
-                continue
-            batch.append((image_id, path))
-            images.append(img)
-        for (image_id, path), img, inst in zip(batch, images, predictor(images) if images else []):
-            d = image_decision(inst, names, threshold)
-            h, w = img.shape[:2]
-            for box, score, cls in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
-                                       inst.pred_classes.tolist()):
-                results.append({"image_id": image_id, "file_name": path, "category_id": cls,
-                                "category_name": names[cls], "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                                "score": score})
-            rows.append([image_id, path, w, h, len(inst), int(d.defect), d.worst_class, round(d.max_score, 4),
-                         "reject" if d.defect else "pass", ""])
-            if not args.no_overlays:
-                rgb = img[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else img
-                png = os.path.join(args.output, "overlays", f"{image_id:06d}_{os.path.splitext(os.path.basename(path))[0]}.png")
-                cv2.imwrite(png, overlay(np.ascontiguousarray(rgb), inst, names, min_score)[:, :, ::-1])
-        n_done += len(batch)
-        el = time.perf_counter() - start
-        done = min(first + chunk, len(files))
-        print(f"[predict] {done}/{len(files)} images, {n_done / max(el, 1e-9):.1f} images/s, "
-              f"ETA {el / done * (len(files) - done):.0f} s", file=sys.stderr, flush=True)
+    for image_id, path, img, inst, error in predict_paths(predictor, files):
+        if error is not None:
+            skipped.append(path)
+            rows.append([image_id, path, "", "", "", "", "", "", "skipped", str(error)])
+            continue
+        n_done += 1
+        d = image_decision(inst, names, threshold)
+        h, w = img.shape[:2]
+        for box, score, cls in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist()):
+            results.append({"image_id": image_id, "file_name": path, "category_id": cls,
+                            "category_name": names[cls], "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                            "score": score})
+        rows.append([image_id, path, w, h, len(inst), int(d.defect), d.worst_class, round(d.max_score, 4),
+                     "reject" if d.defect else "pass", ""])
+        if not args.no_overlays:
+            rgb = img[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else img
+            png = os.path.join(args.output, "overlays", f"{image_id:06d}_{os.path.splitext(os.path.basename(path))[0]}.png")
+            cv2.imwrite(png, overlay(np.ascontiguousarray(rgb), inst, names, min_score)[:, :, ::-1])
     seconds = time.perf_counter() - start
-    rows.sort(key=lambda r: r[0])
     with open(os.path.join(args.output, "predictions.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_HEADER)

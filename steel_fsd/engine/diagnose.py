@@ -12,6 +12,7 @@ from detectron2.structures import BoxMode
 
 from ..data.mapper import SteelDatasetMapper
 from ..evaluation.failures import failure_table, gt_outcomes
+from ..modeling.inference import rcnn_stages
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,7 @@ def diagnose(model, cfg: CfgNode, dataset: str, novel: list[str], ks: tuple[int,
     records, start = [], time.perf_counter()
     for n, d in enumerate(dicts, 1):
         inp = mapper(dict(d))
-        images = model.preprocess_image([inp])
-        features = model.backbone(images.tensor)
-        proposals, _ = model.proposal_generator(images, features, None)
-        results, _ = model.roi_heads(images, features, proposals, None)
+        images, _, proposals, results = rcnn_stages(model, [inp])
         det = model._postprocess(results, [inp], images.image_sizes)[0]["instances"].to("cpu")
         h, w = images.image_sizes[0]
         scale = torch.tensor([d["width"] / w, d["height"] / h] * 2)

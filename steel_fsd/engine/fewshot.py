@@ -115,10 +115,11 @@ def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool
 
 
 def build_prototypes(model, dataset_dicts: list[dict], class_names: list[str], mapper, shots: int, seed: int,
-                     progress: bool = False) -> PrototypeSet:
-    """Prototypes (class means of support embeddings) from K seeded support instances per class."""
+                     progress: bool = False, embed=None) -> PrototypeSet:
+    """Prototypes (class means of support embeddings) from K seeded support instances per class; ``embed`` as
+    in :func:`embed_instances`."""
     picks = sample_support(dataset_dicts, len(class_names), shots, seed)
-    embeddings = embed_instances(model, picks, mapper, progress)
+    embeddings = embed_instances(model, picks, mapper, progress, embed)
     labels = torch.tensor([d["annotations"][i]["category_id"] for d, i in picks])
     protos = torch.stack([embeddings[labels == c].mean(0) for c in range(len(class_names))])
     support = [{"class": class_names[d["annotations"][i]["category_id"]], "image_key": str(d.get("image_key", d["image_id"])),
@@ -134,12 +135,10 @@ def calibrated_model(model, cfg: CfgNode, support_dicts: list[dict], support_cla
     (classes without supports keep their scores)."""
     from ..modeling.calibration import CalibratedRCNN, box_features
 
-    picks = sample_support(support_dicts, len(support_classes), shots, seed)
-    feats = embed_instances(model, picks, SteelDatasetMapper(cfg, is_train=False),
-                            embed=lambda f, b: box_features(model.roi_heads, f, b))
-    labels = torch.tensor([d["annotations"][i]["category_id"] for d, i in picks])
-    protos = torch.full((len(model_classes), feats.shape[1]), float("nan"))
-    for c, name in enumerate(support_classes):
-        if name in model_classes and (labels == c).any():
-            protos[model_classes.index(name)] = feats[labels == c].mean(0)
+    ps = build_prototypes(model, support_dicts, support_classes, SteelDatasetMapper(cfg, is_train=False), shots, seed,
+                          embed=lambda f, b: box_features(model.roi_heads, f, b))
+    protos = torch.full((len(model_classes), ps.embed_dim), float("nan"))
+    for name, mu in zip(ps.class_names, ps.prototypes):
+        if name in model_classes:
+            protos[model_classes.index(name)] = mu
     return CalibratedRCNN(model, protos, alpha)

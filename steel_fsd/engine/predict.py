@@ -28,7 +28,7 @@ from ..utils.cli import UserError
 from .trainer import load_model_for_eval
 
 __all__ = ["IMAGE_EXTENSIONS", "find_images", "tile_windows", "merge_tile_detections", "Predictor",
-           "image_decision", "top_scores"]
+           "image_decision", "predict_paths", "top_scores"]
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -176,13 +176,16 @@ class Predictor:
             size = int(self.tile)
         return tile_windows(height, width, size, self.overlap)
 
-    def _inputs(self, image: np.ndarray, window) -> dict:
-        x0, y0, x1, y1 = window
-        aug = T.AugInput(np.ascontiguousarray(image[y0:y1, x0:x1]))
+    def harmonize(self, image: np.ndarray) -> torch.Tensor:
+        """HxWxC image -> the model's CHW uint8 input after the training harmonization (CLAHE, resize)."""
+        aug = T.AugInput(np.ascontiguousarray(image))
         self.augmentations(aug)
         img = aug.image if aug.image.ndim == 3 else aug.image[:, :, None]
-        return {"image": torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1))), "height": y1 - y0,
-                "width": x1 - x0}
+        return torch.as_tensor(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+    def _inputs(self, image: np.ndarray, window) -> dict:
+        x0, y0, x1, y1 = window
+        return {"image": self.harmonize(image[y0:y1, x0:x1]), "height": y1 - y0, "width": x1 - x0}
 
     @torch.no_grad()
     def __call__(self, images: list[np.ndarray]) -> list[Instances]:
@@ -209,29 +212,44 @@ class Predictor:
         return Instances(tuple(shape), pred_boxes=Boxes(b[order]), scores=s[order], pred_classes=c[order])
 
 
-def top_scores(predictor: Predictor, paths: list[str], progress: bool = True) -> tuple[list[float], list[str]]:
-    """The top detection score of each readable image in ``paths`` (0 without detections), and the unreadable
-    ones (skipped, named on stderr)."""
+def predict_paths(predictor: Predictor, paths: list[str], prefix: str = "[predict]", progress: bool = True):
+    """Read and predict ``paths`` in batches of ``predictor.batch_size``, yielding ``(index, path, image,
+    instances, error)`` for every path in order: an unreadable image yields ``image`` and ``instances`` None and
+    its :class:`~steel_fsd.data.errors.DatasetError` (also named on stderr). Progress, images/s and ETA go to
+    stderr after each batch."""
     import sys
     import time
 
     from ..data.errors import DatasetError
     from ..data.images import read_image
 
-    scores, skipped, start = [], [], time.perf_counter()
+    start, predicted = time.perf_counter(), 0
     step = max(1, predictor.batch_size)
     for first in range(0, len(paths), step):
-        images = []
-        for path in paths[first:first + step]:
+        batch: list[tuple[int, str, np.ndarray | None, DatasetError | None]] = []
+        for index, path in enumerate(paths[first:first + step], first):
             try:
-                images.append(read_image(path, predictor.cfg.INPUT.FORMAT))
+                batch.append((index, path, read_image(path, predictor.cfg.INPUT.FORMAT), None))
             except DatasetError as e:
-                print(f"skipped: {e}", file=sys.stderr, flush=True)
-                skipped.append(path)
-        for inst in predictor(images) if images else []:
-            scores.append(float(inst.scores.max()) if len(inst) else 0.0)
+                print(f"{prefix} skipped: {e}", file=sys.stderr, flush=True)
+                batch.append((index, path, None, e))
+        outputs = iter(predictor([img for _, _, img, _ in batch if img is not None]))
+        for index, path, img, error in batch:
+            yield index, path, img, (next(outputs) if img is not None else None), error
+            predicted += img is not None
         if progress:
             done, el = min(first + step, len(paths)), time.perf_counter() - start
-            print(f"  {done}/{len(paths)} images, {len(scores) / max(el, 1e-9):.1f} images/s, "
+            print(f"{prefix} {done}/{len(paths)} images, {predicted / max(el, 1e-9):.1f} images/s, "
                   f"ETA {el / done * (len(paths) - done):.0f} s", file=sys.stderr, flush=True)
+
+
+def top_scores(predictor: Predictor, paths: list[str], progress: bool = True) -> tuple[list[float], list[str]]:
+    """The top detection score of each readable image in ``paths`` (0 without detections), and the unreadable
+    ones (skipped, named on stderr)."""
+    scores, skipped = [], []
+    for _, path, _, inst, error in predict_paths(predictor, paths, prefix=" ", progress=progress):
+        if error is not None:
+            skipped.append(path)
+        else:
+            scores.append(float(inst.scores.max()) if len(inst) else 0.0)
     return scores, skipped

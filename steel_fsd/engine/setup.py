@@ -49,11 +49,13 @@ def resolve_device(cfg: CfgNode) -> None:
         cfg.MODEL.DEVICE = "cpu"
 
 
-def resolve_pixel_stats(cfg: CfgNode) -> None:
+def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
     """With INPUT.HARMONIZE.NORMALIZE, set MODEL.PIXEL_MEAN/STD to the training sets' statistics.
 
     The statistics are a deterministic function of the training datasets (and CLAHE settings), so a
     later ``--eval-only`` run recomputes the same values; they are cached in OUTPUT_DIR/pixel_stats.json.
+    With ``weights``, the training run's own cache (``pixel_stats.json`` next to the weights) is read first,
+    so tools that only apply a trained model need not have its training datasets registered.
     """
     if not cfg.INPUT.HARMONIZE.NORMALIZE:
         return
@@ -63,12 +65,16 @@ def resolve_pixel_stats(cfg: CfgNode) -> None:
     key = {"datasets": list(cfg.DATASETS.TRAIN), "clahe": [cfg.INPUT.HARMONIZE.CLAHE, cfg.INPUT.HARMONIZE.CLAHE_CLIP,
            cfg.INPUT.HARMONIZE.CLAHE_TILES], "max_images": cfg.INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES}
     cache = os.path.join(cfg.OUTPUT_DIR, "pixel_stats.json")
-    if os.path.isfile(cache):
-        with open(cache) as f:
-            saved = json.load(f)
-        if saved.get("key") == key:
-            cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = saved["mean"], saved["std"]
-            return
+    trained = [os.path.join(os.path.dirname(os.path.abspath(weights)), "pixel_stats.json")] if weights else []
+    for path in trained + [cache]:
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("key") == key:
+                cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = saved["mean"], saved["std"]
+                if path != cache:  # the output folder records the statistics it was run with
+                    write_json(cache, saved, indent=2, sort_keys=False)
+                return
     for name in cfg.DATASETS.TRAIN:
         require_registered(name, "DATASETS.TRAIN (INPUT.HARMONIZE.NORMALIZE computes its pixel statistics; a "
                            f"copy of the training run's pixel_stats.json in OUTPUT_DIR {cfg.OUTPUT_DIR} also does)")
@@ -91,12 +97,12 @@ def check_config_paths(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST
     check_output_dir(cfg.OUTPUT_DIR)
 
 
-def finalize_config(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST")) -> CfgNode:
+def finalize_config(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST"), weights: str | None = None) -> CfgNode:
     """Check the datasets named by ``datasets`` (see :func:`check_config_paths`; ``()`` for tools that use
     only their own datasets, e.g. register_support) and OUTPUT_DIR, apply run-time resolution (device,
-    pixel statistics) and freeze."""
+    pixel statistics, read from beside ``weights`` when that run cached them) and freeze."""
     check_config_paths(cfg, datasets)
     resolve_device(cfg)
-    resolve_pixel_stats(cfg)
+    resolve_pixel_stats(cfg, weights)
     cfg.freeze()
     return cfg

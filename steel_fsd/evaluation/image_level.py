@@ -40,12 +40,18 @@ def threshold_for_false_alarm(good_scores, rate: float) -> float:
     return float(np.nextafter(good[allowed], np.inf))
 
 
+def _share_at_or_above(scores, thresholds: np.ndarray) -> np.ndarray:
+    """For each threshold, the fraction of ``scores`` >= it (NaN without scores); one sort, no pairwise loop."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if len(s) == 0:
+        return np.full(len(thresholds), math.nan)
+    return (len(s) - np.searchsorted(s, thresholds, side="left")) / len(s)
+
+
 def rates_at(good_scores, defect_scores, threshold: float) -> tuple[float, float]:
     """(false-alarm rate on good images, recall on defect images) when rejecting scores >= ``threshold``."""
-    good, bad = np.asarray(good_scores, dtype=np.float64), np.asarray(defect_scores, dtype=np.float64)
-    fa = float((good >= threshold).mean()) if len(good) else math.nan
-    rec = float((bad >= threshold).mean()) if len(bad) else math.nan
-    return fa, rec
+    t = np.array([threshold], dtype=np.float64)
+    return float(_share_at_or_above(good_scores, t)[0]), float(_share_at_or_above(defect_scores, t)[0])
 
 
 def roc_points(good_scores, defect_scores) -> dict[str, list[float]]:
@@ -53,9 +59,9 @@ def roc_points(good_scores, defect_scores) -> dict[str, list[float]]:
     rate and the recall, from (0, 0) to (1, 1)."""
     scores = np.unique(np.concatenate([np.asarray(good_scores, float), np.asarray(defect_scores, float), [0.0]]))
     thresholds = np.concatenate([[np.inf], scores[::-1]])
-    fa, rec = zip(*(rates_at(good_scores, defect_scores, t) for t in thresholds))
-    return {"threshold": [None if np.isinf(t) else float(t) for t in thresholds], "false_alarm": list(fa),
-            "recall": list(rec)}
+    return {"threshold": [None if np.isinf(t) else float(t) for t in thresholds],
+            "false_alarm": _share_at_or_above(good_scores, thresholds).tolist(),
+            "recall": _share_at_or_above(defect_scores, thresholds).tolist()}
 
 
 def roc_auc(roc: dict[str, list[float]]) -> float:

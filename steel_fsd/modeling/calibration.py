@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes
 
+from .inference import rcnn_stages
+
 __all__ = ["box_features", "calibrated_scores", "CalibratedRCNN"]
 
 
@@ -46,13 +48,10 @@ class CalibratedRCNN(torch.nn.Module):
 
     def forward(self, batched_inputs):
         m = self.model
+        images, features, _, results = rcnn_stages(m, batched_inputs)
         with torch.no_grad():
-            images = m.preprocess_image(batched_inputs)
-            features = m.backbone(images.tensor)
-            proposals, _ = m.proposal_generator(images, features, None)
-            results, _ = m.roi_heads(images, features, proposals, None)
             feats = box_features(m.roi_heads, features, [r.pred_boxes for r in results]).split(
                 [len(r) for r in results])
             for r, f in zip(results, feats):
                 r.scores = calibrated_scores(r.scores, r.pred_classes, f, self.prototypes.to(f.device), self.alpha)
-            return m._postprocess(results, batched_inputs, images.image_sizes)
+        return m._postprocess(results, batched_inputs, images.image_sizes)

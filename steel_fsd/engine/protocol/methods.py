@@ -43,16 +43,17 @@ def support_eval(cfg, weights: str, support_ds: str, manifest: dict, shots: int,
     register_support(cfg, weights, parent_dataset(support_ds), shots, seed, protos, manifest=manifest,
                      progress=False)
     adapt_s = time.perf_counter() - start
-    wrap_s = [0.0]
+    wrap_s = 0.0
 
     def timed_wrap(model, c):
+        nonlocal wrap_s
         t0 = time.perf_counter()
         out = wrap(model, c)
-        wrap_s[0] = time.perf_counter() - t0
+        wrap_s = time.perf_counter() - t0
         return out
     res = evaluate_with_support(cfg, weights, protos, [test], output_dir=str(work),
                                 wrap=timed_wrap if wrap else None)[test]
-    return dict(res, _adapt_s=adapt_s + wrap_s[0])
+    return dict(res, _adapt_s=adapt_s + wrap_s)
 
 
 def pcb_wrap(support_ds: str, manifest: dict, shots: int, seed: int, test: str):
