@@ -48,6 +48,7 @@ ROWS: dict[str, tuple[str, list[str], float]] = {
     "flips+gamma": (PAPER, FLIPS + ["INPUT.AUG.GAMMA", "True"], 1.0),
     "flips+noise": (PAPER, FLIPS + ["INPUT.AUG.NOISE", "True"], 1.0),
     "flips-normalize": (PAPER, FLIPS + ["INPUT.HARMONIZE.NORMALIZE", "False"], 1.0),
+    "flips+clahe-normalize": (PAPER, FLIPS + ["INPUT.HARMONIZE.CLAHE", "True", "INPUT.HARMONIZE.NORMALIZE", "False"], 1.0),
     "no_augmentation": (PAPER, FLIPS + ["INPUT.AUG.ENABLED", "False"], 1.0),
     "flips_hflip_only": (PAPER, FLIPS + ["INPUT.AUG.VFLIP", "False"], 1.0),
     "flips_lr0.01": (PAPER, FLIPS + ["SOLVER.BASE_LR", "0.01"], 1.0),

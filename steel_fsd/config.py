@@ -71,5 +71,8 @@ def add_prototype_config(cfg: CN) -> CN:
     # Embedding normalization before the L2 norm: "" (the paper's) or "BN" (BatchNorm without affine; keeps the
     # batch-hard triplet loss from collapsing all embeddings to one point, see prototype_heads.py).
     cfg.MODEL.PROTOTYPE.EMBED_NORM = ""
+    # TL-SDD's class-specific feature reweighting: hidden width of the MLP that maps a prototype to channel
+    # weights of the embedding (0: off; see prototype_heads.py).
+    cfg.MODEL.PROTOTYPE.REWEIGHT_HIDDEN = 0
     cfg.MODEL.PROTOTYPE.SUPPORT_FILE = ""        # prototypes from tools/register_support.py
     return cfg

@@ -90,16 +90,22 @@ def run(data, tmp_path_factory):
     import run_fewshot
 
     out = tmp_path_factory.mktemp("protocol_out")
+    tlsdd = out / "tlsdd.yaml"  # the demo prototype model with TL-SDD's class-specific reweighting
+    tlsdd.write_text(f"_BASE_: {REPO / 'configs/demo/proto_R18_FPN_synth_neu.yaml'}\n"
+                     "MODEL:\n  PROTOTYPE:\n    REWEIGHT_HIDDEN: 16\n")
     spec = {"OUTPUT_DIR": str(out), "SHOTS": [2], "SEEDS": [0, 1],
             "DATASETS": {"neu": {p: f"t_pr_neu_{p}" for p in ("train", "val", "test")},
                          "sev": {p: f"t_pr_sev_{p}" for p in ("train", "val", "test")}},
             "MODELS": {"prototype": str(REPO / "configs/demo/proto_R18_FPN_synth_neu.yaml"),
-                       "faster_rcnn": str(REPO / "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml")},
+                       "faster_rcnn": str(REPO / "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml"),
+                       "tlsdd": str(tlsdd)},
             "METHODS": {"prototype": {"model": "prototype", "adapt": "support"},
                         "prototype_ft": {"model": "prototype", "adapt": "finetune"},
                         "finetune": {"model": "faster_rcnn", "adapt": "finetune"},
                         "prototype_pcb": {"model": "prototype", "adapt": "support_pcb"},
-                        "finetune_pcb": {"model": "faster_rcnn", "adapt": "finetune_pcb"}},
+                        "finetune_pcb": {"model": "faster_rcnn", "adapt": "finetune_pcb"},
+                        "tlsdd": {"model": "tlsdd", "adapt": "finetune"},
+                        "tlsdd_support": {"model": "tlsdd", "adapt": "support"}},
             "SETTINGS": [{"kind": "base_novel", "dataset": "neu", "novel": ["inclusion", "scratches"]},
                          {"kind": "cross", "source": "neu", "target": "sev"},
                          {"kind": "kshot", "dataset": "sev"}],
@@ -127,7 +133,7 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
     cells = {p.relative_to(out / "cells").as_posix(): json.loads(p.read_text())
              for p in (out / "cells").rglob("K*_seed*.json")}
     settings = ["base_novel_neu_novel-inclusion+scratches", "cross_neu-sev"]
-    methods = ("prototype", "prototype_ft", "finetune", "prototype_pcb", "finetune_pcb")
+    methods = ("prototype", "prototype_ft", "finetune", "prototype_pcb", "finetune_pcb", "tlsdd", "tlsdd_support")
     want = {f"{s}/{m}/K2_seed{seed}.json" for s in settings for m in methods for seed in (0, 1)} | {
         "preprocessing_neu/off/K0_seed0.json", "kshot_sev/prototype/K2_seed1.json", "kshot_sev/finetune/K2_seed1.json"}
     assert set(cells) == want
@@ -139,7 +145,7 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
             assert c["novel_classes"] == ["inclusion", "scratches"] and len(c["base_classes"]) == 4
             finite = [c["per_class"][k]["AP"] for k in c["novel_classes"] if c["per_class"][k]["AP"] is not None]
             assert c["nAP"] == (pytest.approx(sum(finite) / len(finite)) if finite else None)
-        swap = c["method"] in ("prototype", "prototype_pcb")
+        swap = c["method"] in ("prototype", "prototype_pcb", "tlsdd_support")
         assert (c["adapt_iters"] == 0) == (swap and c["kind"] != "kshot" or c["kind"] == "preprocessing")
     # the runner's aggregate equals a hand computation from the per-cell json
     results = json.loads((out / "results.json").read_text())
@@ -180,6 +186,14 @@ def test_finetune_freezes_backbone_and_rpn_and_resizes_heads(run):
     assert tuned["roi_heads.box_predictor.cls_score.weight"].shape[0] == 7  # 6 classes + background
     assert not torch.equal(torch.as_tensor(base["roi_heads.box_head.fc1.weight"]),
                            torch.as_tensor(tuned["roi_heads.box_head.fc1.weight"]))
+    # TL-SDD's phase 2: the base model's reweighting MLP is carried over by the surgery and fine-tuned
+    tl_base = torch.load(next((out / "models").glob("tlsdd_neu_base-*")) / "model_final.pth", map_location="cpu",
+                         weights_only=False)["model"]
+    tl_tuned = torch.load(out / "cells" / "base_novel_neu_novel-inclusion+scratches" / "tlsdd" / "K2_seed0" /
+                          "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    key = "roi_heads.box_predictor.reweight.2.weight"
+    assert tl_base[key].shape == tl_tuned[key].shape and not torch.equal(torch.as_tensor(tl_base[key]),
+                                                                        torch.as_tensor(tl_tuned[key]))
     info = json.loads((base_dir / "train_info.json").read_text())
     assert info["train"].startswith("base:") and info["num_images"] == len(DatasetCatalog.get(info["train"]))
     metrics = [json.loads(line) for line in (base_dir / "metrics.json").read_text().splitlines()]

@@ -374,14 +374,16 @@ E2E_CLASSES = ["patches", "pitted_surface", "rolled-in_scale"]
 
 
 @pytest.mark.slow
-def test_briefly_trained_head_gets_foreground_rois_right(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["MODEL.PROTOTYPE.REWEIGHT_HIDDEN", "64"]], ids=["plain", "tlsdd_reweighted"])
+def test_briefly_trained_head_gets_foreground_rois_right(tmp_path, extra):
     """The demo prototype config's head (factorized logits, BN-centred embedding, triplet weight 0.1), with the RPN
     and ROI heads trained for 200 iterations on a fixed, randomly initialized backbone (fast and stable; the heads
     are what is tested) on 3 synthetic NEU classes at 128 px: foreground ROIs get classified right during training
     (fg_cls_accuracy, 0 for a head that calls every ROI background), and detections on the training images score
     >= 0.5 with the right class at IoU >= 0.5. Measured in this setting (seeds 0-2): fg_cls_accuracy 0.44-0.54 over
     the last 30 iterations, 13-19 such detections; the paper's head (distance logits, no BN, triplet weight 1.0)
-    scored no detection >= 0.5 at 300 iterations (seed 0), as in issue 9 at demo size."""
+    scored no detection >= 0.5 at 300 iterations (seed 0), as in issue 9 at demo size. The same holds with TL-SDD's
+    class-specific reweighting on (REWEIGHT_HIDDEN 64)."""
     from detectron2.data import DatasetCatalog
     from detectron2.structures import BoxMode, pairwise_iou
 
@@ -401,7 +403,7 @@ def test_briefly_trained_head_gets_foreground_rois_right(tmp_path):
         "SOLVER.WARMUP_ITERS", "10", "SOLVER.STEPS", "(1000,)", "MODEL.PROTOTYPE.EMBED_DIM", "64",
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.5",
         "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "300", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "150",
-        "MODEL.RPN.PRE_NMS_TOPK_TEST", "300", "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "SEED", "0"])
+        "MODEL.RPN.PRE_NMS_TOPK_TEST", "300", "MODEL.RPN.POST_NMS_TOPK_TEST", "100", "SEED", "0", *extra])
     finalize_config(cfg)
     torch.manual_seed(0)
     np.random.seed(0)  # the train-time augmentations draw from numpy's global generator
@@ -420,6 +422,8 @@ def test_briefly_trained_head_gets_foreground_rois_right(tmp_path):
             sched.step()
         fg_acc = [v for v, _ in storage.history("fast_rcnn/fg_cls_accuracy").values()]
     assert len(fg_acc) == iters and np.mean(fg_acc[-30:]) >= 0.25, fg_acc
+    if extra:  # the reweighting was trained, not left at r = 1
+        assert model.roi_heads.box_predictor.reweight[2].weight.abs().sum() > 0
 
     model.eval()
     dicts = DatasetCatalog.get("t_ph_neu")
@@ -509,3 +513,63 @@ def test_triplet_weight_warms_up_linearly(warmup):
             got.append(float(head.losses((feats, torch.zeros(len(gt), 4)), [_proposals(gt)])["loss_triplet"]))
     scale = [1.0] * 4 if warmup == 0 else [min(1.0, (it + 1) / warmup) for it in (0, 1, 3, 7)]
     assert got == pytest.approx([0.5 * s * ref for s in scale], rel=1e-6)
+
+
+def brute_force_reweighted(z, mu, tau, bg, mlp_weights, logit):
+    """Loop reference of the TL-SDD reweighted logits: r_c = 2 sigmoid(W2 relu(W1 mu_c + b1) + b2), score
+    cos(z_i * r_c, mu_c * r_c) (factorized: tau * cos, then log-softmax over the classes; distance:
+    -tau * squared distance of the normalized reweighted vectors)."""
+    w1, b1, w2, b2 = (t.double().numpy() for t in mlp_weights)
+    z, mu = z.double().numpy(), mu.double().numpy()
+    C = len(mu)
+    out = np.zeros((len(z), C + 1))
+    for i in range(len(z)):
+        for c in range(C):
+            r = 2 / (1 + np.exp(-(w2 @ np.maximum(w1 @ mu[c] + b1, 0) + b2)))
+            a, b = z[i] * r, mu[c] * r
+            a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+            out[i, c] = tau * a @ b if logit == "factorized" else -tau * ((a - b) ** 2).sum()
+        if logit == "factorized":
+            m = out[i, :C].max()
+            out[i, :C] -= m + np.log(np.exp(out[i, :C] - m).sum())
+        out[i, C] = bg[i]
+    return out
+
+
+@pytest.mark.parametrize("logit", ["factorized", "distance"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reweighted_logits_equal_brute_force(logit, seed):
+    head = _head("MODEL.PROTOTYPE.REWEIGHT_HIDDEN", "5", "MODEL.PROTOTYPE.LOGIT", logit).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a trained MLP, not the identity it starts as
+        for p in head.reweight.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(7, 16, generator=g, dtype=torch.float64)
+    mu = torch.nn.functional.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=1)
+    with torch.no_grad():
+        feats, _ = head(x)
+        got = head.logits(feats, mu)
+    z, bg = head.split(feats)
+    mlp = [head.reweight[0].weight, head.reweight[0].bias, head.reweight[2].weight, head.reweight[2].bias]
+    ref = brute_force_reweighted(z, mu, float(head.tau.detach()), bg.numpy(), [t.detach() for t in mlp], logit)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-9)
+    r = head.channel_weights(mu)
+    assert r.shape == mu.shape and bool(((r > 0) & (r < 2)).all()) and r.std() > 0.01
+
+
+@pytest.mark.parametrize("logit", ["factorized", "distance"])
+def test_reweighting_starts_as_the_plain_head_and_learns(logit):
+    """At initialization r = 1 (the MLP's last layer is zero): the logits equal the plain head's. A loss step
+    moves the reweighting MLP, so training can change the per-class metric."""
+    plain = _head("MODEL.PROTOTYPE.LOGIT", logit)
+    head = _head("MODEL.PROTOTYPE.LOGIT", logit, "MODEL.PROTOTYPE.REWEIGHT_HIDDEN", "5")
+    head.load_state_dict(plain.state_dict(), strict=False)
+    x, gt = _labelled_batch()
+    mu = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(head.logits(head(x)[0], mu), plain.logits(plain(x)[0], mu))
+    feats, deltas = head(x)
+    head.losses((feats, deltas), [_proposals(gt)])["loss_cls"].backward()
+    assert head.reweight[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="BACKGROUND"):
+        _head("MODEL.PROTOTYPE.REWEIGHT_HIDDEN", "5", "MODEL.PROTOTYPE.BACKGROUND", "prototype")

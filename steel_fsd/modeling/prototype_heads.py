@@ -29,6 +29,14 @@ Training prototypes (MODEL.PROTOTYPE.SOURCE, ABSENT_CLASSES, TRIPLET_WARMUP_ITER
     class is seen, then trained by the classification loss, as a cosine classifier's weights (TFA); the
     EMA bank is still updated, and support prototypes still replace both at inference.
   * the triplet weight can ramp up linearly over the first TRIPLET_WARMUP_ITERS iterations.
+Class-specific feature reweighting (MODEL.PROTOTYPE.REWEIGHT_HIDDEN > 0; TL-SDD's reweighting module and
+distance-metric classifier): a small MLP turns each class prototype mu_c into channel weights
+r_c = 2 * sigmoid(MLP(mu_c)) in (0, 2)^D, and class c is scored on the reweighted pair,
+s_c(z) = cos(z * r_c, mu_c * r_c) (as -tau * ||z' - mu'_c||^2 = 2 tau (cos - 1) between the normalized
+reweighted vectors under "distance", tau * cos under "factorized"). The weights come from the prototypes, so
+support prototypes from K boxes bring their own weights; the MLP's last layer starts at zero (r = 1: the plain
+head). TL-SDD reweights the feature map before the box head; here the ROI embedding's channels are reweighted,
+which keeps prototype files, checkpoint surgery and the K-box swap unchanged.
 Box regression is class-agnostic, so classes never seen in training are still localized.
 """
 from __future__ import annotations
@@ -65,12 +73,24 @@ def factorized_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tens
 
     Classes outside ``available`` (bool, C) get -inf; with none available every ROI is background.
     """
-    scores = cosine_logits(z, prototypes, tau)
+    return _factorized(cosine_logits(z, prototypes, tau), bg, available)
+
+
+def _factorized(scores: torch.Tensor, bg: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
+    """:func:`factorized_logits` from the class scores (N, C)."""
     if available is not None:
         if not bool(available.any()):
             return torch.cat([torch.full_like(scores, float("-inf")), bg.unsqueeze(1)], 1)
         scores = scores.masked_fill(~available.unsqueeze(0), float("-inf"))
     return torch.cat([F.log_softmax(scores, dim=1), bg.unsqueeze(1)], 1)
+
+
+def reweighted_cosines(z: torch.Tensor, prototypes: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N, C) ``cos(z_i * r_c, mu_c * r_c)`` for embeddings ``z`` (N, D), prototypes (C, D) and channel weights
+    ``r`` (C, D); a zero row gives 0."""
+    zr = F.normalize(z.unsqueeze(1) * weights.unsqueeze(0), dim=2)  # (N, C, D)
+    mr = F.normalize(prototypes * weights, dim=1)  # (C, D)
+    return (zr * mr.unsqueeze(0)).sum(2)
 
 
 LOGIT_KINDS = ("distance", "factorized")
@@ -111,7 +131,8 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
     def __init__(self, input_shape: ShapeSpec, *, embed_dim: int = 256, tau_init: float = 10.0,
                  tau_range: tuple[float, float] = (1.0, 64.0), momentum: float = 0.9, triplet_margin: float = 0.3,
                  triplet_weight: float = 1.0, background: str = "logit", logit: str = "distance", embed_norm: str = "",
-                 triplet_warmup_iters: int = 0, source: str = "ema", absent_classes: str = "bank", **kwargs):
+                 triplet_warmup_iters: int = 0, source: str = "ema", absent_classes: str = "bank",
+                 reweight_hidden: int = 0, **kwargs):
         # Detectron2 after v0.6 (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS) alters the softmax classifier's
         # loss and probabilities, which this head replaces: refuse them rather than ignore them silently.
         unsupported = [k for k in ("use_sigmoid_ce", "use_fed_loss") if kwargs.get(k)]
@@ -154,6 +175,14 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         if source == "learned":
             self.learned = torch.nn.Parameter(torch.zeros(self.num_classes, embed_dim))
             self.register_buffer("learned_filled", torch.zeros(self.num_classes, dtype=torch.bool))
+        self.reweight = None
+        if reweight_hidden > 0:
+            if background != "logit":
+                raise ValueError("MODEL.PROTOTYPE.REWEIGHT_HIDDEN needs MODEL.PROTOTYPE.BACKGROUND 'logit'")
+            self.reweight = torch.nn.Sequential(torch.nn.Linear(embed_dim, reweight_hidden), torch.nn.ReLU(),
+                                                torch.nn.Linear(reweight_hidden, embed_dim))
+            torch.nn.init.zeros_(self.reweight[2].weight)  # r = 1 at the start: the plain head
+            torch.nn.init.zeros_(self.reweight[2].bias)
         self.support: torch.Tensor | None = None  # (C', D), not part of the state dict
         self.support_classes: list[str] | None = None
 
@@ -164,7 +193,7 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         ret.update(embed_dim=p.EMBED_DIM, tau_init=p.TAU_INIT, tau_range=tuple(p.TAU_RANGE), momentum=p.MOMENTUM,
                    triplet_margin=p.TRIPLET_MARGIN, triplet_weight=p.TRIPLET_WEIGHT, background=p.BACKGROUND,
                    logit=p.LOGIT, embed_norm=p.EMBED_NORM, triplet_warmup_iters=p.TRIPLET_WARMUP_ITERS,
-                   source=p.SOURCE, absent_classes=p.ABSENT_CLASSES)
+                   source=p.SOURCE, absent_classes=p.ABSENT_CLASSES, reweight_hidden=p.REWEIGHT_HIDDEN)
         return ret
 
     @property
@@ -214,6 +243,20 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
             return self.support
         return self.learned if self.source == "learned" else self.bank
 
+    def channel_weights(self, prototypes: torch.Tensor) -> torch.Tensor:
+        """Per-class channel weights (C, D) in (0, 2) from the prototypes (REWEIGHT_HIDDEN > 0)."""
+        return 2 * torch.sigmoid(self.reweight(prototypes))
+
+    def class_scores(self, z: torch.Tensor, fg_prototypes: torch.Tensor) -> torch.Tensor:
+        """(N, C) foreground class logits before the background: ``-tau * ||z - mu_c||^2`` ("distance") or
+        ``tau * cos(z, mu_c)`` ("factorized"), on the reweighted pairs with REWEIGHT_HIDDEN > 0."""
+        if self.reweight is not None:
+            cos = reweighted_cosines(z, fg_prototypes, self.channel_weights(fg_prototypes))
+            return self.tau * (cos if self.logit == "factorized" else 2 * (cos - 1))
+        if self.logit == "factorized":
+            return cosine_logits(z, fg_prototypes, self.tau)
+        return prototype_logits(z, fg_prototypes, self.tau)
+
     def logits(self, features: torch.Tensor, fg_prototypes: torch.Tensor,
                available: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C+1) logits from ``forward``'s features, background last (Detectron2's convention).
@@ -224,11 +267,10 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         if self.logit == "factorized":
             if bg is None:  # the background prototype's cosine is the background (objectness) logit
                 bg = cosine_logits(z, self.bg_prototype.unsqueeze(0), self.tau).squeeze(1)
-            return factorized_logits(z, fg_prototypes, self.tau, bg, available)
+            return _factorized(self.class_scores(z, fg_prototypes), bg, available)
         if bg is None:
-            logits = prototype_logits(z, torch.cat([fg_prototypes, self.bg_prototype.unsqueeze(0)], 0), self.tau)
-        else:
-            logits = torch.cat([prototype_logits(z, fg_prototypes, self.tau), bg.unsqueeze(1)], 1)
+            bg = prototype_logits(z, self.bg_prototype.unsqueeze(0), self.tau).squeeze(1)
+        logits = torch.cat([self.class_scores(z, fg_prototypes), bg.unsqueeze(1)], 1)
         if available is not None:
             logits = logits.masked_fill(torch.cat([~available, available.new_zeros(1)]).unsqueeze(0), float("-inf"))
         return logits
