@@ -79,6 +79,7 @@ ROWS: dict[str, tuple[str, list[str], float]] = {
                                               "MODEL.PROTOTYPE.TAU_RANGE", "[4.0, 64.0]"], 1.0),
     "proto_default_learned": (PROTO, ["MODEL.PROTOTYPE.SOURCE", "learned"], 1.0),
     "proto_default_bg_prototype": (PROTO, ["MODEL.PROTOTYPE.BACKGROUND", "prototype"], 1.0),
+    "proto_default_tlsdd": (PROTO, ["MODEL.PROTOTYPE.REWEIGHT_HIDDEN", "64"], 1.0),  # TL-SDD's reweighting
 }
 METRICS = ("AP", "AP50", "AP75", "P", "R", "F1")
 

@@ -334,3 +334,28 @@ def test_predict_tool_json_and_overlay_put_the_box_on_a_known_defect(tmp_path, m
         ys, xs = np.nonzero(red)
         assert len(xs) > 0
         assert abs(xs.min() / s - x0) < 4 and abs(xs.max() / s - x1) < 4 and abs(ys.max() / s - y1) < 4
+
+
+def test_prototype_swap_tools_build_the_model_with_its_trained_class_count(trained, tmp_path, capsys):
+    """A model trained on 6 classes, applied with a config saying 3 (as a protocol base model of 4 classes under
+    the 6-class NEU config): register_support and predict take the class count and the pixel statistics from
+    the training run, and predict names the prototype file's classes."""
+    import register_support
+    from steel_fsd.modeling.prototypes import load_prototypes
+    from steel_fsd.utils.cli import run_main
+
+    protos = tmp_path / "two.pt"
+    wrong = ["MODEL.ROI_HEADS.NUM_CLASSES", "3", "DATASETS.TRAIN", "('some_other_split',)"]
+    argv = ["--config-file", PROTO_CFG, "--weights", trained["weights"], "--dataset", "t_pred_train", "--shots", "1",
+            "--classes", "crazing", "patches", "--out", str(protos), *TINY, *wrong]
+    assert run_main(register_support.main, argv) == 0
+    assert load_prototypes(str(protos)).class_names == ["crazing", "patches"]
+    import predict
+    out = tmp_path / "out"
+    rc = run_main(predict.main, ["--config-file", PROTO_CFG, "--weights", trained["weights"], "--prototypes", str(protos),
+                                 "--input", str(trained["images"]), "--output", str(out), "--no-overlays", *TINY, *wrong])
+    assert rc == 0, capsys.readouterr().err
+    with open(out / "predictions.csv") as f:
+        assert {r["worst_class"] for r in csv.DictReader(f)} <= {"crazing", "patches", ""}
+    # 'some_other_split' is not registered: the statistics can only have come from beside the weights
+    assert json.loads((out / "summary.json").read_text())["predicted"] == 3

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         raise UserError("no defect image to measure recall on", "--dataset / --defect-images",
                         "add --dataset with annotated images or --defect-images")
     cfg = build_config(args.config_file, list(args.opts) + ["OUTPUT_DIR", os.path.dirname(os.path.abspath(args.out))])
-    finalize_config(cfg, datasets=(), weights=args.weights)
+    finalize_config(cfg, datasets=(), weights=args.weights, swap=bool(args.prototypes))
     predictor = Predictor.from_files(cfg, args.weights, args.prototypes, batch_size=args.batch_size)
     print(f"[calibrate] scoring {len(good)} good and {len(defect)} defect images", file=sys.stderr)
     good_scores, skipped_good = top_scores(predictor, good)

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     # the model must predict the dataset's classes: its own, or a prototype file's reordered to them
     cfg = build_config(args.config_file, list(args.opts) + ["MODEL.WEIGHTS", args.weights, "MODEL.PROTOTYPE.SUPPORT_FILE",
                                                             args.prototypes or "", "DATASETS.TEST", f"('{args.dataset}',)"])
-    finalize_config(cfg, datasets=(), weights=args.weights)
+    finalize_config(cfg, datasets=(), weights=args.weights, swap=bool(args.prototypes))
     model = load_model_for_eval(cfg)
     table, records = diagnose(model, cfg, args.dataset, args.novel)
     print(tabulate(table, headers="keys", floatfmt=".1f", tablefmt="github"))

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     setup_logger(name="steel_fsd")
     check_output_dir(args.output, "--output")
     cfg = build_config(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", args.output])
-    finalize_config(cfg, datasets=(), weights=args.weights)
+    finalize_config(cfg, datasets=(), weights=args.weights, swap=bool(args.prototypes))
     predictor = Predictor.from_files(cfg, args.weights, args.prototypes)
     if args.sample_image:
         sample = read_image(args.sample_image, cfg.INPUT.FORMAT)

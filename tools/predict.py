@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     files = find_images(args.input)
     opts = list(args.opts) + (["MODEL.DEVICE", args.device] if args.device else []) + ["OUTPUT_DIR", args.output]
     cfg = build_config(args.config_file, opts)
-    finalize_config(cfg, datasets=(), weights=args.weights)  # the training run's pixel statistics
+    # the training run's pixel statistics (and class count, for a prototype swap)
+    finalize_config(cfg, datasets=(), weights=args.weights, swap=bool(args.prototypes))
     threshold, source = load_threshold(args.threshold_file, cfg.TEST.PRF_SCORE_THRESH)
     tile = args.tile if args.tile == "auto" else int(args.tile)
     predictor = Predictor.from_files(cfg, args.weights, args.prototypes, tile=tile, batch_size=args.batch_size)

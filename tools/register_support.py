@@ -40,7 +40,8 @@ def main(argv=None) -> None:
     cfg = build_config(args.config_file, args.opts)
     require_registered(args.dataset, "--dataset")
     check_output_file(args.out, "--out")
-    finalize_config(cfg, datasets=())  # only --dataset is read
+    # only --dataset is read; the model's class count and pixel statistics are its training run's
+    finalize_config(cfg, datasets=(), weights=args.weights, swap=True)
     manifest = None
     if args.support_manifest:
         with open(args.support_manifest) as f:

@@ -54,8 +54,10 @@ def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
 
     The statistics are a deterministic function of the training datasets (and CLAHE settings), so a
     later ``--eval-only`` run recomputes the same values; they are cached in OUTPUT_DIR/pixel_stats.json.
-    With ``weights``, the training run's own cache (``pixel_stats.json`` next to the weights) is read first,
-    so tools that only apply a trained model need not have its training datasets registered.
+    With ``weights``, the training run's own cache (``pixel_stats.json`` next to the weights) is used whatever
+    datasets the config names: a model is applied with the statistics it was trained with (e.g. a protocol base
+    model trained on a class subset, applied with the full dataset's config), and tools that only apply a
+    trained model need not have its training datasets registered.
     """
     if not cfg.INPUT.HARMONIZE.NORMALIZE:
         return
@@ -70,7 +72,10 @@ def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
         if os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
-            if saved.get("key") == key:
+            if saved.get("key") == key or path != cache:
+                if saved.get("key") != key:
+                    logger.info("pixel statistics of the trained model (%s, trained on %s)", path,
+                                saved.get("key", {}).get("datasets"))
                 cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = saved["mean"], saved["std"]
                 if path != cache:  # the output folder records the statistics it was run with
                     write_json(cache, saved, indent=2, sort_keys=False)
@@ -97,10 +102,27 @@ def check_config_paths(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST
     check_output_dir(cfg.OUTPUT_DIR)
 
 
-def finalize_config(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST"), weights: str | None = None) -> CfgNode:
+def use_trained_class_count(cfg: CfgNode, weights: str) -> None:
+    """For a prototype swap, whose prototype file decides the predicted classes: build the model with the
+    number of classes its checkpoint was trained with (stored in steel-fsd checkpoints), e.g. a base model of
+    4 classes under a 6-class config."""
+    from ..modeling.checkpoint import checkpoint_classes, read_weights_file
+
+    names = checkpoint_classes(read_weights_file(weights))
+    if names and len(names) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        logger.info("%s was trained on %d classes %s: MODEL.ROI_HEADS.NUM_CLASSES %d -> %d for the prototype swap",
+                    weights, len(names), names, cfg.MODEL.ROI_HEADS.NUM_CLASSES, len(names))
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(names)
+
+
+def finalize_config(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST"), weights: str | None = None,
+                    swap: bool = False) -> CfgNode:
     """Check the datasets named by ``datasets`` (see :func:`check_config_paths`; ``()`` for tools that use
     only their own datasets, e.g. register_support) and OUTPUT_DIR, apply run-time resolution (device,
-    pixel statistics, read from beside ``weights`` when that run cached them) and freeze."""
+    pixel statistics, read from beside ``weights`` when that run cached them) and freeze. ``swap``: the
+    weights will predict a prototype file's classes (:func:`use_trained_class_count`)."""
+    if swap and weights:
+        use_trained_class_count(cfg, weights)
     check_config_paths(cfg, datasets)
     resolve_device(cfg)
     resolve_pixel_stats(cfg, weights)
