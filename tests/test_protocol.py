@@ -181,6 +181,9 @@ def test_finetune_freezes_backbone_and_rpn_and_resizes_heads(run):
     base_dir = next((out / "models").glob("faster_rcnn_neu_base-*"))
     base = torch.load(base_dir / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     tuned = torch.load(cell_dir / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    # the adapted model carries the base model's pixel statistics for the tools that apply it
+    assert (json.loads((cell_dir / "pixel_stats.json").read_text()) ==
+            json.loads((base_dir / "pixel_stats.json").read_text()))
     frozen = [k for k in base if k.startswith(("backbone.", "proposal_generator."))]
     assert frozen and all(torch.equal(torch.as_tensor(base[k]), torch.as_tensor(tuned[k])) for k in frozen)
     assert tuned["roi_heads.box_predictor.cls_score.weight"].shape[0] == 7  # 6 classes + background

@@ -8,6 +8,7 @@ write them with :class:`~steel_fsd.engine.protocol.cells.Cell`).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -108,6 +109,9 @@ def finetune_eval(protocol, model: str, cfg, weights: str, setting, support_ds: 
     adapted = wrap(trainer.model, c) if wrap else trainer.model
     adapt_s = time.perf_counter() - start
     os.remove(resized)  # an intermediate: the adapted model is OUTPUT_DIR/model_final.pth
+    stats = Path(weights).parent / "pixel_stats.json"  # tools applying the adapted model read it from beside it
+    if stats.is_file():
+        shutil.copyfile(stats, work / "pixel_stats.json")
     res = evaluate(c, adapted)[test]
     return dict(res, _adapt_s=adapt_s), ft_cfg.SOLVER.MAX_ITER
 
