@@ -45,7 +45,14 @@ def test_train_checkpoint_resume_evaluate(tmp_path):
     assert "Starting training from iteration 4" in log
     assert iterations(out) == [3, 5]  # the resumed run continued at 4 instead of restarting at 0
 
-    log = train_net(tmp_path / "data", out, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"))
+    # evaluation applies the weights with the pixel statistics saved beside them (here: a copy marked by hand)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "model_final.pth").write_bytes((out / "model_final.pth").read_bytes())
+    stats = json.loads((out / "pixel_stats.json").read_text())
+    (moved / "pixel_stats.json").write_text(json.dumps(dict(stats, mean=[77.0] * 3)))
+    log = train_net(tmp_path / "data", out, "--eval-only", "MODEL.WEIGHTS", str(moved / "model_final.pth"))
+    assert json.loads((out / "pixel_stats.json").read_text())["mean"] == [77.0] * 3
     result = json.loads((out / "inference" / "neu_synth_test" / "prf_results.json").read_text())
     assert {"precision", "recall", "f1"} <= set(result)
     assert (out / "inference" / "neu_synth_test" / "coco_instances_results.json").is_file()

@@ -29,7 +29,10 @@ def setup(args):
     turn = 0 if comm.is_main_process() else 1 if comm.get_local_rank() == 0 else 2
     for t in range(3):
         if t == turn:
-            finalize_config(cfg, datasets_used(args))
+            # evaluation applies the weights with their training run's pixel statistics (and, for a prototype
+            # swap through MODEL.PROTOTYPE.SUPPORT_FILE, their trained class count)
+            finalize_config(cfg, datasets_used(args), weights=cfg.MODEL.WEIGHTS if args.eval_only else None,
+                            swap=args.eval_only and bool(cfg.MODEL.PROTOTYPE.SUPPORT_FILE))
         comm.synchronize()
     default_setup(cfg, args)
     return cfg

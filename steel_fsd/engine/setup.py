@@ -121,7 +121,7 @@ def finalize_config(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST"),
     only their own datasets, e.g. register_support) and OUTPUT_DIR, apply run-time resolution (device,
     pixel statistics, read from beside ``weights`` when that run cached them) and freeze. ``swap``: the
     weights will predict a prototype file's classes (:func:`use_trained_class_count`)."""
-    if swap and weights:
+    if swap and weights and os.path.isfile(weights):
         use_trained_class_count(cfg, weights)
     check_config_paths(cfg, datasets)
     resolve_device(cfg)
