@@ -54,8 +54,11 @@ ROWS: dict[str, tuple[str, list[str], float]] = {
     "flips_lr0.01": (PAPER, FLIPS + ["SOLVER.BASE_LR", "0.01"], 1.0),
     "flips_lr0.04": (PAPER, FLIPS + ["SOLVER.BASE_LR", "0.04"], 1.0),
     "flips_batch2_lr0.01": (PAPER, FLIPS + ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01"], 2.0),
+    "flips+clahe_batch2_lr0.01": (PAPER, FLIPS + ["INPUT.HARMONIZE.CLAHE", "True", "SOLVER.IMS_PER_BATCH", "2",
+                                                  "SOLVER.BASE_LR", "0.01"], 2.0),
     "flips_anchors8-128": (PAPER, FLIPS + ["MODEL.ANCHOR_GENERATOR.SIZES", "[[8],[16],[32],[64],[128]]"], 1.0),
-    "flips_ratios0.25-4": (PAPER, FLIPS + ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.25,0.5,1.0,2.0,4.0]]"], 1.0),
+    # the configs' ratios are [0.25, 0.5, 1, 2, 4] (elongated defects): this row is Detectron2's default
+    "flips_ratios0.5-2": (PAPER, FLIPS + ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.5,1.0,2.0]]"], 1.0),
     "flips_roi256_fg0.5": (PAPER, FLIPS + ["MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "256",
                                            "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.5"], 1.0),
     "flips_rpn128": (PAPER, FLIPS + ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", "128"], 1.0),
