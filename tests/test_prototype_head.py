@@ -393,11 +393,12 @@ def test_briefly_trained_head_gets_foreground_rois_right(tmp_path, extra):
     from steel_fsd.engine.setup import finalize_config
     from steel_fsd.engine.trainer import Trainer
 
-    register_neu("t_ph_neu_all", make_neu_synthetic(tmp_path / "neu", n_per_class=8, seed=1), split="train")
-    register_class_subset("t_ph_neu", "t_ph_neu_all", E2E_CLASSES)
+    name = "t_ph_neu" + ("_rw" if extra else "")  # one registration per parametrization
+    register_neu(f"{name}_all", make_neu_synthetic(tmp_path / "neu", n_per_class=8, seed=1), split="train")
+    register_class_subset(name, f"{name}_all", E2E_CLASSES)
     iters = 200
     cfg = build_config(PROTO_CFG, ["MODEL.FREEZE", "['backbone']",
-        "DATASETS.TRAIN", "('t_ph_neu',)", "DATASETS.TEST", "('t_ph_neu',)", "OUTPUT_DIR", str(tmp_path / "out"),
+        "DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", f"('{name}',)", "OUTPUT_DIR", str(tmp_path / "out"),
         "MODEL.ROI_HEADS.NUM_CLASSES", "3", "DATALOADER.EPISODE_CLASSES", "3", "SOLVER.IMS_PER_BATCH", "3",
         "INPUT.HARMONIZE.RESIZE", "128", "DATALOADER.NUM_WORKERS", "0", "SOLVER.MAX_ITER", str(iters),
         "SOLVER.WARMUP_ITERS", "10", "SOLVER.STEPS", "(1000,)", "MODEL.PROTOTYPE.EMBED_DIM", "64",
@@ -426,10 +427,10 @@ def test_briefly_trained_head_gets_foreground_rois_right(tmp_path, extra):
         assert model.roi_heads.box_predictor.reweight[2].weight.abs().sum() > 0
 
     model.eval()
-    dicts = DatasetCatalog.get("t_ph_neu")
+    dicts = DatasetCatalog.get(name)
     hits = 0
     with torch.no_grad():
-        for d, inputs in zip(dicts, Trainer.build_test_loader(cfg, "t_ph_neu")):
+        for d, inputs in zip(dicts, Trainer.build_test_loader(cfg, name)):
             out = model(inputs)[0]["instances"]
             out = out[out.scores >= 0.5]
             gt = Boxes(torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
