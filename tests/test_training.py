@@ -95,3 +95,17 @@ def test_same_seed_same_training_in_process(tmp_path):
 
     a, b, c = losses(5, "a"), losses(5, "b"), losses(6, "c")
     assert a == b and a != c
+
+
+def test_trained_pixel_stats_win_even_in_the_output_folder(tmp_path):
+    """Weights evaluated in their own run folder under a config naming other training data: the run's
+    pixel_stats.json is used and kept, not recomputed over (the datasets named here are not even registered)."""
+    from steel_fsd.engine.setup import build_config, resolve_pixel_stats
+
+    saved = {"key": {"datasets": ["base:somewhere"], "clahe": [True, 2.0, 8], "max_images": 8},
+             "mean": [11.0] * 3, "std": [22.0] * 3}
+    (tmp_path / "pixel_stats.json").write_text(json.dumps(saved))
+    cfg = build_config(str(CFG), ["OUTPUT_DIR", str(tmp_path), "DATASETS.TRAIN", "('not_registered',)"])
+    resolve_pixel_stats(cfg, str(tmp_path / "model_final.pth"))
+    assert list(cfg.MODEL.PIXEL_MEAN) == [11.0] * 3 and list(cfg.MODEL.PIXEL_STD) == [22.0] * 3
+    assert json.loads((tmp_path / "pixel_stats.json").read_text()) == saved

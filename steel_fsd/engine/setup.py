@@ -66,20 +66,24 @@ def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
 
     key = {"datasets": list(cfg.DATASETS.TRAIN), "clahe": [cfg.INPUT.HARMONIZE.CLAHE, cfg.INPUT.HARMONIZE.CLAHE_CLIP,
            cfg.INPUT.HARMONIZE.CLAHE_TILES], "max_images": cfg.INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES}
-    cache = os.path.join(cfg.OUTPUT_DIR, "pixel_stats.json")
-    trained = [os.path.join(os.path.dirname(os.path.abspath(weights)), "pixel_stats.json")] if weights else []
-    for path in trained + [cache]:
-        if os.path.isfile(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if saved.get("key") == key or path != cache:
-                if saved.get("key") != key:
-                    logger.info("pixel statistics of the trained model (%s, trained on %s)", path,
-                                saved.get("key", {}).get("datasets"))
-                cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = saved["mean"], saved["std"]
-                if path != cache:  # the output folder records the statistics it was run with
-                    write_json(cache, saved, indent=2, sort_keys=False)
-                return
+    cache = os.path.abspath(os.path.join(cfg.OUTPUT_DIR, "pixel_stats.json"))
+    trained = os.path.join(os.path.dirname(os.path.abspath(weights)), "pixel_stats.json") if weights else None
+    if trained and os.path.isfile(trained):  # the trained model's own statistics, whatever the key
+        with open(trained) as f:
+            saved = json.load(f)
+        if saved.get("key") != key:
+            logger.info("pixel statistics of the trained model (%s, trained on %s)", trained,
+                        saved.get("key", {}).get("datasets"))
+        cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = saved["mean"], saved["std"]
+        if trained != cache:  # the output folder records the statistics it was run with
+            write_json(cache, saved, indent=2, sort_keys=False)
+        return
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = saved["mean"], saved["std"]
+            return
     for name in cfg.DATASETS.TRAIN:
         require_registered(name, "DATASETS.TRAIN (INPUT.HARMONIZE.NORMALIZE computes its pixel statistics; a "
                            f"copy of the training run's pixel_stats.json in OUTPUT_DIR {cfg.OUTPUT_DIR} also does)")
