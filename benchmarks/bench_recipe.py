@@ -66,6 +66,11 @@ ROWS: dict[str, tuple[str, list[str], float]] = {
     # the shipped defaults (stock, and the prototype head on the same recipe)
     "default": (STOCK, [], 1.0),
     "proto_default": (PROTO, [], 1.0),
+    # the screen's one clear winner (flips+clahe_batch2_lr0.01) applied to both shipped configs; the episodic
+    # sampler draws EPISODE_CLASSES x EPISODE_IMAGES_PER_CLASS images per batch, so 2 classes for batch 2
+    "default_batch2": (STOCK, ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01"], 2.0),
+    "proto_default_batch2": (PROTO, ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01",
+                                     "DATALOADER.EPISODE_CLASSES", "2"], 2.0),
     "proto_default_paper_logits": (PROTO, ["MODEL.PROTOTYPE.LOGIT", "distance"], 1.0),
     "proto_default_plain_sampler": (PROTO, ["DATALOADER.SAMPLER_TRAIN", "TrainingSampler"], 1.0),
     # prototype-head candidates (issue 9), each one change to the shipped prototype config
@@ -110,8 +115,9 @@ def schedule(iters: int) -> list[str]:
 def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0, weights: str = "") -> dict:
     """Train and evaluate one (row, seed) in this process; the result is also written to its folder.
 
-    With ``eval_period`` the model is evaluated on neu_val every that many iterations (the convergence
-    curve, read back from Detectron2's metrics.json) and on neu_test once, at the end.
+    With ``eval_period`` the model is evaluated on neu_val every that many iterations at batch 4 (the
+    convergence curve, read back from Detectron2's metrics.json; a row with an iteration factor is evaluated
+    after the same number of images) and on neu_test once, at the end.
     """
     sys.path.insert(0, str(REPO))
     import torch
@@ -130,7 +136,7 @@ def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0, 
     opts = opts + (["MODEL.WEIGHTS", str(Path(weights).resolve())] if weights else [])
     full = opts + schedule(n) + ["SEED", str(seed), "OUTPUT_DIR", str(out), "DATALOADER.NUM_WORKERS", "0",
                                  "DATASETS.TEST", "('neu_val',)" if eval_period else "('neu_val', 'neu_test')",
-                                 "TEST.EVAL_PERIOD", str(eval_period)]
+                                 "TEST.EVAL_PERIOD", str(int(round(eval_period * factor)))]
     cfg = build_config(str(REPO / config), full)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("detectron2", "fvcore", "steel_fsd"):
@@ -179,12 +185,14 @@ def plot_curves(runs: list[dict], path: Path) -> Path | None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in runs:
         label = f"{r['row']} seed {r['seed']}"
+        scale = r.get("batch", 4) / 4  # x: images seen / 4, so batch-2 rows line up with batch-4 ones
         v = r["curve"]["val"]
-        a.plot([e["iter"] for e in v], [e["AP50"] for e in v], marker="o", label=label)
+        a.plot([e["iter"] * scale for e in v], [e["AP50"] for e in v], marker="o", label=label)
         ls = r["curve"]["loss"]
-        b.plot([e["iter"] for e in ls], [e["total_loss"] for e in ls], label=label, alpha=0.8)
-    a.set(xlabel="iteration (batch 4)", ylabel="neu_val AP50", title="validation AP50")
-    b.set(xlabel="iteration (batch 4)", ylabel="total loss (20-iteration median)", title="training loss")
+        b.plot([e["iter"] * scale for e in ls], [e["total_loss"] for e in ls], label=label, alpha=0.8)
+    x = "iterations at batch 4 (images seen / 4)"
+    a.set(xlabel=x, ylabel="neu_val AP50", title="validation AP50")
+    b.set(xlabel=x, ylabel="total loss (20-iteration median)", title="training loss")
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -253,7 +261,7 @@ def main() -> None:
         train_one(args.run[0], int(args.run[1]), args.iters, args.data, args.eval_period, args.weights)
         return
     if not args.report_only:
-        todo = [(r, s) for r in args.rows for s in args.seeds
+        todo = [(r, s) for s in args.seeds for r in args.rows  # seed-major: each pair of jobs compares rows
                 if not (run_dir(r, s, args.iters, args.weights) / "result.json").is_file()]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         start = time.time()
