@@ -228,6 +228,31 @@ def test_protocol_file_errors(tmp_path):
         Protocol(bad)
 
 
+def test_protocol_file_base(tmp_path):
+    """``_BASE_`` (relative to the file) supplies every key the file does not set; a set key replaces the base's
+    whole; cycles and missing bases are errors naming the files."""
+    from steel_fsd.utils.cli import UserError
+
+    base = {"DATASETS": {"neu": {"train": "neu_train"}}, "MODELS": {"m": "x.yaml"},
+            "METHODS": {"a": {"model": "m", "adapt": "support"}}, "SETTINGS": [], "SEEDS": [0, 1, 2, 3, 4],
+            "BASE_OPTS": ["SOLVER.MAX_ITER", 500, "SOLVER.BASE_LR", 0.02], "OUTPUT_DIR": "out/short"}
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    child = tmp_path / "sub" / "long.yaml"
+    child.write_text(yaml.safe_dump({"_BASE_": "../base.yaml", "BASE_OPTS": ["SOLVER.MAX_ITER", 2500],
+                                     "OUTPUT_DIR": "out/long"}))
+    proto = Protocol(child)
+    assert proto.base_opts == ["SOLVER.MAX_ITER", "2500"]  # replaced whole, not merged with the base's list
+    assert str(proto.out) == "out/long" and proto.seeds == [0, 1, 2, 3, 4] and list(proto.methods) == ["a"]
+    assert str(Protocol(tmp_path / "base.yaml").out) == "out/short"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(dict(base, _BASE_="sub/long.yaml")))
+    with pytest.raises(UserError, match="_BASE_ cycle"):
+        Protocol(child)
+    child.write_text(yaml.safe_dump({"_BASE_": "nope.yaml"}))
+    with pytest.raises(UserError, match=r"nope.yaml not found \(a _BASE_ of .*long.yaml\)"):
+        Protocol(child)
+
+
 def test_pretrained_backbone_per_model(tmp_path, monkeypatch):
     """PRETRAINED: {model: weights} is validated at parse time and becomes MODEL.WEIGHTS of that model's training."""
     from steel_fsd.engine.protocol import runner
