@@ -34,14 +34,14 @@ def weights_path(method: str) -> Path:
     return REPO / "output" / "pretrain" / f"r18_{method}.pth"
 
 
-def pretrain_stage(method: str, epochs: int, data: str, threads: int) -> None:
+def pretrain_stage(method: str, epochs: int, data: str, threads: int, crop: int = 0) -> None:
     out = weights_path(method)
     record = Path(str(out) + ".json")
     if out.is_file() and record.is_file() and len(json.loads(record.read_text()).get("history", [])) >= epochs:
         print(f"[bench_pretrain] {out} done", flush=True)
         return
     cmd = [sys.executable, str(REPO / "tools" / "pretrain_backbone.py"), "--config-file", str(REPO / CONFIG),
-           "--datasets", "neu_train", "--method", method, "--epochs", str(epochs), "--out", str(out)]
+           "--datasets", "neu_train", "--method", method, "--epochs", str(epochs), "--out", str(out), "--crop", str(crop)]
     env = dict(os.environ, STEEL_FSD_DATASETS=data, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     print(f"[bench_pretrain] {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
@@ -90,12 +90,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="pretraining threads")
+    ap.add_argument("--crop", type=int, default=0, help="pretraining view size in pixels (0: the config's 200)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding neu-det/")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     if not args.report_only:
         for m in args.methods:
-            pretrain_stage(m, args.epochs, args.data, args.threads)
+            pretrain_stage(m, args.epochs, args.data, args.threads, args.crop)
         for m in args.methods:
             detector_stage(m, args.iters, args.seeds, args.jobs, args.data)
     report(args.iters)

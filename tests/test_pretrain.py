@@ -220,8 +220,13 @@ def test_pretrain_tool_from_folders_and_its_errors(tiny_neu, tmp_path):
     opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
             "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
     out = tmp_path / "f.pth"
-    assert run_main(tool.main, [*common, "--images", str(tiny_neu / "neu"), "--out", str(out), *opts]) == 0
-    assert out.is_file() and json.loads(Path(str(out) + ".json").read_text())["images"] == 12
+    assert run_main(tool.main, [*common, "--images", str(tiny_neu / "neu"), "--out", str(out), "--crop", "32",
+                                *opts]) == 0
+    record = json.loads(Path(str(out) + ".json").read_text())
+    assert out.is_file() and record["images"] == 12 and record["crop"] == 32
+    # views larger than the images cannot be cropped from them
+    assert run_main(tool.main, [*common, "--images", str(tiny_neu / "neu"), "--out", str(tmp_path / "c.pth"),
+                                "--crop", "65", *opts]) == 2
     # labels need a dataset; unknown classes and empty folders are one-line errors
     assert run_main(tool.main, [*common, "--images", str(tiny_neu / "neu"), "--method", "supervised",
                                 "--out", str(tmp_path / "s.pth"), *opts]) == 2

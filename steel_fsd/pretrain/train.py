@@ -122,9 +122,11 @@ def _prepare(cfg, dicts: list[dict]) -> torch.Tensor:
 
 def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: int = 32, lr: float = 0.05,
              temperature: float = 0.1, queue_size: int = 4096, label_classes: list[int] | None = None,
-             seed: int = 0, progress: bool = True) -> dict:
+             seed: int = 0, progress: bool = True, crop: int = 0) -> dict:
     """Pretrain ``cfg``'s ResNet on ``dicts`` and export it to ``out`` (``{"model": {name: tensor}}``).
 
+    ``crop``: side of the augmented views in pixels (0: the config's image size). Smaller views cost
+    quadratically less per step; the backbone is fully convolutional, so the weights serve any input size.
     Resumable: ``out + ".state.pth"`` holds the encoder, optimizer and epoch after each epoch. Returns the run
     record (also ``out + ".json"``): method, images, epochs, per-epoch loss and seconds.
     """
@@ -149,10 +151,13 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
     images = _prepare(cfg, dicts)
     mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, -1, 1, 1)
     std = torch.tensor(cfg.MODEL.PIXEL_STD).view(1, -1, 1, 1)
-    aug = steel_augment(images.shape[-1])
+    if crop < 0 or crop > images.shape[-1]:
+        raise ValueError(f"crop {crop}: give 1 to the image size {images.shape[-1]} (0: the image size)")
+    aug = steel_augment(crop or images.shape[-1])
     queue = SupportQueue(queue_size, model.head[-1].out_features) if method == "nnclr" else None
     state_path, record_path = out + ".state.pth", out + ".json"
-    record = {"method": method, "images": len(dicts), "epochs": epochs, "batch": batch, "lr": lr, "history": []}
+    record = {"method": method, "images": len(dicts), "epochs": epochs, "batch": batch, "lr": lr,
+              "crop": crop or images.shape[-1], "history": []}
     probe_labels = single_labels(dicts)
     start_epoch = 0
     if os.path.isfile(state_path):
