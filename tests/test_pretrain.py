@@ -237,6 +237,24 @@ def test_pretrain_tool_from_folders_and_its_errors(tiny_neu, tmp_path):
                                 *opts]) == 2
 
 
+def test_augmented_views_keep_the_image_in_0_255():
+    """The views stay images on the 0-255 scale: brightness in [0.6, 1.4] of a flat grey image, texture kept.
+    (torchvision clamps float images to [0, 1] in ColorJitter: views of 0-255 floats used to come out blank,
+    which held the SimCLR loss at chance, log(2N - 1), on real NEU-DET.)"""
+    from steel_fsd.pretrain.train import augmented_views, steel_augment
+
+    torch.manual_seed(0)
+    flat = torch.full((16, 3, 64, 64), 100, dtype=torch.uint8)
+    views = augmented_views(flat, steel_augment(48))
+    assert views.shape == (16, 3, 48, 48)
+    means = views.mean(dim=(1, 2, 3))
+    assert bool((means > 100 * 0.6 - 3).all() and (means < 100 * 1.4 + 3).all()), means
+    assert float(means.std()) > 3  # brightness jitter acts
+    texture = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+    views = augmented_views(texture, steel_augment(48))
+    assert float(views.std(dim=(1, 2, 3)).min()) > 5 and float(views.max()) > 100  # a blank view: noise only, std <= 2.55
+
+
 def test_linear_probe_separates_separable_features_and_not_noise():
     from steel_fsd.pretrain.train import linear_probe, single_labels
 
