@@ -17,7 +17,7 @@ from ...data.splits import sha256_files
 from ...data.subsets import register_class_subset, register_manifest
 from ...data.support import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
 from ...evaluation.aggregate import read_cell
-from ...utils.io import write_json
+from ...utils.io import file_sha256, write_json
 from ..fewshot import evaluate_with_support
 from ..setup import build_config, finalize_config
 from ..trainer import Trainer
@@ -63,13 +63,16 @@ class Protocol(ProtocolSpec):
     def train(self, model: str, train_ds: str, val_ds: str, opts: list[str], label: str, seed: int = 0):
         """Train (or resume, or reuse) ``model`` on ``train_ds``; returns (finalized cfg, weights path)."""
         n = len(MetadataCatalog.get(train_ds).thing_classes)
-        if model in self.pretrained:
-            opts = opts + ["MODEL.WEIGHTS", self.pretrained[model]]
+        pretrained = self.pretrained_weights(model)
+        if pretrained:
+            opts = opts + ["MODEL.WEIGHTS", pretrained]
         opts = opts + ["DATASETS.TRAIN", f"('{train_ds}',)", "DATASETS.TEST", f"('{val_ds}',)",
                        "MODEL.ROI_HEADS.NUM_CLASSES", str(n), "MODEL.RETINANET.NUM_CLASSES", str(n), "SEED", str(seed),
                        "TEST.VAL_LOSS_DATASET", val_ds]
         # the folder is keyed by the whole merged config, so editing a config file (or its _BASE_) retrains
-        key = hashlib.sha256(build_config(self.models[model], opts).dump().encode()).hexdigest()[:8]
+        # (and by the pretrained backbone's content: re-pretraining into the same file retrains too)
+        key = hashlib.sha256((build_config(self.models[model], opts).dump()
+                              + (file_sha256(pretrained) if pretrained else "")).encode()).hexdigest()[:8]
         out_dir = self.out / "models" / f"{label}-{key}"
         cfg = self.config(model, opts, out_dir)
         weights = out_dir / "model_final.pth"

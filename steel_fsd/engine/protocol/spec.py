@@ -104,14 +104,20 @@ class ProtocolSpec:
         self.finetune_opts = [str(v) for v in spec.get("FINETUNE_OPTS", [])]
         self.kshot_opts = [str(v) for v in spec.get("KSHOT_OPTS", [])]
         # PRETRAINED: {model: backbone weights} (tools/pretrain_backbone.py or convert_torchvision.py), used as
-        # MODEL.WEIGHTS whenever that model trains (base and K-shot training)
+        # MODEL.WEIGHTS whenever that model trains (base and K-shot training); the file has to exist only then
+        # (see pretrained_weights), so --list and --report-only work without it
         self.pretrained: dict[str, str] = {str(m): str(w) for m, w in (spec.get("PRETRAINED") or {}).items()}
-        for m, w in self.pretrained.items():
+        for m in self.pretrained:
             if m not in self.models:
                 raise ValueError(f"{self.path}: PRETRAINED names model {m!r}, not one of {sorted(self.models)}")
-            if not os.path.isfile(w):
-                raise UserError(f"PRETRAINED {m}: weights file {w} not found", str(self.path),
-                                "make it with tools/pretrain_backbone.py (or tools/convert_torchvision.py) first")
+
+    def pretrained_weights(self, model: str) -> str | None:
+        """The PRETRAINED backbone file of ``model`` (None if it has none); :class:`UserError` if it is missing."""
+        w = self.pretrained.get(model)
+        if w is not None and not os.path.isfile(w):
+            raise UserError(f"PRETRAINED {model}: weights file {w} not found", str(self.path),
+                            "make it with tools/pretrain_backbone.py (or tools/convert_torchvision.py) first")
+        return w
 
     # ----- datasets -----------------------------------------------------------------------------
     def split(self, key: str, part: str) -> str:
