@@ -191,10 +191,12 @@ def test_pretrain_exports_the_configs_backbone_and_resumes(tiny_neu, tmp_path, m
                    progress=False)
     assert rec["images"] == 12 and len(rec["history"]) == 1 and math.isfinite(rec["history"][0]["loss"])
     assert 0.0 <= rec["history"][0]["probe_acc"] <= 100.0 and Path(out + ".png").stat().st_size > 0
-    first = rec["history"][0]
+    assert 0.0 <= rec["probe_acc_init"] <= 100.0  # the initial backbone's probe, the reference
+    first, init = rec["history"][0], rec["probe_acc_init"]
     rec = pretrain(cfg, dicts, method, 2, out, batch=6, label_classes=[0, 1, 2] if method == "supervised" else None,
                    progress=False)
     assert len(rec["history"]) == 2 and rec["history"][0] == first  # resumed after epoch 1
+    assert rec["probe_acc_init"] == init  # carried over, not re-measured on the trained weights
     model = build_model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.bottom_up.")}
     ck = SafeCheckpointer(model)

@@ -183,6 +183,22 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
     def view(x: torch.Tensor) -> torch.Tensor:
         return (augmented_views(x, aug) - mean) / std
 
+    def probe() -> float:
+        """Linear-probe accuracy of the current backbone on the image classes (a cheap quality signal)."""
+        model.eval()
+        with torch.no_grad():
+            feats = torch.cat([model.features((images[i:i + 64].float() - mean) / std)
+                               for i in range(0, len(images), 64)])
+        model.train()
+        return round(linear_probe(feats, probe_labels, seed), 2)
+
+    if probe_labels is not None:  # the same probe on the initial weights: the reference the epochs are read against
+        if start_epoch == 0:
+            record["probe_acc_init"] = probe()
+            logger.info("pretrain: linear probe of the initial backbone %.1f%%", record["probe_acc_init"])
+        else:
+            record["probe_acc_init"] = st.get("probe_acc_init")
+
     model.train()
     for epoch in range(start_epoch, epochs):
         t0, total, seen = time.perf_counter(), 0.0, 0
@@ -208,13 +224,8 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
             if progress:
                 steps.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}")
         entry = {"epoch": epoch + 1, "loss": total / max(seen, 1), "seconds": round(time.perf_counter() - t0, 1)}
-        if probe_labels is not None:  # a cheap quality signal: linear-probe accuracy on the image classes
-            model.eval()
-            with torch.no_grad():
-                feats = torch.cat([model.features((images[i:i + 64].float() - mean) / std)
-                                   for i in range(0, len(images), 64)])
-            model.train()
-            entry["probe_acc"] = round(linear_probe(feats, probe_labels, seed), 2)
+        if probe_labels is not None:
+            entry["probe_acc"] = probe()
         if method == "simclr" and entry["loss"] > 0.99 * math.log(2 * min(batch, len(images)) - 1):
             logger.warning("pretrain simclr epoch %d: the NT-Xent loss %.3f is at chance (log(2N - 1) = %.3f): "
                            "the views carry no instance information yet (augmentation too strong, or LR)",
@@ -223,7 +234,7 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
         logger.info("pretrain %s epoch %d/%d: loss %.4f%s (%.0f s)", method, epoch + 1, epochs, entry["loss"],
                     f", linear probe {entry['probe_acc']:.1f}%" if "probe_acc" in entry else "", entry["seconds"])
         atomic_save({"encoder": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                     "history": record["history"]}, state_path)
+                     "history": record["history"], "probe_acc_init": record.get("probe_acc_init")}, state_path)
     atomic_save({"model": {f"{prefix}{k}": v for k, v in resnet.state_dict().items()}}, out)
     write_json(record_path, record, indent=2)
     _plot(record, out + ".png")
@@ -240,10 +251,11 @@ def _plot(record: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([e["epoch"] for e in h], [e["loss"] for e in h], marker="o", color="tab:blue")
     ax.set(xlabel="epoch", ylabel=f"{record['method']} loss")
-    if any("probe_acc" in e for e in h):
+    probes = ([(0, record["probe_acc_init"])] if record.get("probe_acc_init") is not None else []) + \
+        [(e["epoch"], e["probe_acc"]) for e in h if "probe_acc" in e]
+    if probes:
         ax2 = ax.twinx()
-        ax2.plot([e["epoch"] for e in h if "probe_acc" in e], [e["probe_acc"] for e in h if "probe_acc" in e],
-                 marker="s", color="tab:orange")
+        ax2.plot([e for e, _ in probes], [a for _, a in probes], marker="s", color="tab:orange")
         ax2.set_ylabel("linear probe accuracy (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
