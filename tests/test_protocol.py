@@ -254,7 +254,8 @@ def test_protocol_file_base(tmp_path):
 
 
 def test_pretrained_backbone_per_model(tmp_path, monkeypatch):
-    """PRETRAINED: {model: weights} is validated at parse time and becomes MODEL.WEIGHTS of that model's training."""
+    """PRETRAINED: {model: weights} names models of the file (checked at parse time), needs its file when the model
+    trains, and becomes MODEL.WEIGHTS of that model's training."""
     from steel_fsd.engine.protocol import runner
     from steel_fsd.utils.cli import UserError
 

@@ -178,6 +178,8 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
         model.load_state_dict(st["encoder"])
         opt.load_state_dict(st["optimizer"])
         start_epoch, record["history"] = int(st["epoch"]), list(st["history"])
+        if probe_labels is not None:
+            record["probe_acc_init"] = st.get("probe_acc_init")
         logger.info("pretrain: resuming %s after epoch %d", state_path, start_epoch)
 
     def view(x: torch.Tensor) -> torch.Tensor:
@@ -192,12 +194,9 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
         model.train()
         return round(linear_probe(feats, probe_labels, seed), 2)
 
-    if probe_labels is not None:  # the same probe on the initial weights: the reference the epochs are read against
-        if start_epoch == 0:
-            record["probe_acc_init"] = probe()
-            logger.info("pretrain: linear probe of the initial backbone %.1f%%", record["probe_acc_init"])
-        else:
-            record["probe_acc_init"] = st.get("probe_acc_init")
+    if probe_labels is not None and start_epoch == 0:  # the same probe on the initial weights: the reference
+        record["probe_acc_init"] = probe()
+        logger.info("pretrain: linear probe of the initial backbone %.1f%%", record["probe_acc_init"])
 
     model.train()
     for epoch in range(start_epoch, epochs):
@@ -226,10 +225,11 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
         entry = {"epoch": epoch + 1, "loss": total / max(seen, 1), "seconds": round(time.perf_counter() - t0, 1)}
         if probe_labels is not None:
             entry["probe_acc"] = probe()
-        if method == "simclr" and entry["loss"] > 0.99 * math.log(2 * min(batch, len(images)) - 1):
+        chance = math.log(2 * min(batch, len(images)) - 1)  # NT-Xent when every view is equally similar
+        if method == "simclr" and entry["loss"] > 0.99 * chance:
             logger.warning("pretrain simclr epoch %d: the NT-Xent loss %.3f is at chance (log(2N - 1) = %.3f): "
                            "the views carry no instance information yet (augmentation too strong, or LR)",
-                           epoch + 1, entry["loss"], math.log(2 * min(batch, len(images)) - 1))
+                           epoch + 1, entry["loss"], chance)
         record["history"].append(entry)
         logger.info("pretrain %s epoch %d/%d: loss %.4f%s (%.0f s)", method, epoch + 1, epochs, entry["loss"],
                     f", linear probe {entry['probe_acc']:.1f}%" if "probe_acc" in entry else "", entry["seconds"])

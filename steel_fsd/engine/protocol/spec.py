@@ -48,15 +48,14 @@ class Setting:
 def load_protocol_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     """The protocol file's top-level keys; with ``_BASE_: other.yaml`` (relative to the file, as in Detectron2
     configs) the other file's keys first, each replaced whole by the same key here."""
-    path = path.resolve()
+    given, path = path, path.resolve()
     if path in _seen:
         raise UserError(f"protocol file {path}: _BASE_ cycle {' -> '.join(map(str, _seen + (path,)))}", "",
                         "remove the _BASE_ that points back")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"protocol file {path} not found (a _BASE_ of {_seen[-1]})" if _seen else
-                        f"protocol file {path} not found", "", "give one of configs/protocols/*.yaml") from None
+    if not path.is_file():
+        raise UserError(f"protocol file {given} not found" + (f" (a _BASE_ of {_seen[-1]})" if _seen else ""), "",
+                        "give one of configs/protocols/*.yaml")
+    spec = yaml.safe_load(path.read_text())
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: a protocol file is a mapping of keys (DATASETS, MODELS, ...), got {type(spec).__name__}")
     base = spec.pop("_BASE_", None)
@@ -69,8 +68,6 @@ class ProtocolSpec:
     def __init__(self, path: str | os.PathLike, out_dir: str | None = None, shots: list[int] | None = None,
                  seeds: list[int] | None = None, methods: list[str] | None = None):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"protocol file {self.path} not found", "", "give one of configs/protocols/*.yaml")
         spec = load_protocol_file(self.path)
         missing = [k for k in ("DATASETS", "MODELS", "METHODS", "SETTINGS") if k not in spec]
         if missing:
