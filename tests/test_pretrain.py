@@ -234,6 +234,16 @@ def test_pretrain_tool_from_folders_and_its_errors(tiny_neu, tmp_path):
                                 "--out", str(tmp_path / "s.pth"), *opts]) == 2
     assert run_main(tool.main, [*common, "--datasets", "t_pre_train", "--method", "supervised", "--classes", "nope",
                                 "--out", str(tmp_path / "s.pth"), *opts]) == 2
+    # base/novel: supervised on the base classes uses only the images whose boxes are all of those classes
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    base = ["crazing", "patches", "scratches"]
+    names = MetadataCatalog.get("t_pre_train").thing_classes
+    expect = sum(all(names[a["category_id"]] in base for a in d["annotations"]) for d in DatasetCatalog.get("t_pre_train"))
+    assert 0 < expect < 12
+    assert run_main(tool.main, [*common, "--datasets", "t_pre_train", "--method", "supervised", "--classes", *base,
+                                "--out", str(tmp_path / "b.pth"), *opts]) == 0
+    assert json.loads(Path(str(tmp_path / "b.pth") + ".json").read_text())["images"] == expect
     (tmp_path / "empty").mkdir()
     assert run_main(tool.main, [*common, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "e.pth"),
                                 *opts]) == 2

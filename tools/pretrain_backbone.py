@@ -8,13 +8,15 @@
 Then train any detector config of the same backbone with ``MODEL.WEIGHTS output/pretrain/r18_simclr.pth``.
 ``--images`` reads every image under the folders (labels ignored); ``--datasets`` reads registered datasets.
 ``supervised`` learns image-level labels from the datasets' boxes; ``--classes`` restricts them (in a
-base/novel setting pass the base classes only). Pixel statistics and harmonization are the config's
+base/novel setting pass the base classes only: images holding a box of another class are then left out, as in
+the protocol's base training). Pixel statistics and harmonization are the config's
 (``DATASETS.TRAIN`` must be registered). Resumable (``OUT.state.pth``); the run record is ``OUT.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import _path  # noqa: F401  (a source checkout works without installing steel_fsd)
@@ -23,9 +25,13 @@ from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data import register_all
 from steel_fsd.data.catalog import require_registered
+from steel_fsd.data.subsets import restrict_classes
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.pretrain.train import METHODS, folder_dicts, pretrain
 from steel_fsd.utils.cli import UserError, check_output_file, run_main
+
+
+logger = logging.getLogger("steel_fsd")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(args.classes or []) - set(names))
         if unknown:
             raise UserError(f"--classes {unknown} are not classes of {args.datasets[0]}", "--classes", f"choose from {names}")
-        classes = [names.index(c) for c in (args.classes or names)]
+        if args.classes:  # base/novel: base labels only, and images holding other classes' boxes dropped, so
+            # a novel defect is never learned as "none of the classes" (the protocol's base-training rule)
+            kept = restrict_classes(dicts, names, args.classes, drop_images_with_others=True)
+            logger.info("pretrain supervised: %d of %d images hold only boxes of %s; the others are not used",
+                        len(kept), len(dicts), args.classes)
+            if not kept:
+                raise UserError(f"no image of {args.datasets} holds only boxes of {args.classes}", "--classes",
+                                "name more classes")
+            dicts = kept
+        classes = list(range(len(args.classes or names)))
     record = pretrain(cfg, dicts, args.method, args.epochs, args.out, args.batch, args.lr, label_classes=classes,
                       seed=args.seed, crop=args.crop)
     print(json.dumps(record, indent=1))
