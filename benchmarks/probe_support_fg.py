@@ -53,19 +53,33 @@ def support_offsets(model, cfg, manifest: dict, names: list[str], shots: int, se
     return torch.stack(need).clamp(min=0)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def rotation1_probe_args(description: str, add_arguments=None):
+    """Parse a probe's arguments over a finished rotation-1 protocol run and register the datasets. Returns
+    (args, run folder, the prototype base model's weights, class names)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--protocol-out", default="output/fewshot_neu_real", help="a run of neu_real_cpu.yaml")
     ap.add_argument("--shots", type=int, nargs="+", default=[10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    if add_arguments:
+        add_arguments(ap)
     args = ap.parse_args()
     register_all(args.data)
     out = Path(args.protocol_out)
     weights = sorted((out / "models").glob("prototype_neu_base-*/model_final.pth"))
     if len(weights) != 1:
         sys.exit(f"expected one prototype base model under {out}/models, found {len(weights)}")
-    names = list(MetadataCatalog.get("neu_train").thing_classes)
+    return args, out, weights, list(MetadataCatalog.get("neu_train").thing_classes)
+
+
+def novel_base_ap50(ap50: dict[str, float]) -> dict:
+    """nAP50 and bAP50 (means over the novel / base classes of rotation 1) of per-class AP50."""
+    base = [v for n, v in ap50.items() if n not in NOVEL]
+    return {"nAP50": sum(ap50[n] for n in NOVEL) / len(NOVEL), "bAP50": sum(base) / len(base)}
+
+
+def main() -> None:
+    args, out, weights, names = rotation1_probe_args(__doc__.splitlines()[0])
     rows = []
     for k in args.shots:
         for seed in args.seeds:
@@ -86,9 +100,7 @@ def main() -> None:
                 res = evaluate(cfg, model)["neu_val"]["bbox"]
                 ap50 = {n: res[f"AP50-{n}"] for n in names}
                 rows.append({"K": k, "seed": seed, "variant": variant, "offsets": dict(zip(names, offsets.tolist())),
-                             "nAP50": sum(ap50[n] for n in NOVEL) / len(NOVEL),
-                             "bAP50": sum(v for n, v in ap50.items() if n not in NOVEL) / (len(names) - len(NOVEL)),
-                             "AP50_per_class": ap50})
+                             **novel_base_ap50(ap50), "AP50_per_class": ap50})
                 print(rows[-1], flush=True)
             pred.logits = plain
     save("probe_support_fg", {"protocol_out": str(out), "split": "neu_val", "base_model": str(weights[0]),
