@@ -171,11 +171,11 @@ def test_aggregate_equals_hand_computation(loaded):
 
 def test_paired_equals_loop(loaded):
     _, raw, cells, _ = loaded
-    got = paired(cells, "prototype", "finetune", ("AP50", "AP", "nAP"))
+    got = paired(cells, "prototype", "finetune", ("AP50", "AP", "nAP50", "nAP"))
     want = []
     for setting in sorted(SETTINGS):
         for k in SHOTS:
-            for metric in ("AP50", "AP", "nAP"):
+            for metric in ("AP50", "AP", "nAP50", "nAP"):
                 diffs, wins = [], 0
                 for seed in SEEDS:
                     a, b = (next(c for c in raw if (c["setting"], c["method"], c["shots"], c["seed"]) ==
@@ -187,7 +187,8 @@ def test_paired_equals_loop(loaded):
                 if diffs:
                     want.append((setting, k, metric, diffs, wins))
     assert [(r["setting"], r["shots"], r["metric"]) for r in got] == [w[:3] for w in want]
-    assert len(got) == 2 * 2 + 2 * 3  # nAP only for base_novel
+    assert len(got) == 2 * 2 + 2 * 4  # nAP50 and nAP only for base_novel
+    assert [r["metric"] for r in paired(cells)] == [r["metric"] for r in got]  # the default metrics
     for r, (setting, k, metric, diffs, wins) in zip(got, want):
         assert r["diffs"] == pytest.approx(diffs) and r["seeds"] == list(SEEDS)
         assert_stat(r["diff"], hand(diffs))

@@ -149,7 +149,7 @@ def aggregate(cells: list[dict], method_order=()) -> list[dict]:
 
 
 def paired(cells: list[dict], a: str = "prototype", b: str = "finetune",
-           metrics: Iterable[str] = ("AP50", "AP", "nAP")) -> list[dict]:
+           metrics: Iterable[str] = ("AP50", "AP", "nAP50", "nAP")) -> list[dict]:
     """Seed-matched comparison of methods ``a`` and ``b`` per (setting, K, metric) where both have values.
 
     Each row: per-seed ``diffs`` (a - b), their :func:`mean_ci` as ``diff``, ``wins``/``losses``/``ties``
