@@ -73,12 +73,13 @@ def cells_dir(tmp_path_factory):
                             "base_classes": CLASSES[:2] if kind == "base_novel" else [],
                             "novel_classes": CLASSES[2:] if kind == "base_novel" else CLASSES,
                             "metrics": {m: rng.uniform(0, 100) for m in METRICS}, "per_class": per_class,
-                            "bAP": None, "nAP": None, "bAP50": None, "nAP50": None,
+                            "bAP": None, "nAP": None, "bAP50": None, "nAP50": None, "dbAP50": None,
                             "adapt_s": rng.uniform(0.5, 30), "adapt_iters": 0 if method == "prototype" else 100,
                             "pr_curves": None, "train_metrics": None,
                             "base_metrics": f"../../runs/{kind}/base_metrics.json"}
                     if kind == "base_novel":
                         cell.update({m: rng.uniform(0, 100) for m in ("bAP", "nAP", "bAP50", "nAP50")})
+                        cell["dbAP50"] = rng.uniform(-10, 2)
                     run = f"{method}_K{k}_s{seed}"
                     (runs / f"{run}_pr.json").write_text(json.dumps(pr_file(rng)))
                     cell["pr_curves"] = f"../../runs/{kind}/{run}_pr.json"
@@ -284,7 +285,8 @@ def test_tables(loaded, tmp_path):
     cols = [cell_text(hand(value(c, m) for c in group)) for m in ("AP", "AP50", "AP75", "P", "R", "F1", "adapt_s")]
     assert ("prototype", "1", "3", *cols) in table_rows
     group = [c for c in raw if (c["setting"], c["method"], c["shots"]) == ("base_novel:neu_synth", "finetune", 5)]
-    cols = [cell_text(hand(value(c, m) for c in group)) for m in ("bAP", "nAP", "AP", "AP50", "nAP50", "F1", "adapt_s")]
+    cols = [cell_text(hand(value(c, m) for c in group))
+            for m in ("bAP", "nAP", "AP", "AP50", "nAP50", "bAP50", "dbAP50", "F1", "adapt_s")]
     assert ("finetune", "5", "3", *cols) in table_rows
     assert ("no_norm", "1", "12.3", "30.0", "–", "50.0", "40.0", "44.4") in table_rows  # n=1, single K, missing AP75
     nan_group = [c for c in raw if (c["setting"], c["method"], c["shots"]) == NAN_CELL[:3]]

@@ -145,6 +145,13 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
             assert c["novel_classes"] == ["inclusion", "scratches"] and len(c["base_classes"]) == 4
             finite = [c["per_class"][k]["AP"] for k in c["novel_classes"] if c["per_class"][k]["AP"] is not None]
             assert c["nAP"] == (pytest.approx(sum(finite) / len(finite)) if finite else None)
+            # the no-forgetting reference: the method's own base model on the test split's base classes
+            model = {"finetune": "faster_rcnn", "finetune_pcb": "faster_rcnn"}.get(
+                c["method"], "tlsdd" if c["method"].startswith("tlsdd") else "prototype")
+            ref = json.loads(next((out / "models").glob(f"{model}_neu_base-*/base_test_t_pr_neu_test.json")).read_text())
+            assert ref["base_classes"] == c["base_classes"] and c["base_model_bAP50"] == ref["bAP50"]
+            if c["bAP50"] is not None and ref["bAP50"] is not None:
+                assert c["dbAP50"] == pytest.approx(c["bAP50"] - ref["bAP50"])
         swap = c["method"] in ("prototype", "prototype_pcb", "tlsdd_support")
         assert (c["adapt_iters"] == 0) == (swap and c["kind"] != "kshot" or c["kind"] == "preprocessing")
     # the runner's aggregate equals a hand computation from the per-cell json
@@ -211,6 +218,24 @@ def test_protocol_rerun_skips_finished_cells_and_models(run):
     for args in runs:
         assert run_fewshot.main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.slow
+def test_protocol_rerun_adds_the_base_reference_to_older_cells(run):
+    """A base/novel cell written before the no-forgetting reference existed gets it on the next run, with the
+    same values as a fresh cell; nothing else is rewritten."""
+    import run_fewshot
+
+    out, runs, _ = run
+    path = out / "cells" / "base_novel_neu_novel-inclusion+scratches" / "prototype" / "K2_seed1.json"
+    full = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in full.items() if k not in ("base_model_bAP", "base_model_bAP50",
+                                                                          "dbAP50")}))
+    others = {p: p.stat().st_mtime_ns for p in out.rglob("K*_seed*.json") if p != path}
+    assert run_fewshot.main(runs[0]) == 0
+    assert json.loads(path.read_text()) == full
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+    assert "bAP50 − base" in (out / "report.md").read_text()
 
 
 def test_protocol_file_errors(tmp_path):

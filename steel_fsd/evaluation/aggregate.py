@@ -25,7 +25,8 @@ from ..utils.io import atomic_open, write_json
 logger = logging.getLogger("steel_fsd")
 
 KINDS = ("base_novel", "cross", "kshot", "ablation", "preprocessing")
-SPLIT_METRICS = ("bAP", "nAP", "bAP50", "nAP50")
+# dbAP50: bAP50 minus the base model's own bAP50 on the same test split (forgetting of the base classes)
+SPLIT_METRICS = ("bAP", "nAP", "bAP50", "nAP50", "dbAP50")
 STATS = METRICS + SPLIT_METRICS + ("adapt_s", "adapt_iters")
 PER_CLASS_STATS = ("AP", "AP50")
 REQUIRED = ("setting", "kind", "method", "shots", "seed", "classes", "metrics", "per_class")

@@ -12,7 +12,7 @@ DASH = "–"
 MAIN_COLUMNS = (("mAP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("P", "P"), ("R", "R"), ("F1", "F1"),
                 ("adapt s", "adapt_s"))
 BASE_NOVEL_COLUMNS = (("bAP", "bAP"), ("nAP", "nAP"), ("mAP", "AP"), ("AP50", "AP50"), ("nAP50", "nAP50"),
-                      ("F1", "F1"), ("adapt s", "adapt_s"))
+                      ("bAP50", "bAP50"), ("bAP50 − base", "dbAP50"), ("F1", "F1"), ("adapt s", "adapt_s"))
 ABLATION_COLUMNS = MAIN_COLUMNS[:-1]
 # (kind, heading, columns, K column even when a setting has a single K), in report order
 KIND_TABLES = (

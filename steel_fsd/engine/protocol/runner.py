@@ -100,6 +100,33 @@ class Protocol(ProtocolSpec):
             return self.train(model, name, val, self.base_opts, f"{model}_{src}_base-{'+'.join(base)}")
         return self.train(model, self.split(src, "train"), self.split(src, "val"), self.base_opts, f"{model}_{src}")
 
+    def base_reference(self, setting: Setting, model: str) -> dict:
+        """The no-forgetting reference of a base/novel setting: bAP and bAP50 of ``model``'s base model itself
+        on the target's test split restricted to the base classes (every image kept, novel boxes erased, so a
+        base-class detection on a novel defect is a false positive, as in the cells). Evaluated once per base
+        model and kept as ``base_test_<split>.json`` in its folder."""
+        cfg, weights = self.base_model(model, setting)
+        test = self.split(setting.target, "test")
+        path = Path(cfg.OUTPUT_DIR) / f"base_test_{test}.json"
+        if not path.is_file():
+            base = [c for c in self.classes(setting.target) if c not in setting.novel]
+            name = f"base:{test}:{'+'.join(base)}"
+            register_class_subset(name, test, base, drop_images_with_others=False)
+            logger.info("[protocol] base model %s on %s (the no-forgetting reference)", cfg.OUTPUT_DIR, name)
+            res = evaluate_with_support(cfg, weights, "", [name], str(path.with_suffix("")))[name]["bbox"]
+            write_json(path, {"test": test, "base_classes": base, "bAP": res["AP"], "bAP50": res["AP50"]})
+        return json.loads(path.read_text())
+
+    def _with_base_reference(self, setting: Setting, method: str, cell: dict, path: Path) -> dict:
+        """``cell`` (written to ``path``) with its base model's reference bAP / bAP50 and ``dbAP50``, the change
+        of bAP50 that the adaptation caused."""
+        ref = self.base_reference(setting, self.methods[method]["model"])
+        b50 = cell.get("bAP50")
+        cell.update(base_model_bAP=ref["bAP"], base_model_bAP50=ref["bAP50"],
+                    dbAP50=None if b50 is None or ref["bAP50"] is None else b50 - ref["bAP50"])
+        write_json(path, cell)
+        return cell
+
     # ----- cells --------------------------------------------------------------------------------
     def cell_path(self, setting: Setting, method: str, shots: int, seed: int) -> Path:
         return self.out / "cells" / setting.name / method / f"K{shots}_seed{seed}.json"
@@ -108,7 +135,10 @@ class Protocol(ProtocolSpec):
         """Adapt, evaluate and write one cell (skipped when its JSON exists)."""
         path = self.cell_path(setting, method, shots, seed)
         if path.is_file():
-            return read_cell(path)
+            cell = read_cell(path)
+            if cell["kind"] == "base_novel" and "dbAP50" not in cell:  # finished before the reference existed
+                cell = self._with_base_reference(setting, method, cell, path)
+            return cell
         classes = self.classes(setting.target)
         base, novel = (([c for c in classes if c not in setting.novel], list(setting.novel))
                        if setting.kind == "base_novel" else ([], classes))
@@ -120,6 +150,8 @@ class Protocol(ProtocolSpec):
                                  base=base, novel=novel, adapt_s=results.pop("_adapt_s"), adapt_iters=iters,
                                  train_metrics=train_metrics, base_metrics=base_metrics,
                                  manifest=self.manifest(setting.target, shots, seed)).write(path)
+        if setting.kind == "base_novel":
+            cell = self._with_base_reference(setting, method, cell, path)
         logger.info("[protocol] %s %s K=%d seed=%d: AP %.1f AP50 %.1f (%.1f s adaptation)", setting.name, method,
                     shots, seed, _num(cell["metrics"]["AP"]), _num(cell["metrics"]["AP50"]), cell["adapt_s"])
         return cell
