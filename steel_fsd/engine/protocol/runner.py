@@ -117,15 +117,12 @@ class Protocol(ProtocolSpec):
             write_json(path, {"test": test, "base_classes": base, "bAP": res["AP"], "bAP50": res["AP50"]})
         return json.loads(path.read_text())
 
-    def _with_base_reference(self, setting: Setting, method: str, cell: dict, path: Path) -> dict:
-        """``cell`` (written to ``path``) with its base model's reference bAP / bAP50 and ``dbAP50``, the change
-        of bAP50 that the adaptation caused."""
+    def _base_reference_fields(self, setting: Setting, method: str, bap50: float | None) -> dict:
+        """A base/novel cell's fields from its base model's reference: bAP / bAP50 and ``dbAP50``, the change of
+        bAP50 (the cell's ``bap50``) that the adaptation caused."""
         ref = self.base_reference(setting, self.methods[method]["model"])
-        b50 = cell.get("bAP50")
-        cell.update(base_model_bAP=ref["bAP"], base_model_bAP50=ref["bAP50"],
-                    dbAP50=None if b50 is None or ref["bAP50"] is None else b50 - ref["bAP50"])
-        write_json(path, cell)
-        return cell
+        return {"base_model_bAP": ref["bAP"], "base_model_bAP50": ref["bAP50"],
+                "dbAP50": None if bap50 is None or ref["bAP50"] is None else bap50 - ref["bAP50"]}
 
     # ----- cells --------------------------------------------------------------------------------
     def cell_path(self, setting: Setting, method: str, shots: int, seed: int) -> Path:
@@ -137,7 +134,8 @@ class Protocol(ProtocolSpec):
         if path.is_file():
             cell = read_cell(path)
             if cell["kind"] == "base_novel" and "dbAP50" not in cell:  # finished before the reference existed
-                cell = self._with_base_reference(setting, method, cell, path)
+                cell.update(self._base_reference_fields(setting, method, cell.get("bAP50")))
+                write_json(path, cell)
             return cell
         classes = self.classes(setting.target)
         base, novel = (([c for c in classes if c not in setting.novel], list(setting.novel))
@@ -145,13 +143,14 @@ class Protocol(ProtocolSpec):
         test = self.split(setting.target, "test")
         results, iters, train_metrics, base_metrics = self._adapt(setting, method, shots, seed, test,
                                                                   path.with_suffix(""))
-        cell = Cell.from_results(path, results, test, setting=setting.name, kind=setting.kind, source=setting.source,
+        made = Cell.from_results(path, results, test, setting=setting.name, kind=setting.kind, source=setting.source,
                                  target=setting.target, method=method, shots=shots, seed=seed, classes=classes,
                                  base=base, novel=novel, adapt_s=results.pop("_adapt_s"), adapt_iters=iters,
                                  train_metrics=train_metrics, base_metrics=base_metrics,
-                                 manifest=self.manifest(setting.target, shots, seed)).write(path)
+                                 manifest=self.manifest(setting.target, shots, seed))
         if setting.kind == "base_novel":
-            cell = self._with_base_reference(setting, method, cell, path)
+            made.extra.update(self._base_reference_fields(setting, method, made.record.get("bAP50")))
+        cell = made.write(path)
         logger.info("[protocol] %s %s K=%d seed=%d: AP %.1f AP50 %.1f (%.1f s adaptation)", setting.name, method,
                     shots, seed, _num(cell["metrics"]["AP"]), _num(cell["metrics"]["AP50"]), cell["adapt_s"])
         return cell
