@@ -120,3 +120,30 @@ def test_register_support_uses_exactly_a_kshot_manifest(trained, tmp_path):
     got = sorted((s["image_key"], s["class"], tuple(s["bbox"])) for s in ps.support)
     want = sorted((s["image_key"], s["class"], tuple(s["bbox"])) for s in manifest["supports"])
     assert got == want
+
+
+@pytest.mark.slow
+def test_embed_instances_batched_equals_one_image_at_a_time(trained):
+    """Batches of same-size images give each box the embedding it gets with its image alone, in pick order,
+    images of two sizes mixed (a mapper that crops every other image)."""
+    from steel_fsd.data.mapper import SteelDatasetMapper
+    from steel_fsd.engine.fewshot import embed_instances
+
+    cfg, weights, _ = trained
+    c = cfg.clone()
+    c.defrost()
+    c.MODEL.WEIGHTS = weights
+    model = load_model_for_eval(c, check_classes=False)
+    base = SteelDatasetMapper(c, is_train=False)
+
+    def mapper(d):
+        m = base(d)
+        if d["image_id"] % 2:
+            m["image"] = m["image"][:, :96, :].contiguous()
+        return m
+    dicts = [d for d in DatasetCatalog.get("t_fs_sev_train") if d["annotations"]][:12]
+    picks = [(d, i) for d in dicts for i in range(len(d["annotations"]))][::-1]  # images split over the list
+    assert len({id(d) for d, _ in picks}) > 8 and len(picks) > len({id(d) for d, _ in picks})
+    batched = embed_instances(model, picks, mapper, batch_size=4)
+    alone = torch.cat([embed_instances(model, [p], mapper, batch_size=1) for p in picks])
+    assert batched.shape == alone.shape and torch.allclose(batched, alone, atol=1e-5)

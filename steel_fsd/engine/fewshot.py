@@ -78,38 +78,44 @@ def evaluate_with_support(cfg: CfgNode, weights: str, support_file: str, dataset
     return evaluate(cfg, wrap(model, cfg) if wrap else model)
 
 
-def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool = False, embed=None) -> torch.Tensor:
+def embed_instances(model, picks: list[tuple[dict, int]], mapper, progress: bool = False, embed=None,
+                    batch_size: int = 8) -> torch.Tensor:
     """Embeddings (N, D) of the annotated boxes ``[(dataset_dict, annotation_index), ...]``.
 
     ``mapper`` is the evaluation mapper (test-time harmonization); boxes are scaled into its output size.
-    Each image goes through the backbone once, however many of its boxes are listed. ``embed(features,
-    boxes)`` gives the features (default: the prototype head's ``embed_boxes``).
+    Each image goes through the backbone once, however many of its boxes are listed, in batches of up to
+    ``batch_size`` images of the same size (so no image is padded more than alone: the result is the
+    one-image-at-a-time result). ``embed(features, boxes)`` gives the features (default: the prototype head's
+    ``embed_boxes``).
     """
     embed = embed or model.roi_heads.embed_boxes
     by_image: dict[int, list[int]] = {}
     for n, (d, _) in enumerate(picks):
         by_image.setdefault(id(d), []).append(n)
-    groups = list(by_image.values())
+    by_size: dict[tuple, list[tuple[list[int], dict, torch.Tensor]]] = {}
+    for group in by_image.values():
+        d = picks[group[0]][0]
+        mapped = mapper(dict(d))
+        sy, sx = mapped["image"].shape[1] / d["height"], mapped["image"].shape[2] / d["width"]
+        anns = [d["annotations"][picks[n][1]] for n in group]
+        boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
+                             dtype=torch.float32) * torch.tensor([sx, sy, sx, sy])
+        by_size.setdefault(tuple(mapped["image"].shape), []).append((group, mapped, boxes))
+    batches = [items[i:i + batch_size] for items in by_size.values() for i in range(0, len(items), batch_size)]
     if progress:
         from tqdm import tqdm
-        groups = tqdm(groups, desc="embedding boxes", unit="img")
+        batches = tqdm(batches, desc=f"embedding boxes ({batch_size} images a batch)", unit="batch")
     was_training = model.training
     model.eval()
     out: torch.Tensor | None = None
     with torch.no_grad():
-        for group in groups:
-            d = picks[group[0]][0]
-            mapped = mapper(dict(d))
-            sy, sx = mapped["image"].shape[1] / d["height"], mapped["image"].shape[2] / d["width"]
-            anns = [d["annotations"][picks[n][1]] for n in group]
-            boxes = torch.tensor([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
-                                 dtype=torch.float32) * torch.tensor([sx, sy, sx, sy])
-            images = model.preprocess_image([mapped])
+        for batch in batches:
+            images = model.preprocess_image([mapped for _, mapped, _ in batch])
             features = model.backbone(images.tensor)
-            z = embed(features, [Boxes(boxes.to(images.tensor.device))]).cpu()
+            z = embed(features, [Boxes(boxes.to(images.tensor.device)) for _, _, boxes in batch]).cpu()
             if out is None:
                 out = torch.zeros(len(picks), z.shape[1])
-            out[group] = z
+            out[[n for group, _, _ in batch for n in group]] = z
     model.train(was_training)
     return out if out is not None else torch.zeros(0, 0)
 
