@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data import register_neu, register_severstal
@@ -147,3 +147,26 @@ def test_embed_instances_batched_equals_one_image_at_a_time(trained):
     batched = embed_instances(model, picks, mapper, batch_size=4)
     alone = torch.cat([embed_instances(model, [p], mapper, batch_size=1) for p in picks])
     assert batched.shape == alone.shape and torch.allclose(batched, alone, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_new_class_with_the_models_trained_prototypes(trained, tmp_path):
+    """--with-trained: the model's own prototypes (its checkpoint's bank) keep the trained classes, only the new
+    class is embedded from supports (the same row as registering it alone)."""
+    from steel_fsd.utils.cli import UserError
+
+    cfg, weights, _ = trained
+    ps = register_support(cfg, weights, "t_fs_sev_train", 2, 1, str(tmp_path / "w.pt"), classes=["defect_4"],
+                          with_trained=True, progress=False)
+    alone = register_support(cfg, weights, "t_fs_sev_train", 2, 1, str(tmp_path / "a.pt"), classes=["defect_4"],
+                             progress=False)
+    trained_names = list(MetadataCatalog.get("t_fs_neu_train").thing_classes)
+    assert ps.class_names == trained_names + ["defect_4"] and (ps.shots, ps.seed) == (2, 1)
+    bank = torch.load(weights, map_location="cpu", weights_only=False)["model"]["roi_heads.box_predictor.bank"]
+    assert torch.allclose(ps.prototypes[:6], torch.as_tensor(bank).float())
+    assert torch.allclose(ps.prototypes[6], alone.prototypes[0], atol=1e-6)
+    assert [s["class"] for s in ps.support] == ["defect_4", "defect_4"] and ps.support == alone.support
+    assert torch.equal(load_prototypes(str(tmp_path / "w.pt")).prototypes, ps.prototypes)
+    with pytest.raises(UserError, match="not both"):
+        register_support(cfg, weights, "t_fs_sev_train", 2, 1, str(tmp_path / "x.pt"), classes=["defect_4"],
+                         with_trained=True, append_to=str(tmp_path / "a.pt"), progress=False)

@@ -105,7 +105,8 @@ def run(data, tmp_path_factory):
                         "prototype_pcb": {"model": "prototype", "adapt": "support_pcb"},
                         "finetune_pcb": {"model": "faster_rcnn", "adapt": "finetune_pcb"},
                         "tlsdd": {"model": "tlsdd", "adapt": "finetune"},
-                        "tlsdd_support": {"model": "tlsdd", "adapt": "support"}},
+                        "tlsdd_support": {"model": "tlsdd", "adapt": "support"},
+                        "prototype_novel": {"model": "prototype", "adapt": "support_novel"}},
             "SETTINGS": [{"kind": "base_novel", "dataset": "neu", "novel": ["inclusion", "scratches"]},
                          {"kind": "cross", "source": "neu", "target": "sev"},
                          {"kind": "kshot", "dataset": "sev"}],
@@ -133,7 +134,8 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
     cells = {p.relative_to(out / "cells").as_posix(): json.loads(p.read_text())
              for p in (out / "cells").rglob("K*_seed*.json")}
     settings = ["base_novel_neu_novel-inclusion+scratches", "cross_neu-sev"]
-    methods = ("prototype", "prototype_ft", "finetune", "prototype_pcb", "finetune_pcb", "tlsdd", "tlsdd_support")
+    methods = ("prototype", "prototype_ft", "finetune", "prototype_pcb", "finetune_pcb", "tlsdd", "tlsdd_support",
+               "prototype_novel")
     want = {f"{s}/{m}/K2_seed{seed}.json" for s in settings for m in methods for seed in (0, 1)} | {
         "preprocessing_neu/off/K0_seed0.json", "kshot_sev/prototype/K2_seed1.json", "kshot_sev/finetune/K2_seed1.json"}
     assert set(cells) == want
@@ -152,7 +154,7 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
             assert ref["base_classes"] == c["base_classes"] and c["base_model_bAP50"] == ref["bAP50"]
             if c["bAP50"] is not None and ref["bAP50"] is not None:
                 assert c["dbAP50"] == pytest.approx(c["bAP50"] - ref["bAP50"])
-        swap = c["method"] in ("prototype", "prototype_pcb", "tlsdd_support")
+        swap = c["method"] in ("prototype", "prototype_pcb", "tlsdd_support", "prototype_novel")
         assert (c["adapt_iters"] == 0) == (swap and c["kind"] != "kshot" or c["kind"] == "preprocessing")
     # the runner's aggregate equals a hand computation from the per-cell json
     results = json.loads((out / "results.json").read_text())
@@ -166,6 +168,30 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
             assert row["AP50"]["ci95"] == pytest.approx(12.706204736 * sd / math.sqrt(2), rel=1e-6)
     assert "## Base/novel" in (out / "report.md").read_text()
     assert list((out / "plots").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_novel_only_swap_keeps_the_base_models_prototypes(run):
+    """support_novel: in a base/novel cell the base classes keep the base model's bank rows and only the novel
+    classes' K boxes are embedded (the same rows as the full swap's); in a cross cell it is the full swap."""
+    from steel_fsd.modeling.prototypes import load_prototypes
+
+    out, _, _ = run
+    cells = out / "cells" / "base_novel_neu_novel-inclusion+scratches"
+    novel = load_prototypes(str(cells / "prototype_novel" / "K2_seed0" / "prototypes.pt"))
+    full = load_prototypes(str(cells / "prototype" / "K2_seed0" / "prototypes.pt"))
+    base_dir = next((out / "models").glob("prototype_neu_base-*"))
+    ckpt = torch.load(base_dir / "model_final.pth", map_location="cpu", weights_only=False)
+    base_classes = ckpt["steel_fsd"]["thing_classes"]
+    assert novel.class_names == base_classes + ["inclusion", "scratches"] and len(base_classes) == 4
+    assert torch.allclose(novel.prototypes[:4], torch.as_tensor(ckpt["model"]["roi_heads.box_predictor.bank"]).float())
+    for i, name in enumerate(["inclusion", "scratches"]):
+        assert torch.allclose(novel.prototypes[4 + i], full.prototypes[full.class_names.index(name)], atol=1e-5)
+    assert sorted(s["class"] for s in novel.support) == ["inclusion"] * 2 + ["scratches"] * 2
+    assert {json.dumps(s, sort_keys=True) for s in novel.support} <= {json.dumps(s, sort_keys=True) for s in full.support}
+    cross = out / "cells" / "cross_neu-sev"
+    a, b = (load_prototypes(str(cross / m / "K2_seed1" / "prototypes.pt")) for m in ("prototype_novel", "prototype"))
+    assert a.class_names == b.class_names and torch.allclose(a.prototypes, b.prototypes, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 """Build class prototypes from K support instances per class, for a prototype-head model.
 
     python tools/register_support.py --config-file CFG --weights MODEL.pth --dataset severstal_synth_tiled_train \
-        --shots 5 --seed 0 --out protos.pt [--support-manifest FILE] [--classes NAME ...] [--append-to OLD.pt]
+        --shots 5 --seed 0 --out protos.pt [--support-manifest FILE] [--classes NAME ...]
+        [--append-to OLD.pt | --with-trained]
 
 Then evaluate with exactly those classes, no retraining:
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS MODEL.pth \
@@ -33,6 +34,9 @@ def main(argv=None) -> None:
     ap.add_argument("--support-manifest", help="JSON list of {image_key[, bbox]}: draw supports only from these")
     ap.add_argument("--classes", nargs="+", help="only these classes (e.g. one new rare defect)")
     ap.add_argument("--append-to", help="add the new classes to this existing prototype file")
+    ap.add_argument("--with-trained", action="store_true",
+                    help="add the new classes (--classes) to the model's own prototypes of the classes it was "
+                         "trained on: only the new classes' support images are embedded")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = ap.parse_args(argv)
     setup_logger(name="steel_fsd")
@@ -47,7 +51,8 @@ def main(argv=None) -> None:
         with open(args.support_manifest) as f:
             manifest = json.load(f)
     ps = register_support(cfg, args.weights, args.dataset, args.shots, args.seed, args.out, args.classes,
-                          manifest, args.support_manifest or "manifest", args.append_to)
+                          manifest, args.support_manifest or "manifest", args.append_to,
+                          with_trained=args.with_trained)
     print(f"[register_support] {args.out}: classes {ps.class_names}, K={args.shots}, seed={args.seed}")
 
 

@@ -18,11 +18,12 @@ from detectron2.structures import Boxes, BoxMode
 from ..data.mapper import SteelDatasetMapper
 from ..data.subsets import restrict_classes
 from ..data.support import entries_from_list, manifest_support_dicts, sample_support
+from ..modeling.checkpoint import checkpoint_classes, read_weights_file
 from ..modeling.prototypes import PrototypeSet, append_class, load_prototypes, save_prototypes
 from ..modeling.support import relevant_config
 from ..utils.cli import UserError
 from ..utils.io import file_sha256
-from .trainer import evaluate, load_model_for_eval
+from .trainer import evaluate, load_model_for_eval, train_class_names
 
 logger = logging.getLogger("steel_fsd")
 
@@ -30,8 +31,15 @@ logger = logging.getLogger("steel_fsd")
 def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed: int, out: str,
                      classes: list[str] | None = None, manifest: list[dict] | dict | None = None,
                      manifest_path: str = "manifest", append_to: str | None = None,
-                     progress: bool = True) -> PrototypeSet:
-    """Prototypes of ``dataset``'s classes (or ``classes``) from K seeded supports; written to ``out``."""
+                     progress: bool = True, with_trained: bool = False) -> PrototypeSet:
+    """Prototypes of ``dataset``'s classes (or ``classes``) from K seeded supports; written to ``out``.
+
+    ``append_to``: added to that prototype file's classes. ``with_trained``: added to the model's own
+    prototypes (:func:`trained_prototypes`) of the classes it was trained on, so only ``classes`` are embedded
+    (a new defect joins the trained ones; adaptation costs the new class's support images alone)."""
+    if append_to and with_trained:
+        raise UserError("append to a prototype file or to the model's trained classes, not both", "",
+                        "drop --append-to or --with-trained")
     if shots < 1:
         raise UserError(f"--shots {shots}: K must be at least 1 (boxes per class)", "", "pass --shots 1, 5 or 10")
     start = time.perf_counter()
@@ -57,10 +65,28 @@ def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed:
     ps.weights_sha256, ps.config = file_sha256(weights), relevant_config(cfg)
     if append_to:
         ps = append_class(load_prototypes(append_to), ps)
+    elif with_trained:
+        merged = append_class(trained_prototypes(model, cfg, ps.weights_sha256), ps)
+        merged.shots, merged.seed = ps.shots, ps.seed
+        ps = merged
     save_prototypes(ps, out)
     logger.info("register_support: wrote %s (%d classes x %d, %d support boxes) in %.1f s", out, len(ps.class_names),
                 ps.embed_dim, len(ps.support), time.perf_counter() - start)
     return ps
+
+
+def trained_prototypes(model, cfg: CfgNode, weights_sha256: str = "") -> PrototypeSet:
+    """The prototypes a prototype-head model uses without a support file (its training bank, or its learned
+    prototypes), named by the classes stored in MODEL.WEIGHTS (else those of DATASETS.TRAIN); ``shots`` 0,
+    no support boxes."""
+    names = checkpoint_classes(read_weights_file(cfg.MODEL.WEIGHTS)) or train_class_names(cfg)
+    protos = model.roi_heads.box_predictor.active_prototypes().detach().cpu().float()
+    if not names or len(names) != len(protos):
+        raise UserError(f"the model holds {len(protos)} trained prototypes, but the names of the classes it was "
+                        f"trained on are {'unknown' if not names else names}", cfg.MODEL.WEIGHTS,
+                        "use a checkpoint written by steel-fsd, or pass DATASETS.TRAIN of the base model")
+    return PrototypeSet(list(names), protos.clone(), 0, 0, [], weights_sha256, relevant_config(cfg),
+                        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
 def evaluate_with_support(cfg: CfgNode, weights: str, support_file: str, datasets: list[str],

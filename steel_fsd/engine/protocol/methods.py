@@ -35,14 +35,15 @@ def parent_dataset(dataset: str) -> str:
 
 
 def support_eval(cfg, weights: str, support_ds: str, manifest: dict, shots: int, seed: int, test: str,
-                 work: Path, wrap=None) -> dict:
+                 work: Path, wrap=None, novel: list[str] | None = None) -> dict:
     """Prototypes from the manifest's boxes (timed as ``_adapt_s``), then evaluation with them; ``wrap(model,
-    cfg)`` (e.g. PCB) is applied to the loaded model and its time added to ``_adapt_s``."""
+    cfg)`` (e.g. PCB) is applied to the loaded model and its time added to ``_adapt_s``. With ``novel``, only
+    those classes' boxes are embedded; the others keep the model's trained prototypes."""
     work.mkdir(parents=True, exist_ok=True)
     protos = str(work / "prototypes.pt")
     start = time.perf_counter()
     register_support(cfg, weights, parent_dataset(support_ds), shots, seed, protos, manifest=manifest,
-                     progress=False)
+                     progress=False, classes=novel, with_trained=bool(novel))
     adapt_s = time.perf_counter() - start
     wrap_s = 0.0
 
@@ -120,6 +121,15 @@ def finetune_eval(protocol, model: str, cfg, weights: str, setting, support_ds: 
 def adapt_support(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
     """Prototypes from the K shots, no gradient step."""
     return support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work), 0, None
+
+
+@register_adapter("support_novel")
+def adapt_support_novel(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+    """Prototypes of the novel classes from their K shots; the base classes keep the base model's trained
+    prototypes (a new defect added to a running model: only its support images are embedded). In cross and
+    K-shot settings every target class is new, so this is the plain swap."""
+    novel = list(setting.novel) if setting.kind == "base_novel" else None
+    return support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work, novel=novel), 0, None
 
 
 @register_adapter("finetune")
