@@ -264,6 +264,30 @@ def test_protocol_rerun_adds_the_base_reference_to_older_cells(run):
     assert "bAP50 − base" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_protocol_on_the_validation_split_reuses_the_models(run, tmp_path):
+    """MODELS_DIR: the same protocol evaluated on the val split (to choose settings) takes the first run's base
+    models instead of training its own; its cells and no-forgetting reference are on the val split."""
+    import run_fewshot
+
+    out, runs, stamps = run
+    spec = yaml.safe_load(Path(runs[0][1]).read_text())
+    spec["DATASETS"]["neu"]["test"] = "t_pr_neu_val"
+    spec.update(OUTPUT_DIR=str(tmp_path / "val"), MODELS_DIR=str(out / "models"))
+    path = tmp_path / "val.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert run_fewshot.main(["--config", str(path), "--only", "base_novel_neu_novel-inclusion+scratches",
+                             "--methods", "prototype", "--seeds", "0", "--no-variants"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps if p.name == "model_final.pth"} == {
+        p: t for p, t in stamps.items() if p.name == "model_final.pth"}
+    assert not (tmp_path / "val" / "models").exists()
+    cell = json.loads((tmp_path / "val" / "cells" / "base_novel_neu_novel-inclusion+scratches" / "prototype" /
+                       "K2_seed0.json").read_text())
+    assert "/t_pr_neu_val/" in cell["pr_curves"]
+    ref = json.loads(next((out / "models").glob("prototype_neu_base-*/base_test_t_pr_neu_val.json")).read_text())
+    assert cell["base_model_bAP50"] == ref["bAP50"] and ref["test"] == "t_pr_neu_val"
+
+
 def test_protocol_file_errors(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text(yaml.safe_dump({"DATASETS": {"neu": {}}, "MODELS": {"m": "x.yaml"},

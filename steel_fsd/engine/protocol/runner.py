@@ -73,7 +73,7 @@ class Protocol(ProtocolSpec):
         # (and by the pretrained backbone's content: re-pretraining into the same file retrains too)
         key = hashlib.sha256((build_config(self.models[model], opts).dump()
                               + (file_sha256(pretrained) if pretrained else "")).encode()).hexdigest()[:8]
-        out_dir = self.out / "models" / f"{label}-{key}"
+        out_dir = self.models_dir / f"{label}-{key}"
         cfg = self.config(model, opts, out_dir)
         weights = out_dir / "model_final.pth"
         if not weights.is_file():

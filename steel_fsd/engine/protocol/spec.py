@@ -97,6 +97,9 @@ class ProtocolSpec:
         self.shots = list(shots or spec.get("SHOTS", [1, 5, 10]))
         self.seeds = list(seeds if seeds is not None else spec.get("SEEDS", [0, 1, 2]))
         self.out = Path(out_dir or spec.get("OUTPUT_DIR", "output/fewshot"))
+        # MODELS_DIR: where trained models are kept (default OUTPUT_DIR/models); a run of the same protocol
+        # evaluated on another split (e.g. validation, to choose settings) names the first run's to reuse them
+        self.models_dir = Path(spec["MODELS_DIR"]) if spec.get("MODELS_DIR") else self.out / "models"
         self.base_opts = [str(v) for v in spec.get("BASE_OPTS", [])]
         self.finetune_opts = [str(v) for v in spec.get("FINETUNE_OPTS", [])]
         self.kshot_opts = [str(v) for v in spec.get("KSHOT_OPTS", [])]
