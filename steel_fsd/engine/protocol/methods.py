@@ -126,8 +126,8 @@ def adapt_support(protocol, model, cfg, weights, setting, support_ds, manifest, 
 @register_adapter("support_novel")
 def adapt_support_novel(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
     """Prototypes of the novel classes from their K shots; the base classes keep the base model's trained
-    prototypes (a new defect added to a running model: only its support images are embedded). In cross and
-    K-shot settings every target class is new, so this is the plain swap."""
+    prototypes (a new defect added to a running model: only its support images are embedded). In a cross
+    setting every target class is new, so this is the plain swap."""
     novel = list(setting.novel) if setting.kind == "base_novel" else None
     return support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work, novel=novel), 0, None
 
