@@ -350,6 +350,13 @@ def test_prototype_swap_tools_build_the_model_with_its_trained_class_count(train
             "--classes", "crazing", "patches", "--out", str(protos), *TINY, *wrong]
     assert run_main(register_support.main, argv) == 0
     assert load_prototypes(str(protos)).class_names == ["crazing", "patches"]
+    # --with-trained names the trained classes from the checkpoint (DATASETS.TRAIN is wrong here): adding one of
+    # them again is a one-line error naming it
+    capsys.readouterr()
+    again = ["--with-trained" if a == "patches" else a for a in argv]
+    again[again.index("--out") + 1] = str(tmp_path / "again.pt")
+    assert run_main(register_support.main, again) == 2
+    assert "['crazing'] already have prototypes" in capsys.readouterr().err
     import predict
     out = tmp_path / "out"
     rc = run_main(predict.main, ["--config-file", PROTO_CFG, "--weights", trained["weights"], "--prototypes", str(protos),
