@@ -21,7 +21,7 @@ from scipy import stats
 from steel_fsd.evaluation.aggregate import (STATS, aggregate, convergence, csv_header, load_cells, mean_ci, paired,
                                             read_metrics, write_results)
 from steel_fsd.evaluation.coco import SteelCOCOEvaluator, read_pr_curves
-from steel_fsd.evaluation.fewshot_plots import loss_curves, pr_curves, write_all_plots
+from steel_fsd.evaluation.fewshot_plots import k_curve, k_curve_series, loss_curves, pr_curves, write_all_plots
 from steel_fsd.evaluation.fewshot_tables import convergence_table, fmt, markdown_report
 from steel_fsd.evaluation.report import METRICS
 
@@ -315,6 +315,7 @@ def test_plots(loaded, tmp_path, caplog):
     want = ["ablation_neu_synth_AP.png", "ablation_neu_synth_AP50.png", "ablation_neu_synth_per_class_K5.png"]
     for s in ("base_novel_neu_synth", "cross_neu_synth_to_severstal_synth"):
         want += [f"{s}_{x}.png" for x in ("AP", "AP50", "per_class_K5", "loss", "pr_K5")]
+    want.append("cross_neu_synth_to_severstal_synth_K_curve.png")  # cross settings: AP50 against K
     assert names == sorted(want)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(want)
     for p in paths:
@@ -393,3 +394,46 @@ def test_evaluator_writes_pr_curves(tmp_path):
         for k, c in enumerate(classes):
             want = coco_eval.eval["precision"][t, :, k, 0, -1]
             np.testing.assert_allclose(curves[field][c], np.where(want > -1, want, np.nan))
+
+
+def test_bounds_image_level_columns_and_k_curve(tmp_path):
+    """A cross setting with its target's K-shot (lower bound) and full-data (upper bound) rows: the K curve's
+    series and bounds, and the report's image-level columns, against hand-computed means."""
+    rng = random.Random(1)
+
+    def cell(setting, kind, method, k, seed, **fields):
+        return {"setting": setting, "kind": kind, "source": "src" if kind == "cross" else "t", "target": "t",
+                "method": method, "shots": k, "seed": seed, "classes": ["a"], "base_classes": [],
+                "novel_classes": ["a"], "metrics": {m: rng.uniform(0, 100) for m in METRICS},
+                "per_class": {"a": {"AP": 1.0, "AP50": 2.0}}, "adapt_s": 1.0, "adapt_iters": 0, **fields}
+    cells = [cell("cross_src-t", "cross", m, k, s, **{"img_R@FA1": rng.uniform(0, 100), "img_AUC": rng.uniform(50, 99)})
+             for m in ("prototype", "finetune") for k in (1, 5) for s in (0, 1, 2)]
+    cells += [cell("kshot_t", "kshot", "finetune", k, s) for k in (1, 5) for s in (0, 1)]
+    cells += [cell("full_data_t", "full_data", "stock, t", 0, 0), cell("full_data_other", "full_data", "x", 0, 0)]
+    cells[-1]["target"] = "other"
+    rows = aggregate(cells, ["prototype", "finetune"])
+    series, bounds = k_curve_series(rows, "cross_src-t")
+    assert list(series) == ["prototype", "finetune", "finetune, K shots alone"]
+    for label, setting, method in (("prototype", "cross_src-t", "prototype"),
+                                   ("finetune, K shots alone", "kshot_t", "finetune")):
+        ks, means, cis = series[label]
+        assert ks == [1, 5]
+        for k, mean, ci in zip(ks, means, cis):
+            want = hand(c["metrics"]["AP50"] for c in cells if (c["setting"], c["method"], c["shots"]) == (setting, method, k))
+            assert mean == pytest.approx(want["mean"]) and ci == pytest.approx(want["ci95"])
+    assert bounds == {"full data: stock, t": pytest.approx(cells[-2]["metrics"]["AP50"])}  # not the other target's
+    assert_png(k_curve(rows, "cross_src-t", str(tmp_path / "k.png")))
+    assert k_curve(rows, "no_such_setting", str(tmp_path / "none.png")) is None
+
+    report = markdown_report(rows)
+    assert "## Upper bound: trained on the whole target train split" in report
+    lines = [tuple(c.strip() for c in line.strip().strip("|").split("|")) for line in report.splitlines()
+             if line.startswith("|")]
+    header = next(r for r in lines if "img R@1%FA" in r)
+    assert header[-2:] == ("img R@1%FA", "img AUC")  # no row has a recall at 5%: that column is left out
+    group = [c for c in cells if (c["setting"], c["method"], c["shots"]) == ("cross_src-t", "finetune", 5)]
+    row = next(r for r in lines if r[:2] == ("finetune", "5") and len(r) == len(header))
+    want = [hand(c[f] for c in group) for f in ("img_R@FA1", "img_AUC")]
+    assert row[-2] == f"{want[0]['mean']:.1f} ± {want[0]['ci95']:.1f}"
+    assert row[-1] == f"{want[1]['mean']:.1f} ± {want[1]['ci95']:.1f}"
+    assert not any("img R@1%FA" in r for r in lines if "kshot" in " ".join(r))  # no image-level numbers there

@@ -76,6 +76,14 @@ def test_cell_record_base_novel_means_and_no_predictions():
     empty = cell_record({"bbox": {k: float("nan") for k in ("AP", "AP50", "AP75")}, "prf": {}}, classes, [], [])
     assert empty["no_predictions"] and empty["metrics"]["AP50"] == 0.0 and empty["per_class"]["a"]["AP"] == 0.0
     assert empty["bAP"] is None
+    assert empty["img_R@FA1"] is None and empty["img_AUC"] is None  # no image-level result: not measured
+
+
+def test_cell_record_image_level_fields():
+    il = {"good_images": 10.0, "defect_images": 20.0, "recall@FA1%": 35.0, "recall@FA5%": float("nan"),
+          "roc_auc": 0.8125}
+    rec = cell_record({"bbox": {"AP": 1.0}, "prf": {}, "image_level": il}, ["a"], [], [])
+    assert rec["img_R@FA1"] == 35.0 and rec["img_R@FA5"] is None and rec["img_AUC"] == pytest.approx(81.25)
 
 
 TINY = ["INPUT.HARMONIZE.RESIZE", 96, "SOLVER.MAX_ITER", 6, "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", 2,

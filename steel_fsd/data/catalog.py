@@ -1,4 +1,4 @@
-"""Detectron2 registration of NEU-DET, Severstal, their synthetic versions and their unions.
+"""Detectron2 registration of NEU-DET, Severstal, the magnetic-tile set, the synthetic versions and unions.
 
 Registration is lazy: only folder existence is checked when registering; the annotations are loaded
 on the first ``DatasetCatalog.get`` of any split and the load is shared by all splits of a dataset
@@ -20,6 +20,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from ..utils.cli import UserError
 from .errors import SkipLog
 from .images import verify_images
+from .magnetic_tile import MT_CLASSES, load_magnetic_tile
 from .neu import NEU_CLASSES, load_neu_voc
 from .severstal import SEVERSTAL_CLASSES, load_severstal, tile_dataset_dicts
 
@@ -30,6 +31,8 @@ VERIFY_ENV = "STEEL_FSD_VERIFY_IMAGES"
 # (folder under the datasets root, registered name prefix) per loader kind
 NEU_FOLDERS = (("neu-det", "neu"), ("neu-synth", "neu_synth"))
 SEVERSTAL_FOLDERS = (("severstal", "severstal"), ("severstal-synth", "severstal_synth"))
+MT_FOLDERS = (("magnetic-tile", "mt"),)
+LOADERS = {"neu": load_neu_voc, "severstal": load_severstal, "mt": load_magnetic_tile}
 UNIONS = (("steel_mixed", ("neu", "severstal")), ("steel_mixed_synth", ("neu_synth", "severstal_synth")))
 
 logger = logging.getLogger("steel_fsd")
@@ -44,8 +47,7 @@ def _load(kind: str, root: str, class_names: tuple[str, ...], strict: bool) -> t
     any training starts.
     """
     skips = SkipLog(strict=strict)
-    loader = load_neu_voc if kind == "neu" else load_severstal
-    dicts = loader(root, class_names, skips=skips)
+    dicts = LOADERS[kind](root, class_names, skips=skips)
     if os.environ.get(VERIFY_ENV, "1") != "0":
         start = time.perf_counter()
         dicts = verify_images(dicts, skips, root)
@@ -127,6 +129,14 @@ def register_severstal(name: str, root: str | os.PathLike, split: str | None = N
     _register(name, "severstal", root, class_names, split, seed, tile, strict)
 
 
+def register_magnetic_tile(name: str, root: str | os.PathLike, split: str | None = None, seed: int = 0,
+                           strict: bool = True, class_names: Sequence[str] = MT_CLASSES) -> None:
+    """Register the magnetic-tile set at ``root`` (see :func:`~steel_fsd.data.magnetic_tile.load_magnetic_tile`)
+    as ``name``; ``split`` as in :func:`register_neu` (the defect-free ``MT_Free`` images are their own stratum,
+    so every split keeps its share of them)."""
+    _register(name, "mt", root, class_names, split, seed, None, strict)
+
+
 def register_union(name: str, parts: Sequence[str], id_offset: int = UNION_ID_OFFSET) -> None:
     """Register the concatenation of registered datasets ``parts`` as ``name``.
 
@@ -179,7 +189,7 @@ def require_registered(name: str, where: str, nonempty: bool = False) -> None:
     raise UserError(f"dataset {name!r} is not registered", f"{where}",
                     f"the datasets root {datasets_root()} (set STEEL_FSD_DATASETS or pass --datasets-root) holds "
                     + (", ".join(found) if found else "no steel dataset (expected folders "
-                       + ", ".join(f for f, _ in NEU_FOLDERS + SEVERSTAL_FOLDERS) + ")"))
+                       + ", ".join(f for f, _ in NEU_FOLDERS + SEVERSTAL_FOLDERS + MT_FOLDERS) + ")"))
 
 
 def datasets_root() -> str:
@@ -191,7 +201,8 @@ def register_all(root: str | os.PathLike | None = None) -> list[str]:
     """Register every dataset found under ``root`` and return the names registered by this call.
 
     ``root`` defaults to ``$STEEL_FSD_DATASETS``, else ``./datasets``. Folders: ``neu-det/``,
-    ``neu-synth/`` (NEU layout), ``severstal/``, ``severstal-synth/`` (Severstal layout). Names:
+    ``neu-synth/`` (NEU layout), ``severstal/``, ``severstal-synth/`` (Severstal layout), ``magnetic-tile/``
+    (``MT_<Class>/Imgs``, registered as ``mt_{train,val,test}``). Names:
     ``{neu,neu_synth,severstal,severstal_synth}_{train,val,test}``, ``severstal[_synth]_tiled_{split}``
     (256-pixel tiles) and the unions ``steel_mixed_{split}`` (neu + severstal strips) and
     ``steel_mixed_synth_{split}``. Absent folders are skipped; names already registered are kept as
@@ -218,6 +229,11 @@ def register_all(root: str | os.PathLike | None = None) -> list[str]:
             else:
                 add(f"{prefix}_{s}", register_severstal, path, split=s)
                 add(f"{prefix}_tiled_{s}", register_severstal, path, split=s, tile=DEFAULT_TILE)
+    for folder, prefix in MT_FOLDERS:
+        path = os.path.join(root, folder)
+        if os.path.isdir(path):
+            for s in SPLITS:
+                add(f"{prefix}_{s}", register_magnetic_tile, path, split=s)
     for union, prefixes in UNIONS:
         for s in SPLITS:
             parts = [f"{p}_{s}" for p in prefixes]

@@ -73,9 +73,10 @@ def _available(dataset_dicts: list[dict], num_classes: int) -> Counter:
 def annotation_sources(root: str | os.PathLike) -> list[Path]:
     """The annotation files a dataset root is loaded from (the same files tools/prepare_datasets.py digests).
 
-    Severstal: the one CSV its loader reads (``train.csv`` if present, else ``train_v2.csv``);
-    otherwise NEU: the XML files of its annotation folders.
+    Severstal: the one CSV its loader reads (``train.csv`` if present, else ``train_v2.csv``); magnetic tile:
+    the mask PNGs of its ``MT_*/Imgs`` folders; otherwise NEU: the XML files of its annotation folders.
     """
+    from .magnetic_tile import FOLDER_PREFIX, mask_files
     from .neu import annotation_dirs
     from .severstal import CSV_NAMES
 
@@ -83,6 +84,8 @@ def annotation_sources(root: str | os.PathLike) -> list[Path]:
     csv = next((root / n for n in CSV_NAMES if (root / n).is_file()), None)
     if csv is not None:
         return [csv]
+    if any(p.is_dir() and p.name.startswith(FOLDER_PREFIX) for p in root.iterdir()):
+        return mask_files(root)
     return sorted(p for d in annotation_dirs(root) for p in d.iterdir() if p.suffix.lower() == ".xml")
 
 

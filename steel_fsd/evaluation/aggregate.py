@@ -24,10 +24,13 @@ from ..utils.io import atomic_open, write_json
 
 logger = logging.getLogger("steel_fsd")
 
-KINDS = ("base_novel", "cross", "kshot", "ablation", "preprocessing")
+# full_data: a detector trained on a whole target train split (the upper bound of the K-shot rows)
+KINDS = ("base_novel", "cross", "kshot", "ablation", "preprocessing", "full_data")
 # dbAP50: bAP50 minus the base model's own bAP50 on the same test split (forgetting of the base classes)
 SPLIT_METRICS = ("bAP", "nAP", "bAP50", "nAP50", "dbAP50")
-STATS = METRICS + SPLIT_METRICS + ("adapt_s", "adapt_iters")
+# image level, where the test split has defect-free images: defect recall at 1% / 5% false alarms, ROC AUC
+IMAGE_METRICS = ("img_R@FA1", "img_R@FA5", "img_AUC")
+STATS = METRICS + SPLIT_METRICS + IMAGE_METRICS + ("adapt_s", "adapt_iters")
 PER_CLASS_STATS = ("AP", "AP50")
 REQUIRED = ("setting", "kind", "method", "shots", "seed", "classes", "metrics", "per_class")
 GROUP_FIELDS = ("kind", "source", "target", "classes", "base_classes", "novel_classes")

@@ -166,6 +166,48 @@ def pr_curves(curves: dict[str, dict], path: str, classes: list[str] | None = No
     return _save(fig, path)
 
 
+def k_curve_series(rows: list[dict], setting: str, metric: str = "AP50") -> tuple[dict, dict]:
+    """What :func:`k_curve` draws: ``({label: (K list, mean list, ci list)}, {label: mean})``. Lines: each method
+    of the cross ``setting``, then each method of its target's K-shot setting (label ``"<method>, K shots alone"``:
+    the lower bound); bounds: the target's full-data rows (label ``"full data: <row>"``: the upper bound)."""
+    sub = [r for r in rows if r["setting"] == setting and (r.get(metric) or {}).get("mean") is not None]
+    if not sub:
+        return {}, {}
+    target = sub[0]["target"]
+    lines: dict[str, list] = {}
+    for r in sub + [r for r in rows if r["kind"] == "kshot" and r["target"] == target]:
+        if (r.get(metric) or {}).get("mean") is not None:
+            label = r["method"] + ("" if r["setting"] == setting else ", K shots alone")
+            lines.setdefault(label, []).append((r["shots"], *_stat(r, metric)))
+    series = {label: tuple(list(v) for v in zip(*sorted(pts))) for label, pts in lines.items()}
+    bounds = {f"full data: {r['method']}": _stat(r, metric)[0] for r in rows
+              if r["kind"] == "full_data" and r["target"] == target and (r.get(metric) or {}).get("mean") is not None}
+    return series, bounds
+
+
+def k_curve(rows: list[dict], setting: str, path: str, metric: str = "AP50") -> str | None:
+    """``metric`` against K for one cross setting (:func:`k_curve_series`): a line with its 95% CI band per method,
+    the target's K-shot rows dashed, its full-data rows as dotted horizontal lines."""
+    series, bounds = k_curve_series(rows, setting, metric)
+    if not series:
+        logger.info("k_curve: no %s for %s", metric, setting)
+        return None
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    for i, (label, (k, mean, ci)) in enumerate(series.items()):
+        k, mean, ci = (np.asarray(v, dtype=float) for v in (k, mean, ci))
+        ax.plot(k, mean, "--" if label.endswith("K shots alone") else "-", marker="o", color=f"C{i % 10}", label=label)
+        ax.fill_between(k, mean - ci, mean + ci, color=f"C{i % 10}", alpha=0.15)
+    for j, (label, mean) in enumerate(bounds.items()):
+        ax.axhline(mean, color=f"C{(len(series) + j) % 10}", linestyle=":", label=f"{label} ({mean:.1f})")
+    ax.set_xticks(sorted({k for ks, _, _ in series.values() for k in ks}))
+    ax.set_xlabel("K (boxes per target class)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{setting}: {metric} against K, mean ± 95% CI over seeds", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
 def slug(setting: str) -> str:
     """A file-name-safe form of a setting label."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", setting.replace("->", "_to_")).strip("_")
@@ -196,11 +238,14 @@ def write_all_plots(rows: list[dict], cells: list[dict], out_dir: str) -> list[s
 
     ``<setting>_AP50.png`` / ``<setting>_AP.png`` (bars over K), ``<setting>_per_class_K<k>.png`` (largest K),
     ``<setting>_loss.png`` (distinct base metrics + each method/K's lowest-seed fine-tune metrics) and
-    ``<setting>_pr_K<k>.png`` (lowest seed of each method at the largest K).
+    ``<setting>_pr_K<k>.png`` (lowest seed of each method at the largest K); for cross settings also
+    ``<setting>_K_curve.png`` (:func:`k_curve`: AP50 against K with the target's K-shot and full-data bounds).
     """
     paths = []
     for setting in settings_of(rows):
         name = os.path.join(out_dir, slug(setting))
+        if any(r["kind"] == "cross" for r in rows if r["setting"] == setting):
+            paths.append(k_curve(rows, setting, f"{name}_K_curve.png"))
         kmax = max(r["shots"] for r in rows if r["setting"] == setting)
         paths += [bar_chart(rows, setting, m, f"{name}_{m}.png") for m in ("AP50", "AP")]
         paths.append(per_class_bars(rows, setting, kmax, f"{name}_per_class_K{kmax}.png"))

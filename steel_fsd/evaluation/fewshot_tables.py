@@ -11,6 +11,8 @@ from tabulate import tabulate
 DASH = "–"
 MAIN_COLUMNS = (("mAP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("P", "P"), ("R", "R"), ("F1", "F1"),
                 ("adapt s", "adapt_s"))
+# image-level accept/reject, shown for the settings whose test split has defect-free images
+IMAGE_COLUMNS = (("img R@1%FA", "img_R@FA1"), ("img R@5%FA", "img_R@FA5"), ("img AUC", "img_AUC"))
 BASE_NOVEL_COLUMNS = (("bAP", "bAP"), ("nAP", "nAP"), ("mAP", "AP"), ("AP50", "AP50"), ("nAP50", "nAP50"),
                       ("bAP50", "bAP50"), ("bAP50 − base", "dbAP50"), ("F1", "F1"), ("adapt s", "adapt_s"))
 ABLATION_COLUMNS = MAIN_COLUMNS[:-1]
@@ -21,6 +23,7 @@ KIND_TABLES = (
     ("kshot", "Table 4: in-domain K-shot detection", MAIN_COLUMNS, True),
     ("base_novel", "Base/novel split (bAP: base classes, nAP: novel classes)", BASE_NOVEL_COLUMNS, True),
     ("ablation", "Table 5: ablations", ABLATION_COLUMNS, False),
+    ("full_data", "Upper bound: trained on the whole target train split", ABLATION_COLUMNS, False),
 )
 NOTE = "Mean ± 95% CI (t-interval over n seeds; the mean alone for n = 1); metrics in %"
 
@@ -54,14 +57,17 @@ def settings_of(rows: list[dict], kind: str | None = None) -> list[str]:
 def kind_tables(rows: list[dict], kind: str, columns=MAIN_COLUMNS, always_k: bool = True) -> str:
     """One table per setting of ``kind``: rows (method[, K]), then n and ``columns`` (header, stat key).
 
-    The K column is left out when ``always_k`` is False and the setting has a single K.
+    The K column is left out when ``always_k`` is False and the setting has a single K; the image-level columns
+    (:data:`IMAGE_COLUMNS`) are added where any row of the setting has them.
     """
     parts = []
     for setting in settings_of(rows, kind):
         sub = [r for r in rows if r["kind"] == kind and r["setting"] == setting]
         with_k = always_k or len({r["shots"] for r in sub}) > 1
-        header = ["method"] + (["K"] if with_k else []) + ["n"] + [h for h, _ in columns]
-        body = [[r["method"]] + ([r["shots"]] if with_k else []) + [r["n"]] + [fmt(r.get(k)) for _, k in columns]
+        cols = tuple(columns) + tuple(c for c in IMAGE_COLUMNS if any((r.get(c[1]) or {}).get("mean") is not None
+                                                                     for r in sub))
+        header = ["method"] + (["K"] if with_k else []) + ["n"] + [h for h, _ in cols]
+        body = [[r["method"]] + ([r["shots"]] if with_k else []) + [r["n"]] + [fmt(r.get(k)) for _, k in cols]
                 for r in sub]
         parts.append(f"**{setting}**\n\n" + markdown_table(header, body))
     return "\n\n".join(parts)

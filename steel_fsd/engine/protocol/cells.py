@@ -11,6 +11,10 @@ from ...evaluation.report import METRICS, per_class_rows
 from ...utils.io import write_json
 
 
+# cell field, ImageLevelEvaluator key, factor to percent
+IMAGE_LEVEL_FIELDS = (("img_R@FA1", "recall@FA1%", 1.0), ("img_R@FA5", "recall@FA5%", 1.0), ("img_AUC", "roc_auc", 100.0))
+
+
 def _mean(values: list[float]) -> float | None:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return sum(vals) / len(vals) if vals else None
@@ -20,7 +24,9 @@ def cell_record(results: dict, classes: list[str], base: list[str], novel: list[
     """The metric part of a cell: mean row, per-class rows, bAP/nAP (NaN-ignoring means), all in percent.
 
     A model that predicts no box at all gets AP 0 (Detectron2 reports NaN for "no predictions"), flagged
-    ``no_predictions``.
+    ``no_predictions``. Where the test split has defect-free images, the image-level accept/reject numbers
+    (:class:`~steel_fsd.evaluation.image_level.ImageLevelEvaluator`) come too: defect recall at 1% and 5% false
+    alarms (``img_R@FA1``, ``img_R@FA5``) and ROC AUC (``img_AUC``, in percent); None where not measurable.
     """
     rows = per_class_rows(results, classes)
     bbox = results.get("bbox", {})
@@ -33,6 +39,10 @@ def cell_record(results: dict, classes: list[str], base: list[str], novel: list[
     for tag, group in (("b", base), ("n", novel)):
         for m in ("AP", "AP50"):
             rec[f"{tag}{m}"] = _mean([per_class[c][m] for c in group]) if base else None
+    il = results.get("image_level") or {}
+    for field, key, scale in IMAGE_LEVEL_FIELDS:
+        v = il.get(key)
+        rec[field] = None if v is None or math.isnan(v) else scale * float(v)
     return rec
 
 
