@@ -10,8 +10,11 @@ downloaded weights) on the same data, scored with the project's own evaluators (
 ``--in-domain`` trains on the train split and evaluates on the test split. ``--kshot-manifests DIR`` trains
 one model per ``<train>_<K>shot_seed<S>.json`` manifest on the manifest's support images only (each with
 only its manifest boxes, as the Detectron2 K-shot rows) and writes a protocol cell
-``OUT/cells/kshot_<key>/yolo/K<K>_seed<S>.json`` that tools/run_fewshot.py's report aggregates. Existing
-cells are kept (``--overwrite`` redoes them).
+``OUT/cells/kshot_<key>/yolo/K<K>_seed<S>.json`` that tools/run_fewshot.py's report aggregates. With
+``--cross-source TRAIN --cross-source-val VAL`` it is the cross-dataset peer instead: one model trained on the
+source split (once, reused; ``--source-time-minutes`` for a wall budget equal to a Detectron2 source model's),
+then fine-tuned from it on each manifest's support images (its class layers resized to the target's classes),
+cells ``OUT/cells/cross_<source key>-<key>/yolo_ft/``. Existing cells are kept (``--overwrite`` redoes them).
 
 Images are exported as PNG files from ``read_dataset_image`` (tiles become real images; see
 benchmarks/yolo_export.py). Predictions (conf >= ``--conf``, at most ``--max-det`` per image, in original
@@ -193,7 +196,43 @@ def in_domain(args) -> dict:
             "mean": _round(mean), "per_class": {c: _round(v) for c, v in per_class.items()}, "no_predictions": empty}
 
 
-def kshot(args) -> dict:
+def source_model(args) -> tuple[Path, dict]:
+    """The YOLO model trained on the cross-dataset source (``--cross-source``), trained once and reused: its
+    ``source_info.json`` records the settings, and a run with other settings trains again into another folder."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from yolo_export import write_data_yaml
+
+    budget = {"model": args.model, "imgsz": args.imgsz, "batch": args.batch, "nbs": args.nbs or args.batch,
+              "epochs": args.source_epochs, "time_minutes": args.source_time_minutes, "seed": 0}
+    tag = "_".join(f"{v}" for v in budget.values() if v is not None).replace(".", "p")
+    run_dir = Path(args.out) / "yolo" / "runs" / f"source_{args.cross_source}_{tag}"
+    info_path = run_dir / "source_info.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if Path(info["weights"]).is_file():
+            print(f"[bench_yolo] source model {info['weights']} reused ({info['train_s']:.0f} s of training)")
+            return Path(info["weights"]), info
+    names = list(MetadataCatalog.get(args.cross_source).thing_classes)
+    data_root = Path(args.out) / "yolo" / "data" / args.cross_source
+    export(DatasetCatalog.get(args.cross_source), names, data_root, "train")
+    export(DatasetCatalog.get(args.cross_source_val), names, data_root, "val")
+    data_yaml = write_data_yaml(data_root, names, "train", "val", file_name="data.yaml")
+    a = argparse.Namespace(**vars(args))
+    a.epochs, a.time_minutes = args.source_epochs or 30, args.source_time_minutes
+    weights, train_s, steps, epochs = train_yolo(a, data_yaml, run_dir, 0)
+    info = {"train": args.cross_source, "classes": names, "weights": str(weights), "train_s": round(train_s, 1),
+            "optimizer_steps": steps, "epochs": epochs, "train_images": len(DatasetCatalog.get(args.cross_source)),
+            "settings": budget}
+    info_path.write_text(json.dumps(info, indent=1))
+    return weights, info
+
+
+def manifest_cells(args, init: Path | None = None, source: dict | None = None) -> dict:
+    """One YOLO model per ``<train>_<K>shot_seed<S>.json`` manifest, trained on the manifest's support images only,
+    evaluated on ``--test``, written as protocol cells. ``init`` None: trained from ``--model`` (the YAML; the
+    K-shot lower bound, setting ``kshot_<key>``, method ``yolo``); else fine-tuned from the source model ``init``
+    (its class layers resized to the target classes; setting ``cross_<source key>-<key>``, method ``yolo_ft``)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from steel_fsd.data.support import assert_disjoint, load_manifest, manifest_support_dicts
@@ -202,7 +241,8 @@ def kshot(args) -> dict:
 
     names = list(MetadataCatalog.get(args.train).thing_classes)
     out = Path(args.out)
-    setting = f"kshot_{args.key}"
+    kind = "kshot" if init is None else "cross"
+    setting, method = (f"kshot_{args.key}", "yolo") if init is None else (f"cross_{args.source_key}-{args.key}", "yolo_ft")
     data_root = out / "yolo" / "data" / args.train
     train_dicts, test_dicts = DatasetCatalog.get(args.train), DatasetCatalog.get(args.test)
     index = export(test_dicts, names, data_root, "test")
@@ -211,7 +251,7 @@ def kshot(args) -> dict:
     for k in args.shots:
         for s in args.seeds:
             mpath = Path(args.kshot_manifests) / f"{args.train}_{k}shot_seed{s}.json"
-            path = out / "cells" / setting / "yolo" / f"K{k}_seed{s}.json"
+            path = out / "cells" / setting / method / f"K{k}_seed{s}.json"
             if path.is_file() and not args.overwrite:
                 print(f"[bench_yolo] {path} exists, kept (--overwrite to redo)")
                 cells[(k, s)] = json.loads(path.read_text())
@@ -225,15 +265,21 @@ def kshot(args) -> dict:
             split = f"K{k}_seed{s}"
             export(support, names, data_root, split)
             data_yaml = write_data_yaml(data_root, names, split, "val", file_name=f"data_{split}.yaml")
-            weights, train_s, steps, epochs = train_yolo(args, data_yaml, out / "yolo" / "runs" / f"{setting}_{split}", s)
+            a = argparse.Namespace(**vars(args))
+            if init is not None:
+                a.model = str(init)
+            weights, train_s, steps, epochs = train_yolo(a, data_yaml, out / "yolo" / "runs" / f"{setting}_{split}", s)
             work = path.with_suffix("")
             results, predict_s = predict_and_evaluate(args, weights, args.test, index, work)
-            cell = Cell.from_results(path, results, args.test, setting=setting, kind="kshot", source=args.key,
-                                     target=args.key, method="yolo", shots=k, seed=s, classes=names, base=[],
-                                     novel=names, adapt_s=train_s, adapt_iters=steps, manifest=mpath,
-                                     extra={"support_images": len(support), "epochs": epochs, "model": args.model,
-                                            "imgsz": args.imgsz, "predict_s": round(predict_s, 2)}).write(path)
-            print(f"[bench_yolo] {setting} yolo K={k} seed={s}: AP {cell['metrics']['AP']:.1f} AP50 "
+            extra = {"support_images": len(support), "epochs": epochs, "model": args.model, "imgsz": args.imgsz,
+                     "predict_s": round(predict_s, 2)}
+            if source is not None:
+                extra["source_model"] = {k_: source[k_] for k_ in ("train", "train_s", "epochs", "optimizer_steps")}
+            cell = Cell.from_results(path, results, args.test, setting=setting, kind=kind,
+                                     source=args.key if init is None else args.source_key, target=args.key,
+                                     method=method, shots=k, seed=s, classes=names, base=[], novel=names,
+                                     adapt_s=train_s, adapt_iters=steps, manifest=mpath, extra=extra).write(path)
+            print(f"[bench_yolo] {setting} {method} K={k} seed={s}: AP {cell['metrics']['AP']:.1f} AP50 "
                   f"{cell['metrics']['AP50']:.1f} F1 {cell['metrics']['F1']:.1f} ({train_s:.1f} s training, "
                   f"{steps} steps, {len(support)} images) -> {path}")
             cells[(k, s)] = cell
@@ -248,7 +294,7 @@ def kshot(args) -> dict:
             "adapt_s": round(row["adapt_s"]["mean"], 1), "adapt_iters": round(row["adapt_iters"]["mean"], 1),
             "per_seed": {str(c["seed"]): _round(c["metrics"]) for c in got}}
     return {"setting": setting, "train": args.train, "test": args.test, "manifests": str(args.kshot_manifests),
-            "cells": str(out / "cells" / setting / "yolo"), "shots": rows}
+            "cells": str(out / "cells" / setting / method), "shots": rows}
 
 
 def markdown(result: dict) -> str:
@@ -259,9 +305,9 @@ def markdown(result: dict) -> str:
         r = result["in_domain"]
         rows.append([f"YOLO in-domain ({r['train']} -> {r['test']}, {r['epochs']} ep)"]
                     + [r["mean"][m] for m in METRICS] + [round(r["train_s"]), r["optimizer_steps"]])
-    if "kshot" in result:
-        for k, r in result["kshot"]["shots"].items():
-            rows.append([f"YOLO K={k} (seeds {r['seeds']}, {'/'.join(map(str, r.get('epochs', [])))} ep)"]
+    for mode, label in (("kshot", "YOLO K={k}"), ("cross", "YOLO source fine-tuned, K={k}")):
+        for k, r in result.get(mode, {}).get("shots", {}).items():
+            rows.append([f"{label.format(k=k)} (seeds {r['seeds']}, {'/'.join(map(str, r.get('epochs', [])))} ep)"]
                         + [r["mean"][m] for m in METRICS] + [round(r["adapt_s"]), f"{r['adapt_iters']:g}"])
     return tabulate(rows, headers=["row", *METRICS, "train s", "steps"], floatfmt=".1f", missingval="n/a",
                     tablefmt="github")
@@ -271,6 +317,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--in-domain", action="store_true", help="train on --train, evaluate on --test")
     ap.add_argument("--kshot-manifests", metavar="DIR", help="folder of <train>_<K>shot_seed<S>.json manifests")
+    ap.add_argument("--cross-source", metavar="TRAIN", help="with --kshot-manifests: train a model on this source "
+                    "split first (once, reused), then fine-tune it on each manifest's support images (cells "
+                    "cross_<--source-key>-<--key>/yolo_ft) instead of training from the YAML (kshot_<--key>/yolo)")
+    ap.add_argument("--cross-source-val", metavar="VAL", help="the source's validation split (Ultralytics' final "
+                    "validation; no selection)")
+    ap.add_argument("--source-key", default="neu", help="dataset key of the source in the cells")
+    ap.add_argument("--source-epochs", type=int, default=None, help="source training epochs (default 30)")
+    ap.add_argument("--source-time-minutes", type=float, default=None,
+                    help="source training for this wall time instead of --source-epochs (equal to a Detectron2 "
+                         "source model's training time)")
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--seed", type=int, default=0, help="training seed of --in-domain")
@@ -320,7 +376,7 @@ def main() -> int:
         register_all(args.data)
 
     previous = RESULTS / f"{args.save_as}.json"
-    result = {k: v for k, v in json.loads(previous.read_text()).items() if k in ("in_domain", "kshot")} \
+    result = {k: v for k, v in json.loads(previous.read_text()).items() if k in ("in_domain", "kshot", "cross")} \
         if previous.is_file() else {}
     settings = {"model": args.model, "imgsz": args.imgsz, "batch": args.batch, "nbs": args.nbs or args.batch,
                 "conf": args.conf, "max_det": args.max_det, "threads": args.threads, "pretrained": False,
@@ -329,10 +385,18 @@ def main() -> int:
         a = argparse.Namespace(**vars(args))
         a.epochs = args.epochs or 30
         result["in_domain"] = dict(in_domain(a), settings=dict(settings, epochs=a.epochs, time_minutes=a.time_minutes))
-    if args.kshot_manifests:
+    if args.kshot_manifests and not args.cross_source:
         a = argparse.Namespace(**vars(args))
         a.epochs = args.epochs or 40
-        result["kshot"] = dict(kshot(a), settings=dict(settings, epochs=a.epochs))
+        result["kshot"] = dict(manifest_cells(a), settings=dict(settings, epochs=a.epochs))
+    if args.kshot_manifests and args.cross_source:
+        if not args.cross_source_val:
+            ap.error("--cross-source needs --cross-source-val")
+        weights, info = source_model(args)
+        a = argparse.Namespace(**vars(args))
+        a.epochs = args.epochs or 40
+        result["cross"] = dict(manifest_cells(a, weights, info), source_model=info,
+                               settings=dict(settings, epochs=a.epochs))
     table = markdown(result)
     print("\n" + table + "\n")
     save(args.save_as, {"ultralytics": ultralytics.__version__, "install": INSTALL, "network_attempts": NETWORK_ATTEMPTS,

@@ -15,6 +15,7 @@ from steel_fsd.data.support import kshot_manifest, load_manifest
 from steel_fsd.data.subsets import register_class_subset, register_manifest, restrict_classes
 from steel_fsd.synthetic import make_neu_synthetic, make_severstal_synthetic
 from steel_fsd.engine.protocol import Protocol, cell_record
+from steel_fsd.utils.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,12 +127,17 @@ def run(data, tmp_path_factory):
                                                    "opts": ["INPUT.HARMONIZE.CLAHE", False, "INPUT.AUG.ENABLED", False]}}}}
     path = out / "protocol.yaml"
     path.write_text(yaml.safe_dump(spec))
-    runs = [["--config", str(path), "--settings", "base_novel", "cross"],
+    runs = [["--config", str(path), "--settings", "base_novel", "cross", "--no-variants"],
             ["--config", str(path), "--settings", "kshot", "--methods", "prototype", "finetune", "--seeds", "1",
-             "--no-variants"]]
+             "--no-variants"],
+            ["--config", str(path), "--variants-only"]]
     torch.manual_seed(0)
-    for args in runs:
+    for i, args in enumerate(runs):
+        before = set(out.rglob("K*_seed*.json"))
         assert run_fewshot.main(args) == 0
+        added = set(out.rglob("K*_seed*.json")) - before
+        # --no-variants runs no VARIANTS row; --variants-only runs them and no cell
+        assert {p.parent.parent.name == "preprocessing_neu" for p in added} == {i == 2}
     stamps = {p: p.stat().st_mtime_ns for p in list(out.rglob("K*_seed*.json")) + list(out.rglob("model_final.pth"))}
     return out, runs, stamps
 
@@ -375,6 +381,14 @@ def test_pretrained_backbone_per_model(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         proto.train("m", "t_pre_proto", "t_pre_proto", proto.base_opts, "label")
     assert seen["weights"] == str(weights)
+
+
+def test_variants_flags_exclude_each_other(tmp_path):
+    import run_fewshot
+
+    with pytest.raises(UserError, match="--no-variants and --variants-only exclude each other"):
+        run_fewshot.main(["--config", str(REPO / "configs/protocols/synth_cpu.yaml"), "--no-variants",
+                          "--variants-only", "--datasets-root", str(tmp_path)])
 
 
 def test_seeds_argument_ranges():

@@ -3,7 +3,8 @@
 
     python tools/run_fewshot.py --config configs/protocols/synth_cpu.yaml [--shots 1 5 10] [--seeds 0..4] \
         [--cross neu->severstal] [--settings base_novel cross kshot] [--only NAME ...] [--list] \
-        [--methods prototype finetune] [--no-variants] [--out DIR] [--datasets-root DIR] [--report-only]
+        [--methods prototype finetune] [--no-variants | --variants-only] [--out DIR] [--datasets-root DIR] \
+        [--report-only]
 
 Resumable: finished cells (``OUT/cells/**.json``) and trained models are reused; an interrupted training
 resumes from its last checkpoint. Writes ``OUT/results.json``, ``OUT/results.csv``, ``OUT/report.md``
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", help="only these settings, by the names --list prints")
     ap.add_argument("--list", action="store_true", help="print the settings and the number of cells, run nothing")
     ap.add_argument("--methods", nargs="+", help="only these methods (default: all of the file's)")
-    ap.add_argument("--no-variants", action="store_true", help="skip the VARIANTS rows (ablations, preprocessing)")
+    ap.add_argument("--no-variants", action="store_true", help="skip the VARIANTS rows (ablations, preprocessing, "
+                    "full-data bounds)")
+    ap.add_argument("--variants-only", action="store_true", help="run only the VARIANTS rows (e.g. the full-data "
+                    "upper bounds), no cell")
     ap.add_argument("--out", help="output folder (default: the file's OUTPUT_DIR)")
     ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from finished cells")
@@ -63,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(protocol.cells(settings))} cells: methods {list(protocol.methods)}, K {protocol.shots}, "
               f"seeds {protocol.seeds}; variant rows: {sum(len(r) for r in protocol.variants.values())}")
         return 0
-    report = protocol.report() if args.report_only else protocol.run(settings, variants=not args.no_variants)
+    if args.no_variants and args.variants_only:
+        raise UserError("--no-variants and --variants-only exclude each other", "", "give one of them")
+    report = protocol.report() if args.report_only else \
+        protocol.run(settings, variants=not args.no_variants, cells=not args.variants_only)
     print(report["markdown"])
     print(json.dumps({"results": str(protocol.out / "results.json"), "plots": report["plots"]}, indent=1))
     return 0

@@ -199,11 +199,11 @@ class Protocol(ProtocolSpec):
                                  adapt_iters=0, base_metrics=str(Path(cfg.OUTPUT_DIR) / "metrics.json")).write(path)
 
     # ----- everything -----------------------------------------------------------------------------
-    def run(self, settings: list[Setting] | None = None, variants: bool = True) -> dict:
-        """Run (or resume) every cell of ``settings`` (default: all) and, with ``variants``, the VARIANTS rows,
-        logging progress and ETA; then write results.json/csv, report.md and the plots. Returns
+    def run(self, settings: list[Setting] | None = None, variants: bool = True, cells: bool = True) -> dict:
+        """Run (or resume) every cell of ``settings`` (default: all; none without ``cells``) and, with ``variants``,
+        the VARIANTS rows, logging progress and ETA; then write results.json/csv, report.md and the plots. Returns
         :func:`~steel_fsd.evaluation.fewshot_report.write_report`'s summary (``markdown``, ``plots``)."""
-        todo = self.cells(settings)
+        todo = self.cells(settings) if cells else []
         extra = [(kind, row, spec) for kind, rows in self.variants.items() for row, spec in rows.items()] if variants else []
         total, start = len(todo) + len(extra), time.perf_counter()
         logger.info("[protocol] %d cells + %d variant rows -> %s", len(todo), len(extra), self.out)
