@@ -42,7 +42,7 @@ def neu_real_root() -> Path:
 
 @pytest.fixture(scope="session")
 def severstal_real_root() -> Path:
-    """The real Severstal 20-image sample (train.csv, train_v2.csv, train_images/)."""
+    """The real Severstal sample (50 strips) (train.csv, train_v2.csv, train_images/)."""
     return _real("severstal")
 
 

@@ -82,9 +82,11 @@ def test_splits_share_one_load_and_partition_the_data(datasets_root, monkeypatch
 
     keys = [d["image_key"] for s in SPLITS for d in neu[s]]
     assert len(keys) == len(set(keys)) == 1440
-    assert sum(len(v) for v in sev.values()) == 20
+    lines = (datasets_root / "severstal" / "train.csv").read_text().splitlines()[1:]
+    strips = len({line.split(",")[0].rpartition("_")[0] for line in lines if line.strip()})  # 4 rows per image
+    assert sum(len(v) for v in sev.values()) == strips
     assert all("_rles" not in d for v in sev.values() for d in v)
-    assert sum(len(v) for v in tiled.values()) == 7 * 20
+    assert sum(len(v) for v in tiled.values()) == 7 * strips
     for s in SPLITS:  # whole strips are split, then tiled
         assert {t["image_id"] // 1000 for t in tiled[s]} == {d["image_id"] for d in sev[s]}
 
@@ -135,7 +137,8 @@ def test_direct_registration(neu_real_root, severstal_real_root, tmp_path):
     assert len(DatasetCatalog.get("neu_all_two")) == 1440
     assert MetadataCatalog.get("neu_all_two").split == "all"
     register_severstal("sev_tiles", severstal_real_root, split=None, tile=256)
-    assert len(DatasetCatalog.get("sev_tiles")) == 140
+    strips = len(list((severstal_real_root / "train_images").iterdir()))
+    assert len(DatasetCatalog.get("sev_tiles")) == 7 * strips  # a 1600-px strip: 7 tiles of 256 with 32 overlap
     with pytest.raises(ValueError, match="split"):
         register_neu("bad_split", neu_real_root, split="training")
     with pytest.raises(FileNotFoundError):

@@ -32,7 +32,6 @@ VERIFY_ENV = "STEEL_FSD_VERIFY_IMAGES"
 NEU_FOLDERS = (("neu-det", "neu"), ("neu-synth", "neu_synth"))
 SEVERSTAL_FOLDERS = (("severstal", "severstal"), ("severstal-synth", "severstal_synth"))
 MT_FOLDERS = (("magnetic-tile", "mt"),)
-LOADERS = {"neu": load_neu_voc, "severstal": load_severstal, "mt": load_magnetic_tile}
 UNIONS = (("steel_mixed", ("neu", "severstal")), ("steel_mixed_synth", ("neu_synth", "severstal_synth")))
 
 logger = logging.getLogger("steel_fsd")
@@ -47,7 +46,8 @@ def _load(kind: str, root: str, class_names: tuple[str, ...], strict: bool) -> t
     any training starts.
     """
     skips = SkipLog(strict=strict)
-    dicts = LOADERS[kind](root, class_names, skips=skips)
+    loader = {"neu": load_neu_voc, "severstal": load_severstal, "mt": load_magnetic_tile}[kind]
+    dicts = loader(root, class_names, skips=skips)
     if os.environ.get(VERIFY_ENV, "1") != "0":
         start = time.perf_counter()
         dicts = verify_images(dicts, skips, root)
