@@ -168,6 +168,14 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
             assert ref["base_classes"] == c["base_classes"] and c["base_model_bAP50"] == ref["bAP50"]
             if c["bAP50"] is not None and ref["bAP50"] is not None:
                 assert c["dbAP50"] == pytest.approx(c["bAP50"] - ref["bAP50"])
+        # image level: the Severstal tiles' test split has defect-free tiles, the NEU one has none
+        il = json.loads((out / "cells" / name).with_suffix("").joinpath(
+            "inference", c.get("test", f"t_pr_{c['target']}_test"), "image_level.json").read_text()) \
+            if c["kind"] in ("cross", "kshot") else None
+        if il is not None:
+            assert c["img_R@FA1"] == pytest.approx(il["recall@FA1%"]) and c["img_AUC"] == pytest.approx(100 * il["roc_auc"])
+        else:
+            assert c["img_AUC"] is None
         swap = c["method"] in ("prototype", "prototype_pcb", "tlsdd_support", "prototype_novel")
         assert (c["adapt_iters"] == 0) == (swap and c["kind"] != "kshot" or c["kind"] == "preprocessing")
     # the runner's aggregate equals a hand computation from the per-cell json
