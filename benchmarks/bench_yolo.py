@@ -213,6 +213,10 @@ def source_model(args) -> tuple[Path, dict]:
         if Path(info["weights"]).is_file():
             print(f"[bench_yolo] source model {info['weights']} reused ({info['train_s']:.0f} s of training)")
             return Path(info["weights"]), info
+    from steel_fsd.data.catalog import require_registered
+
+    for name, flag in ((args.cross_source, "--cross-source"), (args.cross_source_val, "--cross-source-val")):
+        require_registered(name, flag, nonempty=True)
     names = list(MetadataCatalog.get(args.cross_source).thing_classes)
     data_root = Path(args.out) / "yolo" / "data" / args.cross_source
     export(DatasetCatalog.get(args.cross_source), names, data_root, "train")
@@ -313,7 +317,7 @@ def markdown(result: dict) -> str:
                     tablefmt="github")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--in-domain", action="store_true", help="train on --train, evaluate on --test")
     ap.add_argument("--kshot-manifests", metavar="DIR", help="folder of <train>_<K>shot_seed<S>.json manifests")
@@ -354,9 +358,11 @@ def main() -> int:
     ap.add_argument("--overwrite", action="store_true", help="redo existing K-shot cells")
     ap.add_argument("--allow-network", action="store_true", help="do not block sockets (they are not needed)")
     ap.add_argument("--verbose", action="store_true", help="Ultralytics' own training and validation output")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not (args.in_domain or args.kshot_manifests):
         ap.error("pick --in-domain and/or --kshot-manifests DIR")
+    if args.cross_source and not (args.kshot_manifests and args.cross_source_val):
+        ap.error("--cross-source needs --kshot-manifests DIR and --cross-source-val VAL")
 
     if importlib.util.find_spec("ultralytics") is None:
         print(f"[bench_yolo] skipped: ultralytics is not installed (an optional benchmark dependency). "
@@ -385,18 +391,15 @@ def main() -> int:
         a = argparse.Namespace(**vars(args))
         a.epochs = args.epochs or 30
         result["in_domain"] = dict(in_domain(a), settings=dict(settings, epochs=a.epochs, time_minutes=a.time_minutes))
-    if args.kshot_manifests and not args.cross_source:
+    if args.kshot_manifests:
         a = argparse.Namespace(**vars(args))
         a.epochs = args.epochs or 40
-        result["kshot"] = dict(manifest_cells(a), settings=dict(settings, epochs=a.epochs))
-    if args.kshot_manifests and args.cross_source:
-        if not args.cross_source_val:
-            ap.error("--cross-source needs --cross-source-val")
-        weights, info = source_model(args)
-        a = argparse.Namespace(**vars(args))
-        a.epochs = args.epochs or 40
-        result["cross"] = dict(manifest_cells(a, weights, info), source_model=info,
-                               settings=dict(settings, epochs=a.epochs))
+        if args.cross_source:
+            weights, info = source_model(args)
+            result["cross"] = dict(manifest_cells(a, weights, info), source_model=info,
+                                   settings=dict(settings, epochs=a.epochs))
+        else:
+            result["kshot"] = dict(manifest_cells(a), settings=dict(settings, epochs=a.epochs))
     table = markdown(result)
     print("\n" + table + "\n")
     save(args.save_as, {"ultralytics": ultralytics.__version__, "install": INSTALL, "network_attempts": NETWORK_ATTEMPTS,
@@ -405,4 +408,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from steel_fsd.utils.cli import run_main  # a user error (e.g. an unregistered split) is one line, exit 2
+
+    sys.exit(run_main(main))

@@ -15,7 +15,8 @@ contours, as the Severstal loader writes them). Rules that drop something, each 
   as ``small component`` (the published set has 18 of 1-9 pixels; its smallest real blowhole has 26);
 * a defect image whose thresholded mask is empty cannot be located: left out, counted as ``empty mask`` (it is
   neither a located defect nor a defect-free negative);
-* a defect pixel in an ``MT_Free`` mask, a missing mask, a mask that is not 2-D or not the image's size, and
+* a defect pixel in an ``MT_Free`` mask, a missing mask, a mask that is not 8-bit single-channel or not the
+  image's size, and
   an ``MT_*`` folder that is not a known class are problems (strict: an error naming the file).
 
 Only the masks are decoded here; the images are checked by the catalog's full decode (size against the mask).
@@ -31,7 +32,7 @@ from detectron2.structures import BoxMode
 from PIL import Image
 
 from .errors import DatasetError, SkipLog
-from .rle import mask_components
+from .severstal import components
 
 MT_CLASSES = ("blowhole", "break", "crack", "fray", "uneven")
 FREE = "free"  # MT_Free: defect-free images
@@ -77,11 +78,10 @@ def read_mask(path: str | os.PathLike, threshold: int = MASK_THRESHOLD) -> np.nd
 def mask_annotations(mask: np.ndarray, category_id: int, min_area: int = MIN_AREA) -> tuple[list[dict], int]:
     """One annotation per 8-connected component of ``mask`` with at least ``min_area`` pixels (box, polygons,
     ``area`` in pixels); and how many components were smaller."""
-    comps = mask_components(mask)
-    kept = [c for c in comps if c.area >= min_area]
+    kept, dropped = components(mask, min_area)
     anns = [{"bbox": c.bbox, "bbox_mode": BoxMode.XYXY_ABS, "category_id": category_id, "iscrowd": 0,
              "segmentation": c.polygons, "area": float(c.area)} for c in kept]
-    return anns, len(comps) - len(kept)
+    return anns, dropped
 
 
 def load_magnetic_tile(root: str | os.PathLike, class_names: Sequence[str] = MT_CLASSES,
@@ -114,9 +114,6 @@ def load_magnetic_tile(root: str | os.PathLike, class_names: Sequence[str] = MT_
             mask = read_mask(mask_path, threshold)
         except DatasetError as e:
             skips.problem("missing mask" if not mask_path.exists() else "bad mask", e.path, e.cause)
-            continue
-        if mask.ndim != 2:
-            skips.problem("bad mask", str(mask_path), f"expected a 2-D mask, got shape {mask.shape}")
             continue
         if category_id is None:
             if mask.any():

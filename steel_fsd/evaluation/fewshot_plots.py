@@ -170,18 +170,18 @@ def k_curve_series(rows: list[dict], setting: str, metric: str = "AP50") -> tupl
     """What :func:`k_curve` draws: ``({label: (K list, mean list, ci list)}, {label: mean})``. Lines: each method
     of the cross ``setting``, then each method of its target's K-shot setting (label ``"<method>, K shots alone"``:
     the lower bound); bounds: the target's full-data rows (label ``"full data: <row>"``: the upper bound)."""
-    sub = [r for r in rows if r["setting"] == setting and (r.get(metric) or {}).get("mean") is not None]
+    measured = [r for r in rows if (r.get(metric) or {}).get("mean") is not None]
+    sub = [r for r in measured if r["setting"] == setting]
     if not sub:
         return {}, {}
     target = sub[0]["target"]
     lines: dict[str, list] = {}
-    for r in sub + [r for r in rows if r["kind"] == "kshot" and r["target"] == target]:
-        if (r.get(metric) or {}).get("mean") is not None:
-            label = r["method"] + ("" if r["setting"] == setting else ", K shots alone")
-            lines.setdefault(label, []).append((r["shots"], *_stat(r, metric)))
+    for r in sub + [r for r in measured if r["kind"] == "kshot" and r["target"] == target]:
+        label = r["method"] + ("" if r["setting"] == setting else ", K shots alone")
+        lines.setdefault(label, []).append((r["shots"], *_stat(r, metric)))
     series = {label: tuple(list(v) for v in zip(*sorted(pts))) for label, pts in lines.items()}
-    bounds = {f"full data: {r['method']}": _stat(r, metric)[0] for r in rows
-              if r["kind"] == "full_data" and r["target"] == target and (r.get(metric) or {}).get("mean") is not None}
+    bounds = {f"full data: {r['method']}": _stat(r, metric)[0] for r in measured
+              if r["kind"] == "full_data" and r["target"] == target}
     return series, bounds
 
 
