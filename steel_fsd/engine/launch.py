@@ -9,8 +9,10 @@ Detectron2 v0.6's launcher hard-codes NCCL and asserts CUDA; main's picks gloo w
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -42,8 +44,23 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     if dist_url == "auto":
         assert num_machines == 1, "dist_url=auto not supported in multi-machine jobs."
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    mp.spawn(_cpu_worker, nprocs=num_gpus_per_machine, daemon=False,
+    mp.spawn(_spawned_cpu_worker, nprocs=num_gpus_per_machine, daemon=False,
              args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout))
+
+
+def _spawned_cpu_worker(*args) -> None:
+    """:func:`_cpu_worker` in a spawned process that, once it succeeded, exits without interpreter teardown.
+
+    Even with the process group destroyed, gloo's threads (and objects such as a DDP reducer that a reference
+    cycle keeps until the final garbage collection) can be torn down by static destructors at exit, which
+    then abort ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489), and
+    ``mp.spawn`` reports a run that succeeded as crashed. A failure still raises, so ``mp.spawn`` reports it.
+    """
+    _cpu_worker(*args)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_rank, dist_url, args, timeout):
@@ -61,10 +78,8 @@ def _cpu_worker(local_rank, main_func, world_size, procs_per_machine, machine_ra
         main_func(*args)
         comm.synchronize()  # no rank tears down while another still talks to it
     finally:
-        # Without this, gloo's worker threads can outlive the interpreter and the process aborts at exit
-        # ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489): a run that
-        # succeeded would be reported as crashed by mp.spawn.
-        dist.destroy_process_group()
+        gc.collect()  # DDP models in reference cycles release their process-group handles now
+        dist.destroy_process_group()  # gloo's threads must not outlive the interpreter (see above)
 
 
 def _create_local_process_group(procs_per_machine: int) -> None:
