@@ -50,14 +50,15 @@ def add_steel_fsd_config(cfg: CN) -> CN:
 
 
 def add_prototype_config(cfg: CN) -> CN:
-    """Keys of the prototype ROI head (MODEL.PROTOTYPE.*)."""
+    """Keys of the prototype ROI head (MODEL.PROTOTYPE.*). The defaults are the shipped head (factorized
+    logits, BN-centred embedding, triplet weight 0.1); ``configs/paper/`` sets the paper's form explicitly."""
     cfg.MODEL.PROTOTYPE = CN()
     cfg.MODEL.PROTOTYPE.EMBED_DIM = 256
     cfg.MODEL.PROTOTYPE.TAU_INIT = 10.0          # initial tau; learned as exp(log_tau)
     cfg.MODEL.PROTOTYPE.TAU_RANGE = [1.0, 64.0]  # tau is kept in this range (projected after each step)
     cfg.MODEL.PROTOTYPE.MOMENTUM = 0.9           # EMA momentum of the prototype memory bank
     cfg.MODEL.PROTOTYPE.TRIPLET_MARGIN = 0.3     # alpha
-    cfg.MODEL.PROTOTYPE.TRIPLET_WEIGHT = 1.0     # lambda; 0 disables the triplet loss (ablation B)
+    cfg.MODEL.PROTOTYPE.TRIPLET_WEIGHT = 0.1     # lambda (paper: 1.0, unstable even with BN); 0 disables it
     cfg.MODEL.PROTOTYPE.TRIPLET_WARMUP_ITERS = 0 # the triplet weight ramps linearly from 0 over these iterations
     cfg.MODEL.PROTOTYPE.BACKGROUND = "logit"     # "logit" (learned, from the box feature) or "prototype"
     # Training prototypes: "ema" (the paper's: EMA memory bank of class means) or "learned" (parameters
@@ -65,12 +66,12 @@ def add_prototype_config(cfg: CN) -> CN:
     cfg.MODEL.PROTOTYPE.SOURCE = "ema"
     # Classes absent from a batch: "bank" (their stale bank rows stay in the softmax) or "mask" (left out).
     cfg.MODEL.PROTOTYPE.ABSENT_CLASSES = "bank"
-    # Logits: "distance" (the paper's -tau*||z-mu_c||^2 in one softmax with the background logit) or "factorized"
-    # (p(c) = p(fg) * softmax_c(tau*cos(z, mu_c)), p(fg) from the background logit; see prototype_heads.py).
-    cfg.MODEL.PROTOTYPE.LOGIT = "distance"
-    # Embedding normalization before the L2 norm: "" (the paper's) or "BN" (BatchNorm without affine; keeps the
-    # batch-hard triplet loss from collapsing all embeddings to one point, see prototype_heads.py).
-    cfg.MODEL.PROTOTYPE.EMBED_NORM = ""
+    # Logits: "factorized" (p(c) = p(fg) * softmax_c(tau*cos(z, mu_c)), p(fg) from the background logit) or
+    # "distance" (the paper's -tau*||z-mu_c||^2 in one softmax with the background logit; see prototype_heads.py).
+    cfg.MODEL.PROTOTYPE.LOGIT = "factorized"
+    # Embedding normalization before the L2 norm: "BN" (BatchNorm without affine; keeps the batch-hard triplet
+    # loss from collapsing all embeddings to one point, see prototype_heads.py) or "" (the paper's).
+    cfg.MODEL.PROTOTYPE.EMBED_NORM = "BN"
     # TL-SDD's class-specific feature reweighting: hidden width of the MLP that maps a prototype to channel
     # weights of the embedding (0: off; see prototype_heads.py).
     cfg.MODEL.PROTOTYPE.REWEIGHT_HIDDEN = 0

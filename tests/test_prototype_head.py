@@ -100,25 +100,68 @@ def test_factorized_logits_without_available_class_are_all_background():
     assert torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2, 2])).isfinite()
 
 
-def test_keys_default_to_the_paper_form_and_prototype_configs_use_the_fixed_head():
+def test_keys_default_to_the_shipped_head_and_the_paper_form_warns_once(monkeypatch):
+    """The package defaults are the measured head (a head composed from a baseline config plus
+    ``ROI_HEADS.NAME PrototypeROIHeads`` gets it); every prototype config inherits it, the paper's configs set
+    their form explicitly, and selecting the paper's distance logits without BN logs one warning."""
     import glob
+    import logging
+
+    from detectron2.layers import ShapeSpec
+
+    from steel_fsd.modeling import prototype_heads
+
     default = build_config(CFG).MODEL.PROTOTYPE
-    assert (default.LOGIT, default.EMBED_NORM) == ("distance", "")
+    assert (default.LOGIT, default.EMBED_NORM, default.TRIPLET_WEIGHT) == ("factorized", "BN", 0.1)
     files = sorted(glob.glob("configs/prototype/*.yaml") + glob.glob("configs/demo/proto_*.yaml")
                    + [f for f in glob.glob("configs/ablations/*.yaml") if "softmax" not in f])
     assert len(files) >= 8
     for f in files:
         p = build_config(f).MODEL.PROTOTYPE
         assert (p.LOGIT, p.EMBED_NORM, p.TRIPLET_WEIGHT) == ("factorized", "BN", 0.0 if "no_triplet" in f else 0.1), f
-    from detectron2.layers import ShapeSpec
+    paper = build_config("configs/paper/proto_R18_FPN_GN_neu_cpu.yaml").MODEL.PROTOTYPE
+    assert (paper.LOGIT, paper.EMBED_NORM, paper.TRIPLET_WEIGHT) == ("distance", "", 1.0)
     with pytest.raises(ValueError, match="LOGIT"):
         PrototypeOutputLayers(build_config(CFG, ["MODEL.PROTOTYPE.LOGIT", "cosine"]), ShapeSpec(channels=16))
+
+    import collections
+
+    import detectron2.utils.logger as d2_logger
+    monkeypatch.setattr(d2_logger, "_LOG_COUNTER", collections.Counter())  # forget earlier tests' warnings
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(prototype_heads.__name__)
+    logger.addHandler(handler)
+    try:
+        _head()  # the shipped form: no warning
+        _head("MODEL.PROTOTYPE.LOGIT", "distance", "MODEL.PROTOTYPE.EMBED_NORM", "BN")  # centred: no warning
+        assert not [r for r in records if "paper's head" in r.getMessage()]
+        for _ in range(3):
+            _head("MODEL.PROTOTYPE.LOGIT", "distance", "MODEL.PROTOTYPE.EMBED_NORM", "")
+        warned = [r for r in records if "paper's head" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelno == logging.WARNING  # once per process
+    finally:
+        logger.removeHandler(handler)
+
+
+PAPER_OPTS = ["MODEL.PROTOTYPE.LOGIT", "distance", "MODEL.PROTOTYPE.EMBED_NORM", "", "MODEL.PROTOTYPE.TRIPLET_WEIGHT",
+              "1.0"]
 
 
 @pytest.fixture(scope="module")
 def model():
+    """The head as a user composes it: a baseline config plus ROI_HEADS.NAME, package defaults."""
     cfg = build_config(CFG, ["MODEL.ROI_HEADS.NAME", "PrototypeROIHeads", "MODEL.DEVICE", "cpu",
                              "MODEL.PROTOTYPE.EMBED_DIM", "32"])
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def paper_model():
+    cfg = build_config(CFG, ["MODEL.ROI_HEADS.NAME", "PrototypeROIHeads", "MODEL.DEVICE", "cpu",
+                             "MODEL.PROTOTYPE.EMBED_DIM", "32", *PAPER_OPTS])
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -225,12 +268,12 @@ def test_head_logits_by_hand_for_both_background_kinds(background, logit):
     assert deltas.shape == (5, 4)
 
 
-def test_paper_form_loss_and_parameters_unchanged(model):
+def test_paper_form_loss_and_parameters_unchanged(paper_model):
     """LOGIT distance is the original head: same parameters, and loss_cls equals the original computation
     (-tau * squared distance in one softmax with the background logit, never-seen classes at -inf), exactly."""
-    pred = model.roi_heads.box_predictor
-    assert pred.logit == "distance"
-    assert sorted(k for k in model.state_dict() if k.startswith("roi_heads.box_predictor.")) == [
+    pred = paper_model.roi_heads.box_predictor
+    assert pred.logit == "distance" and pred.embed_norm is None
+    assert sorted(k for k in paper_model.state_dict() if k.startswith("roi_heads.box_predictor.")) == [
         f"roi_heads.box_predictor.{k}" for k in
         ("bank", "bank_filled", "bbox_pred.bias", "bbox_pred.weight", "bg_score.bias", "bg_score.weight",
          "embed.bias", "embed.weight", "log_tau")]
@@ -287,7 +330,8 @@ def test_embed_norm_bn_centres_embeddings_without_affine_and_is_saved():
     head = _head("MODEL.PROTOTYPE.EMBED_NORM", "BN", channels=32, embed_dim=16)
     assert isinstance(head.embed_norm, torch.nn.BatchNorm1d) and not head.embed_norm.affine
     assert {"embed_norm.running_mean", "embed_norm.running_var"} <= set(head.state_dict())
-    assert _head().embed_norm is None and "embed_norm.running_mean" not in _head().state_dict()
+    paper = _head("MODEL.PROTOTYPE.EMBED_NORM", "")
+    assert paper.embed_norm is None and "embed_norm.running_mean" not in paper.state_dict()
     x = torch.relu(torch.randn(64, 32) + 3.0)  # ReLU features with a large common part, as from a box head
     head.train()
     v = head.embed(x)
