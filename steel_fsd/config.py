@@ -29,6 +29,11 @@ def add_steel_fsd_config(cfg: CN) -> CN:
     _C.INPUT.AUG.VFLIP = True
     _C.INPUT.AUG.CROP = True
     _C.INPUT.AUG.CROP_RANGE = [0.8, 1.0]       # relative crop side, per axis
+    # Mixed precision (Detectron2's SOLVER.AMP.ENABLED switches it on for training): the autocast dtype,
+    # "bfloat16" (CPUs, GPUs from Ampere on; falls back to float16 where unsupported) or "float16" (loss-scaled).
+    _C.SOLVER.AMP.PRECISION = "bfloat16"
+    _C.TEST.AMP = CN()
+    _C.TEST.AMP.ENABLED = False                # evaluation (Trainer.test) under autocast with SOLVER.AMP.PRECISION
     # Evaluation.
     _C.TEST.PRF_SCORE_THRESH = 0.5             # detections >= this score count for precision/recall/F1
     _C.MODEL.ROI_BOX_HEAD.COSINE_SCALE = 20.0    # CosineROIHeads (TFA's cosine classifier): scale of the cosines

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, HookBase, hooks
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -22,6 +23,7 @@ from ..evaluation.image_level import ImageLevelEvaluator
 from ..evaluation.prf import build_prf_evaluator
 from ..modeling.checkpoint import SafeCheckpointer
 from ..modeling.support import attach_support
+from ..utils.amp import AutocastModel, amp_dtype, autocast
 from ..utils.cli import UserError
 from .launch import cpu_ddp
 
@@ -73,8 +75,51 @@ def build_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | None =
     return DatasetEvaluators(EVALUATORS[kind](cfg, dataset_name, output_folder))
 
 
+class MixedPrecisionTrainer(AMPTrainer):
+    """Detectron2's :class:`AMPTrainer` on any device and autocast dtype (``SOLVER.AMP.PRECISION``).
+
+    Detectron2's runs float16 on CUDA only. Here the forward pass and the losses run under ``torch.autocast``
+    of the model's device with ``dtype``; gradients are scaled only for float16 on CUDA (bfloat16 has float32's
+    range and needs no scaling: the scaler is then disabled and is a pass-through). Heads that need float32
+    (the prototype head's normalization, cosine logits and triplet distances) disable autocast themselves.
+    """
+
+    def __init__(self, model, data_loader, optimizer, dtype: torch.dtype, device: str):
+        self.dtype, self.device = dtype, torch.device(device)
+        scale = dtype == torch.float16 and self.device.type == "cuda"
+        super().__init__(model, data_loader, optimizer, grad_scaler=torch.amp.GradScaler("cuda", enabled=scale))
+
+    def run_step(self):
+        assert self.model.training, "[MixedPrecisionTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with autocast(self.device, self.dtype):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses, loss_dict = loss_dict, {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        if hasattr(self, "after_backward"):  # Detectron2 after v0.6
+            self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+
+def mixed_precision(cfg: CfgNode) -> torch.dtype | None:
+    """The autocast dtype of ``cfg``'s training (``SOLVER.AMP``) on MODEL.DEVICE, or None when it is off."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return None
+    return amp_dtype(cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE)
+
+
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with steel-fsd's mapper (harmonization + augmentation) and evaluators."""
+    """DefaultTrainer with steel-fsd's mapper (harmonization + augmentation) and evaluators; with
+    ``SOLVER.AMP.ENABLED`` the :class:`MixedPrecisionTrainer` loop (bfloat16 where supported, any device)
+    and, with ``TEST.AMP.ENABLED``, evaluation under the same autocast."""
 
     def __init__(self, cfg):
         # SEED >= 0 seeds every RNG before the model and the loader are built, as default_setup does for
@@ -83,6 +128,18 @@ class Trainer(DefaultTrainer):
             seed_all_rng(cfg.SEED + comm.get_rank())
         with cpu_ddp():  # several CPU processes (steel_fsd.engine.launch): DDP without device_ids
             super().__init__(cfg)
+        dtype = mixed_precision(cfg)
+        if dtype is not None:  # DefaultTrainer built Detectron2's AMPTrainer (float16, CUDA only): replace it
+            loop = self._trainer
+            self._trainer = MixedPrecisionTrainer(loop.model, loop.data_loader, loop.optimizer, dtype, cfg.MODEL.DEVICE)
+            logger.info("SOLVER.AMP: training under autocast with %s", dtype)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Detectron2's evaluation, under autocast with ``SOLVER.AMP.PRECISION`` when ``TEST.AMP.ENABLED``."""
+        if cfg.TEST.AMP.ENABLED:
+            model = AutocastModel(model, cfg.MODEL.DEVICE, amp_dtype(cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE))
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_model(cls, cfg):

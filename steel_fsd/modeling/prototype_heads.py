@@ -42,6 +42,7 @@ Box regression is class-agnostic, so classes never seen in training are still lo
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -94,6 +95,21 @@ def reweighted_cosines(z: torch.Tensor, prototypes: torch.Tensor, weights: torch
     zr = F.normalize(z.unsqueeze(1) * weights.unsqueeze(0), dim=2)  # (N, C, D)
     mr = F.normalize(prototypes * weights, dim=1)  # (C, D)
     return (zr * mr.unsqueeze(0)).sum(2)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def full_precision(method):
+    """Run a head method in float32 with autocast off (mixed precision): normalization, cosine / distance logits
+    with tau up to 64 and triplet distances lose too much in bfloat16 or float16. Half-precision tensor arguments
+    are cast to the head's own dtype; the head's few small layers cost next to nothing in float32."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        args = [a.to(self.log_tau.dtype) if torch.is_tensor(a) and a.dtype in HALF_DTYPES else a for a in args]
+        with torch.autocast(device_type=self.log_tau.device.type, enabled=False):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 LOGIT_KINDS = ("distance", "factorized")
@@ -209,6 +225,7 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
     def tau(self) -> torch.Tensor:
         return self.log_tau.exp()
 
+    @full_precision
     def embed_features(self, x: torch.Tensor) -> torch.Tensor:
         """Box-head features (N, ...) -> unit-norm embeddings (N, D)."""
         v = self.embed(x.flatten(1))
@@ -220,6 +237,7 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
                 v = n(v)
         return F.normalize(v, dim=1)
 
+    @full_precision
     def forward(self, x):
         """Returns ``(features, deltas)``: ``features`` is ``[z | background logit]`` (N, D+1) with the
         "logit" background, else z (N, D); use :meth:`split` to take it apart."""
@@ -327,6 +345,7 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
             return 1.0
         return min(1.0, (it + 1) / self.triplet_warmup_iters)
 
+    @full_precision
     def losses(self, predictions, proposals):
         features, deltas = predictions
         z, _ = self.split(features)
@@ -348,6 +367,7 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         }
         return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
 
+    @full_precision
     def predict_probs(self, predictions, proposals):
         features, _ = predictions
         probs = F.softmax(self.logits(features, self.active_prototypes()), dim=-1)

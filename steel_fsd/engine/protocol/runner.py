@@ -33,6 +33,21 @@ def _num(v) -> float:
     return math.nan if v is None else v
 
 
+def model_identity(cfg) -> str:
+    """The merged config as text, for a model folder's key, without the keys that cannot change the trained
+    weights at their current values (the prototype head's keys in a model without it, mixed-precision choices
+    while mixed precision is off): changing or adding such keys in the package does not retrain models."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    if cfg.MODEL.ROI_HEADS.NAME != "PrototypeROIHeads":
+        cfg.MODEL.pop("PROTOTYPE", None)
+    if not cfg.SOLVER.AMP.ENABLED:
+        cfg.SOLVER.AMP.pop("PRECISION", None)
+    if not cfg.TEST.get("AMP", {}).get("ENABLED", False):
+        cfg.TEST.pop("AMP", None)
+    return cfg.dump()
+
+
 class Protocol(ProtocolSpec):
     """A protocol file, ready to run (see :mod:`steel_fsd.engine.protocol`)."""
 
@@ -71,7 +86,7 @@ class Protocol(ProtocolSpec):
                        "TEST.VAL_LOSS_DATASET", val_ds]
         # the folder is keyed by the whole merged config, so editing a config file (or its _BASE_) retrains
         # (and by the pretrained backbone's content: re-pretraining into the same file retrains too)
-        key = hashlib.sha256((build_config(self.models[model], opts).dump()
+        key = hashlib.sha256((model_identity(build_config(self.models[model], opts))
                               + (file_sha256(pretrained) if pretrained else "")).encode()).hexdigest()[:8]
         out_dir = self.models_dir / f"{label}-{key}"
         cfg = self.config(model, opts, out_dir)
