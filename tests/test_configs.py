@@ -72,3 +72,18 @@ def test_paper_config_differs_from_the_default_only_in_the_recipe(paper, default
     diff.pop("OUTPUT_DIR")
     assert diff == expected
     assert a["INPUT.HARMONIZE.CLAHE"] and a["INPUT.HARMONIZE.NORMALIZE"] and a["INPUT.AUG.HFLIP"] and a["INPUT.AUG.VFLIP"]
+
+
+HEAD_KEYS = {"MODEL.ROI_HEADS.NAME", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "DATALOADER.SAMPLER_TRAIN",
+             "DATALOADER.EPISODE_CLASSES", "DATALOADER.EPISODE_IMAGES_PER_CLASS", "OUTPUT_DIR"}
+
+
+@pytest.mark.parametrize("stock", sorted((ROOT / "baselines").glob("faster_rcnn_*.yaml")), ids=lambda p: p.name)
+def test_every_stock_config_has_its_prototype_twin(stock):
+    """Each stock Faster R-CNN config has a prototype config (configs/prototype/proto_<same name>.yaml) that
+    differs from it only in the head and the episodic sampler."""
+    twin = ROOT / "prototype" / stock.name.replace("faster_rcnn_", "proto_")
+    assert twin.is_file(), f"no prototype config {twin.name} for {stock.name}"
+    a, b = _flat(build_config(str(stock))), _flat(build_config(str(twin)))
+    assert {k for k in a if a[k] != b[k]} <= HEAD_KEYS
+    assert b["MODEL.ROI_HEADS.NAME"] == "PrototypeROIHeads" and b["DATALOADER.SAMPLER_TRAIN"] == "EpisodicClassSampler"
