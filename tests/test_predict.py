@@ -366,3 +366,99 @@ def test_prototype_swap_tools_build_the_model_with_its_trained_class_count(train
         assert {r["worst_class"] for r in csv.DictReader(f)} <= {"crazing", "patches", ""}
     # 'some_other_split' is not registered: the statistics can only have come from beside the weights
     assert json.loads((out / "summary.json").read_text())["predicted"] == 3
+
+
+# ----------------------------------------------------------------------------- speed options: same results
+class ConvBoxModel(torch.nn.Module):
+    """A stand-in detector whose box and score come out of a convolution (so autocast and the weights' memory
+    format reach them): the box spans the activation-weighted centroid +- 20 px, the score is a sigmoid of the
+    mean activation. It records the convolution's output dtype and input memory format."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.seen = []
+
+    def forward(self, inputs):
+        outs = []
+        for d in inputs:
+            x = d["image"].float()[None] / 255
+            act = self.conv(x).relu().sum(1)[0] + 1e-3
+            self.seen.append(act.dtype)
+            ys, xs = torch.meshgrid(torch.arange(act.shape[0]), torch.arange(act.shape[1]), indexing="ij")
+            cy, cx = (act * ys).sum() / act.sum(), (act * xs).sum() / act.sum()
+            sy, sx = d["height"] / act.shape[0], d["width"] / act.shape[1]
+            box = torch.stack([cx * sx - 20, cy * sy - 20, cx * sx + 20, cy * sy + 20])[None]
+            inst = Instances((d["height"], d["width"]), pred_boxes=Boxes(box), scores=act.mean().sigmoid()[None],
+                             pred_classes=torch.tensor([0]))
+            outs.append({"instances": inst})
+        return outs
+
+
+def _images():
+    return [_image(200, 200, (50, 60, 110, 90)), _image(200, 200, (10, 10, 40, 150)),
+            _image(256, 1600, (230, 60, 300, 120)), _image(200, 200, (120, 20, 190, 60))]
+
+
+def test_bfloat16_inference_runs_under_autocast_and_returns_float32_within_tolerance():
+    images = _images()
+    cfg = build_config(CFG, ["INPUT.HARMONIZE.CLAHE", "False"])
+    ref_model, amp_model = ConvBoxModel(), ConvBoxModel()
+    ref = Predictor(cfg, ref_model, ["a"], batch_size=3)(images)
+    out = Predictor(cfg, amp_model, ["a"], batch_size=3, amp="bfloat16")(images)
+    assert set(ref_model.seen) == {torch.float32} and set(amp_model.seen) == {torch.bfloat16}
+    for r, o in zip(ref, out):
+        assert len(r) == len(o) and o.scores.dtype == o.pred_boxes.tensor.dtype == torch.float32
+        r, o = r[r.pred_boxes.tensor[:, 0].argsort()], o[o.pred_boxes.tensor[:, 0].argsort()]  # near-tied scores
+        # bfloat16 keeps 8 bits of mantissa: boxes within 1.5 px on 1600-px images, scores within 0.01
+        assert torch.allclose(o.pred_boxes.tensor, r.pred_boxes.tensor, atol=1.5)
+        assert torch.allclose(o.scores, r.scores, atol=0.01)
+
+
+def test_channels_last_changes_the_weights_layout_not_the_results():
+    images = _images()
+    cfg = build_config(CFG, ["INPUT.HARMONIZE.CLAHE", "False"])
+    model = ConvBoxModel()
+    ref = Predictor(cfg, ConvBoxModel(), ["a"], batch_size=2)(images)
+    out = Predictor(cfg, model, ["a"], batch_size=2, channels_last=True)(images)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for r, o in zip(ref, out):
+        assert torch.allclose(o.pred_boxes.tensor, r.pred_boxes.tensor, atol=1e-3)
+        assert torch.allclose(o.scores, r.scores, atol=1e-6)
+
+
+def test_prefetch_gives_identical_detections_and_rows(trained, capsys):
+    """Prefetching threads (reading and harmonizing the next batches) change nothing: the same detections of a
+    real model, bit for bit, and the same rows, skipped image included, in the same order."""
+    from steel_fsd.engine.predict import predict_paths, prefetched
+    from steel_fsd.engine.setup import finalize_config
+
+    cfg = build_config(PROTO_CFG, TINY + ["DATASETS.TRAIN", "('t_pred_train',)"])
+    finalize_config(cfg, datasets=(), weights=trained["weights"])
+    bad = trained["images"] / "truncated.png"
+    good = cv2.imencode(".png", _image(200, 200, (10, 10, 50, 50)))[1].tobytes()
+    bad.write_bytes(good[: len(good) // 2])
+    try:
+        paths = find_images([str(trained["images"])])
+        runs = {}
+        for prefetch in (0, 2):
+            pred = Predictor.from_files(cfg, trained["weights"], batch_size=2, prefetch=prefetch)
+            images = [cv2.imread(p) for p in paths if not p.endswith("truncated.png")]
+            direct = pred(images)  # a strip's 7 tiles make several batches of 2: prefetched within the call
+            rows = [(i, p, None if inst is None else inst, e is not None)
+                    for i, p, _, inst, e in predict_paths(pred, paths, progress=False)]
+            runs[prefetch] = direct, rows
+        (d0, r0), (d2, r2) = runs[0], runs[2]
+        assert len(d0) == len(d2) == 3 and sum(len(x) for x in d0) > 0
+        for a, b in zip(d0, d2):
+            assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
+        assert [(i, p, e) for i, p, _, e in r0] == [(i, p, e) for i, p, _, e in r2] and sum(e for *_, e in r0) == 1
+        for (_, _, a, _), (_, _, b, _) in zip(r0, r2):
+            assert (a is None and b is None) or torch.equal(a.scores, b.scores)
+    finally:
+        bad.unlink()
+    # the helper itself: order kept, errors raised at their item
+    assert list(prefetched(lambda x: x * x, list(range(7)), 3)) == [x * x for x in range(7)]
+    with pytest.raises(ZeroDivisionError):
+        list(prefetched(lambda x: 1 // (x - 4), list(range(7)), 2))

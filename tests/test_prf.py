@@ -4,19 +4,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import uuid
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils import comm
 
+from steel_fsd.engine.launch import launch
 from steel_fsd.evaluation.prf import PRFEvaluator, build_prf_evaluator, match_detections, prf_from_counts
 
 NAN = math.nan
@@ -309,28 +308,20 @@ def test_evaluator_gathers_counts_across_ranks(toy_name, monkeypatch):
     assert ev1.evaluate() == {} and len(sent) == 2
 
 
-def _dist_worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        name = register_toy()
-        ev = PRFEvaluator(name, distributed=True, output_dir=out_dir)
-        res = run_evaluator(ev, [["a"], ["b", "c"]][rank])
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(res, f)
-        dist.barrier()  # as steel_fsd.engine.launch: no rank tears gloo down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+def _dist_main(out_dir: str) -> None:
+    rank = comm.get_rank()
+    name = register_toy()
+    ev = PRFEvaluator(name, distributed=True, output_dir=out_dir)
+    res = run_evaluator(ev, [["a"], ["b", "c"]][rank])
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.skipif(not dist.is_available() or torch.cuda.is_available(),
+                    reason="the CPU (gloo) path of steel_fsd.engine.launch")
 def test_evaluator_real_gloo_two_processes(tmp_path):
-    mp.spawn(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    # through the package's launcher, which owns process-group set-up and a teardown that cannot abort
+    launch(_dist_main, 2, dist_url="auto", args=(str(tmp_path),))
     res0 = json.loads((tmp_path / "rank0.json").read_text())
     res1 = json.loads((tmp_path / "rank1.json").read_text())
     assert res1 == {}

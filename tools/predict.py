@@ -2,7 +2,8 @@
 """Run a trained model on image files and folders: boxes, overlays and a pass/fail per image.
 
     python tools/predict.py --config-file CFG --weights output/.../model_final.pth --input DIR [more ...] \
-        --output out/ [--prototypes protos.pt] [--threshold-file threshold.json] [--device cpu|cuda]
+        --output out/ [--prototypes protos.pt] [--threshold-file threshold.json] [--device cpu|cuda] \
+        [--batch-size 8] [--amp bfloat16] [--channels-last] [--prefetch 2]
 
 Inputs: image files, folders (searched recursively) and glob patterns; grayscale or RGB, any size (strips
 such as Severstal's 1600x256 are tiled as in training and merged back). The training harmonization (CLAHE,
@@ -77,6 +78,11 @@ def main(argv=None) -> int:
                                                    "a tile size in pixels, or 0 (never tile)")
     ap.add_argument("--batch-size", type=int, default=8, help="images (tiles) per forward pass")
     ap.add_argument("--device", help="cpu or cuda (default: the config's MODEL.DEVICE)")
+    ap.add_argument("--amp", choices=["bfloat16", "float16"], help="mixed precision (autocast) inference; "
+                    "boxes equal to float32 within rounding (float16 on CPU falls back to bfloat16)")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC convolution weights (faster on GPUs)")
+    ap.add_argument("--prefetch", type=int, default=0, metavar="N",
+                    help="threads reading and harmonizing the next N batches during the forward pass (same results)")
     ap.add_argument("--no-overlays", action="store_true")
     ap.add_argument("--allow-skips", action="store_true", help="exit 0 even if unreadable images were skipped")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
     finalize_config(cfg, datasets=(), weights=args.weights, swap=bool(args.prototypes))
     threshold, source = load_threshold(args.threshold_file, cfg.TEST.PRF_SCORE_THRESH)
     tile = args.tile if args.tile == "auto" else int(args.tile)
-    predictor = Predictor.from_files(cfg, args.weights, args.prototypes, tile=tile, batch_size=args.batch_size)
+    predictor = Predictor.from_files(cfg, args.weights, args.prototypes, tile=tile, batch_size=args.batch_size,
+                                     amp=args.amp, channels_last=args.channels_last, prefetch=args.prefetch)
     names = predictor.class_names
     min_score = threshold if args.overlay_score is None else args.overlay_score
     if not args.no_overlays:
@@ -128,7 +135,8 @@ def main(argv=None) -> int:
                "rejected": rejected, "passed": n_done - rejected, "score_threshold": threshold,
                "threshold_source": source, "classes": names, "seconds": round(seconds, 2),
                "images_per_s": round(n_done / max(seconds, 1e-9), 2), "weights": args.weights,
-               "prototypes": args.prototypes or None, "device": cfg.MODEL.DEVICE}
+               "prototypes": args.prototypes or None, "device": cfg.MODEL.DEVICE, "batch_size": args.batch_size,
+               "amp": args.amp, "channels_last": args.channels_last, "prefetch": args.prefetch}
     write_json(os.path.join(args.output, "summary.json"), summary, indent=2, sort_keys=False)
     print(f"[predict] {n_done} images ({rejected} rejected at score >= {threshold:g}, {len(skipped)} skipped) "
           f"in {seconds:.1f} s -> {args.output}")
