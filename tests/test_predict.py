@@ -189,12 +189,16 @@ def test_predict_tool_writes_json_csv_overlays_and_reports_skips(trained, tmp_pa
         summary = json.loads((out / "summary.json").read_text())
         assert summary["skipped"] == 1 and summary["predicted"] == 3 and summary["threshold_source"] == "TEST.PRF_SCORE_THRESH"
         threshold = tmp_path / "t.json"
-        threshold.write_text(json.dumps({"score_threshold": 2.0}))
+        threshold.write_text(json.dumps({"score_threshold": 2.0}))  # would pass every image: refused
+        rc = _predict("--weights", trained["weights"], "--input", str(trained["images"]), "--output", str(out),
+                      "--allow-skips", "--threshold-file", str(threshold), "--no-overlays")
+        assert rc == 2 and "not a number in [0, 1]" in capsys.readouterr().err
+        threshold.write_text(json.dumps({"score_threshold": 1.0}))
         rc = _predict("--weights", trained["weights"], "--input", str(trained["images"]), "--output", str(out),
                       "--allow-skips", "--threshold-file", str(threshold), "--no-overlays")
         assert rc == 0
         with open(out / "predictions.csv") as f:
-            assert {r["decision"] for r in csv.DictReader(f)} == {"pass", "skipped"}  # nothing scores >= 2
+            assert {r["decision"] for r in csv.DictReader(f)} == {"pass", "skipped"}  # nothing scores >= 1
     finally:
         bad.unlink()
 
@@ -462,3 +466,30 @@ def test_prefetch_gives_identical_detections_and_rows(trained, capsys):
     assert list(prefetched(lambda x: x * x, list(range(7)), 3)) == [x * x for x in range(7)]
     with pytest.raises(ZeroDivisionError):
         list(prefetched(lambda x: 1 // (x - 4), list(range(7)), 2))
+
+
+def test_predict_reads_any_valid_size_and_depth_and_skips_non_files(trained, tmp_path, capsys):
+    """A thin strip, a 1x1 image and a 16-bit PNG are predicted; a FIFO named like an image is skipped and
+    counted (it used to hang the run); a symlink pre-placed at an output is replaced, not written through."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "thin.png"), _image(30, 1600, (100, 5, 160, 25)))
+    cv2.imwrite(str(folder / "dot.png"), np.full((1, 1), 200, np.uint8))
+    cv2.imwrite(str(folder / "deep.png"), (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))
+    os.mkfifo(folder / "pipe.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside.csv"
+    outside.write_text("keep")
+    (out / "predictions.csv").symlink_to(outside)
+    rc = _predict("--weights", trained["weights"], "--input", str(folder), "--output", str(out), "--allow-skips")
+    assert rc == 0 and "pipe.png" in capsys.readouterr().err
+    with open(out / "predictions.csv") as f:
+        rows = {r["file"].split(os.sep)[-1]: r for r in csv.DictReader(f)}
+    assert rows["pipe.png"]["decision"] == "skipped" and "not a regular file" in rows["pipe.png"]["error"]
+    assert (rows["thin.png"]["width"], rows["thin.png"]["height"]) == ("1600", "30")
+    assert (rows["dot.png"]["width"], rows["dot.png"]["height"]) == ("1", "1")
+    assert rows["deep.png"]["decision"] in ("pass", "reject")
+    assert outside.read_text() == "keep" and not (out / "predictions.csv").is_symlink()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predicted"] == 3 and summary["skipped"] == 1

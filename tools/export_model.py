@@ -10,6 +10,7 @@ classes, the harmonization the caller must apply first (CLAHE, resize), the inpu
 the exported model's boxes equal the eager model's on the sample image.
 """
 import argparse
+import io
 import os
 import sys
 
@@ -23,7 +24,7 @@ from steel_fsd.engine.export import export_onnx, trace_model
 from steel_fsd.engine.predict import Predictor
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.utils.cli import check_output_dir, run_main
-from steel_fsd.utils.io import write_json
+from steel_fsd.utils.io import write_bytes, write_json
 
 
 def main(argv=None) -> int:
@@ -59,7 +60,9 @@ def main(argv=None) -> int:
     if "torchscript" in args.format:
         traced, _ = trace_model(model, image)
         path = os.path.join(args.output, "model.ts")
-        traced.save(path)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        write_bytes(path, buf.getvalue())  # atomic: no half-written model.ts, a symlink is replaced
         boxes, classes, scores, _ = torch.jit.load(path)(image)
         diff = float((boxes - ref.pred_boxes.tensor).abs().max()) if len(boxes) == len(ref) and len(ref) else 0.0
         record["files"]["torchscript"] = path

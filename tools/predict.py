@@ -17,21 +17,20 @@ An unreadable image is reported, skipped and counted; the run then exits 1 unles
 """
 import argparse
 import csv
-import json
+import math
 import os
 import sys
 import time
 
 import _path  # noqa: F401
-import cv2
 import numpy as np
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from steel_fsd.engine.predict import Predictor, find_images, image_decision, predict_paths
 from steel_fsd.engine.setup import build_config, finalize_config
-from steel_fsd.utils.cli import UserError, check_output_dir, run_main
-from steel_fsd.utils.io import write_json
+from steel_fsd.utils.cli import UserError, check_output_dir, output_lock, run_main
+from steel_fsd.utils.io import atomic_open, read_json, write_image, write_json
 
 CSV_HEADER = ["image_id", "file", "width", "height", "detections", "defect", "worst_class", "max_score", "decision",
               "error"]
@@ -39,16 +38,22 @@ CSV_HEADER = ["image_id", "file", "width", "height", "detections", "defect", "wo
 
 def load_threshold(path: str | None, default: float) -> tuple[float, str]:
     """(score threshold, where it came from): ``--threshold-file`` (from tools/calibrate_threshold.py) or the
-    config's TEST.PRF_SCORE_THRESH."""
+    config's TEST.PRF_SCORE_THRESH. A threshold that is not a number in [0, 1] would pass (NaN, above 1) or
+    reject (below 0) every image: refused."""
     if not path:
-        return default, "TEST.PRF_SCORE_THRESH"
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return float(data["score_threshold"]), path
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--threshold-file {path} is not a threshold file ({type(e).__name__}: {e})", "",
-                        "write one with tools/calibrate_threshold.py") from None
+        value, source = default, "TEST.PRF_SCORE_THRESH"
+    else:
+        data = read_json(path, "threshold file")
+        value = data.get("score_threshold") if isinstance(data, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"--threshold-file {path} has no numeric score_threshold (got {value!r})", "",
+                            "write one with tools/calibrate_threshold.py")
+        source = path
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise UserError(f"score threshold {value} from {source} is not a number in [0, 1]", "",
+                        "scores are probabilities: give a threshold between 0 and 1 (tools/calibrate_threshold.py "
+                        "picks one at a false-alarm rate)")
+    return float(value), source
 
 
 def overlay(image_rgb: np.ndarray, instances, class_names: list[str], min_score: float) -> np.ndarray:
@@ -66,6 +71,13 @@ def overlay(image_rgb: np.ndarray, instances, class_names: list[str], min_score:
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_output_dir(args.output, "--output")
+    with output_lock(args.output, "--output"):
+        return predict(args)
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config-file", required=True)
     ap.add_argument("--weights", required=True, help="trained model (.pth)")
@@ -86,10 +98,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-overlays", action="store_true")
     ap.add_argument("--allow-skips", action="store_true", help="exit 0 even if unreadable images were skipped")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def predict(args) -> int:
     setup_logger(name="steel_fsd")
-    # Checks before any work: output writable, inputs exist, threshold and model (and prototypes) load.
-    check_output_dir(args.output, "--output")
+    # Checks before any work: output writable (checked by main), inputs exist, threshold and model load.
     files = find_images(args.input)
     opts = list(args.opts) + (["MODEL.DEVICE", args.device] if args.device else []) + ["OUTPUT_DIR", args.output]
     cfg = build_config(args.config_file, opts)
@@ -123,9 +137,9 @@ def main(argv=None) -> int:
         if not args.no_overlays:
             rgb = img[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else img
             png = os.path.join(args.output, "overlays", f"{image_id:06d}_{os.path.splitext(os.path.basename(path))[0]}.png")
-            cv2.imwrite(png, overlay(np.ascontiguousarray(rgb), inst, names, min_score)[:, :, ::-1])
+            write_image(png, overlay(np.ascontiguousarray(rgb), inst, names, min_score)[:, :, ::-1])
     seconds = time.perf_counter() - start
-    with open(os.path.join(args.output, "predictions.csv"), "w", newline="") as f:
+    with atomic_open(os.path.join(args.output, "predictions.csv")) as f:
         writer = csv.writer(f)
         writer.writerow(CSV_HEADER)
         writer.writerows(rows)

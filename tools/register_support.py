@@ -10,7 +10,6 @@ Then evaluate with exactly those classes, no retraining:
         MODEL.PROTOTYPE.SUPPORT_FILE protos.pt DATASETS.TEST "('severstal_synth_tiled_test',)"
 """
 import argparse
-import json
 import sys
 
 import _path  # noqa: F401
@@ -21,6 +20,7 @@ from steel_fsd.engine.fewshot import register_support
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.utils.cli import check_output_file, run_main
+from steel_fsd.utils.io import read_json
 
 
 def main(argv=None) -> None:
@@ -48,8 +48,7 @@ def main(argv=None) -> None:
     finalize_config(cfg, datasets=(), weights=args.weights, swap=True)
     manifest = None
     if args.support_manifest:
-        with open(args.support_manifest) as f:
-            manifest = json.load(f)
+        manifest = read_json(args.support_manifest, "K-shot manifest")
     ps = register_support(cfg, args.weights, args.dataset, args.shots, args.seed, args.out, args.classes,
                           manifest, args.support_manifest or "manifest", args.append_to,
                           with_trained=args.with_trained)

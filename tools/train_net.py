@@ -18,7 +18,7 @@ from steel_fsd.data import register_all
 from steel_fsd.engine.launch import launch
 from steel_fsd.engine.setup import build_config, check_config_paths, finalize_config
 from steel_fsd.engine.trainer import Trainer, load_model_for_eval
-from steel_fsd.utils.cli import UserError, run_main
+from steel_fsd.utils.cli import UserError, output_lock, run_main
 
 
 def setup(args):
@@ -73,10 +73,12 @@ def cli(argv: list[str]) -> int:
     args = default_argument_parser().parse_args(argv)
     check_gpus(args)
     register_all()  # the datasets under $STEEL_FSD_DATASETS (default ./datasets)
-    check_config_paths(build_config(args.config_file, args.opts), datasets_used(args))
+    cfg = build_config(args.config_file, args.opts)
+    check_config_paths(cfg, datasets_used(args))
     print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    with output_lock(cfg.OUTPUT_DIR):  # held by this (launching) process while its workers run
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
     return 0
 
 

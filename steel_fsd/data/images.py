@@ -1,30 +1,83 @@
 """Image reading by content (not extension), with errors that name the file."""
 from __future__ import annotations
 
+import os
+import stat
 import sys
 import time
 
 import numpy as np
-from detectron2.data import detection_utils
-from PIL import UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DatasetError, SkipLog
 
+#: Images with more pixels than this are refused before decoding (a decompression bomb, or not an image a
+#: detector of 200-1000 px inputs can use); ``STEEL_FSD_MAX_IMAGE_PIXELS`` changes it.
+MAX_IMAGE_PIXELS = int(os.environ.get("STEEL_FSD_MAX_IMAGE_PIXELS", 100_000_000))
+_HIGH_BIT_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """8-bit gray or RGB: 16-bit (and 32-bit integer) gray scaled by 255/65535 (full range, so that one camera's
+    images keep their relative brightness), float images clipped to [0, 1] and scaled; palette, CMYK, RGBA,
+    LA and 1-bit through Pillow's conversions (alpha dropped)."""
+    if img.mode in _HIGH_BIT_MODES:
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(arr * 255.0 / _HIGH_BIT_MODES[img.mode]), 0, 255).astype(np.uint8))
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        return Image.fromarray(np.rint(np.clip(arr, 0, 1) * 255).astype(np.uint8))
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode in ("1", "LA") or (img.mode == "P" and img.palette is not None and img.palette.mode == "L"):
+        return img.convert("L")
+    return img.convert("RGB")  # P, PA, RGBA, RGBX, CMYK, YCbCr, LAB, HSV
+
 
 def read_image(path: str, format: str = "BGR") -> np.ndarray:
-    """Detectron2's ``read_image`` (by content, EXIF orientation applied, fully decoded so truncated files fail
-    here) as HxWx3 uint8 in ``format``, with errors that name the file.
+    """The image at ``path`` (read by content; EXIF orientation applied; fully decoded so truncated files fail
+    here) as HxWx3 uint8 in ``format`` (``"BGR"``, ``"RGB"``) or HxWx1 (``"L"``), with errors that name the file.
 
-    ``format`` is ``"BGR"``, ``"RGB"`` or ``"L"`` (HxWx1). Severstal's PNG-encoded ``.jpg`` files read correctly.
+    One reader for training, registration, calibration and prediction. 8- and 16-bit, gray, RGB, RGBA and
+    palette PNGs, CMYK JPEGs, TIFFs and BMPs are converted to 8 bits (see :func:`_to_8bit`). Not a regular file
+    (a folder, FIFO or device: reading one could block forever), more than :data:`MAX_IMAGE_PIXELS` pixels, or
+    not decodable: :class:`DatasetError`. Severstal's PNG-encoded ``.jpg`` files read correctly.
     """
+    if format not in ("BGR", "RGB", "L"):
+        raise ValueError(f"image format must be BGR, RGB or L, got {format!r}")
     try:
-        arr = detection_utils.read_image(path, format)
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise DatasetError(path, "image file not found") from None
+    except OSError as e:
+        raise DatasetError(path, f"cannot access the image ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise DatasetError(path, "not a regular file (a folder, FIFO or device), not read")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise DatasetError(path, f"{w}x{h} image has {w * h:,} pixels, more than the limit of "
+                                         f"{MAX_IMAGE_PIXELS:,} (a decompression bomb?); STEEL_FSD_MAX_IMAGE_PIXELS "
+                                         "raises it")
+            if w < 1 or h < 1:
+                raise DatasetError(path, f"empty image ({w}x{h})")
+            img.load()
+            img = _to_8bit(ImageOps.exif_transpose(img))
+    except DatasetError:
+        raise
     except UnidentifiedImageError:
         raise DatasetError(path, "not a readable image (corrupt or unknown format)") from None
-    except (OSError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise DatasetError(path, f"refused as a decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(path, f"corrupt or truncated image ({e})") from None
+    if format == "L":
+        arr = np.asarray(img.convert("L"))[:, :, None]
+    else:
+        arr = np.asarray(img.convert("RGB"))
+        if format == "BGR":
+            arr = arr[:, :, ::-1]
     return np.ascontiguousarray(arr)
 
 

@@ -9,7 +9,6 @@ byte-identically for equal content. Every path from a manifest (or a hand-writte
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -19,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from detectron2.structures import BoxMode
 
-from ..utils.io import write_json
+from ..utils.io import read_json, write_json
 
 FORMAT = "steel_fsd.kshot_manifest"
 VERSION = 1
@@ -166,11 +165,7 @@ def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
 
 def load_manifest(path: str | os.PathLike) -> dict:
     """Read and validate a manifest; ValueError naming the file when it is unreadable, truncated or inconsistent."""
-    try:
-        m = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read K-shot manifest ({type(e).__name__}: {e})") from None
-    return validate_manifest(m, str(path))
+    return validate_manifest(read_json(path, "K-shot manifest"), str(path))
 
 
 def source_image(key: str) -> str:

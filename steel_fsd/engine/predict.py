@@ -40,6 +40,7 @@ __all__ = ["IMAGE_EXTENSIONS", "find_images", "tile_windows", "merge_tile_detect
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MIN_TILE = 32  # "auto" tiling: the smallest tile side (a thinner strip would become hundreds of slivers)
 
 
 def find_images(inputs: list[str]) -> list[str]:
@@ -192,10 +193,12 @@ class Predictor:
     def windows(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
         if self.tile == "auto":
             short, long = sorted((height, width))
-            size = min(short, self.max_tile) if long >= 2 * short else 0
+            # strips into squares of their short side; one under MIN_TILE px high is resized whole instead
+            size = min(short, self.max_tile) if long >= 2 * short and short >= MIN_TILE else 0
         else:
             size = int(self.tile)
-        return tile_windows(height, width, size, self.overlap)
+        # a thin strip (e.g. 1600x30) gets tiles of its short side: the overlap shrinks with them
+        return tile_windows(height, width, size, min(self.overlap, max(size // 2, 0)))
 
     def harmonize(self, image: np.ndarray) -> torch.Tensor:
         """HxWxC image -> the model's CHW uint8 input after the training harmonization (CLAHE, resize)."""

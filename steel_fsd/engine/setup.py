@@ -1,8 +1,8 @@
 """Config building for the tools: steel-fsd keys, device fallback, dataset pixel statistics."""
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import re
 
@@ -13,7 +13,7 @@ from detectron2.config import CfgNode, get_cfg
 from ..config import add_steel_fsd_config
 from ..data.catalog import require_registered
 from ..utils.cli import UserError, check_output_dir
-from ..utils.io import write_json
+from ..utils.io import read_json, write_json
 
 logger = logging.getLogger("steel_fsd")
 
@@ -28,10 +28,17 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
                         "give the path of a YAML file, e.g. configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml")
     cfg = get_cfg()
     add_steel_fsd_config(cfg)
-    for where, merge in ((f"in {config_file} (or a _BASE_ it names)", lambda: cfg.merge_from_file(config_file)),
+    # allow_unsafe=False: Detectron2 otherwise falls back to yaml.unsafe_load, which runs a python tag's code
+    merge_file = lambda: cfg.merge_from_file(config_file, allow_unsafe=False)  # noqa: E731
+    for where, merge in ((f"in {config_file} (or a _BASE_ it names)", merge_file),
                          ("in the command-line KEY VALUE overrides", lambda: cfg.merge_from_list(list(opts or [])))):
         try:
             merge()
+        except yaml.constructor.ConstructorError as e:
+            mark = e.problem_mark
+            place = f"{mark.name}:{mark.line + 1}" if mark is not None else config_file
+            raise UserError(f"config YAML tag refused ({' '.join(str(e.problem).split())})", f"at {place}",
+                            "configs hold plain values only (numbers, strings, lists, mappings)") from None
         except (KeyError, AssertionError, yaml.YAMLError) as e:
             key = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
             if key:
@@ -69,8 +76,7 @@ def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
     cache = os.path.abspath(os.path.join(cfg.OUTPUT_DIR, "pixel_stats.json"))
     trained = os.path.join(os.path.dirname(os.path.abspath(weights)), "pixel_stats.json") if weights else None
     if trained and os.path.isfile(trained):  # the trained model's own statistics, whatever the key
-        with open(trained) as f:
-            saved = json.load(f)
+        saved = _read_pixel_stats(trained, cfg.MODEL.PIXEL_MEAN)
         if saved.get("key") != key:
             logger.info("pixel statistics of the trained model (%s, trained on %s)", trained,
                         saved.get("key", {}).get("datasets"))
@@ -79,8 +85,7 @@ def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
             write_json(cache, saved, indent=2, sort_keys=False)
         return
     if os.path.isfile(cache):
-        with open(cache) as f:
-            saved = json.load(f)
+        saved = _read_pixel_stats(cache, cfg.MODEL.PIXEL_MEAN)
         if saved.get("key") == key:
             cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = saved["mean"], saved["std"]
             return
@@ -93,6 +98,20 @@ def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
     logger.info("dataset pixel statistics of %s: mean %s std %s", key["datasets"], mean, std)
     cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = mean, std
     write_json(cache, {"key": key, "mean": mean, "std": std}, indent=2, sort_keys=False)
+
+
+def _read_pixel_stats(path: str, like: list) -> dict:
+    """A ``pixel_stats.json``: mean and std with one finite number per channel of ``like``, every std > 0 (a std
+    of 0 divides the image by zero: no detection at all). :class:`UserError` naming the file otherwise."""
+    saved = read_json(path, "pixel statistics file")
+    mean, std = (saved.get(k) if isinstance(saved, dict) else None for k in ("mean", "std"))
+    ok = all(isinstance(v, list) and len(v) == len(like) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v) for v in (mean, std))
+    if not ok or min(std) <= 0:
+        raise UserError(f"pixel statistics file {path} is invalid (mean {mean!r}, std {std!r}: {len(like)} finite "
+                        "values each, every std > 0)", "", "delete it: the statistics are recomputed from the "
+                        "training datasets (or copy the training run's pixel_stats.json)")
+    return saved
 
 
 def check_config_paths(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST")) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..utils.io import save_figure
 from .aggregate import cell_file, matching_keys, method_sort_key, metric_series, read_metrics
 from .coco import PR_IOUS, read_pr_curves
 from .fewshot_tables import settings_of
@@ -27,8 +28,7 @@ def _save(fig: Figure, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # keeps legends placed outside the axes
-    return path
+    return save_figure(fig, path, dpi=DPI, bbox_inches="tight")  # keeps legends placed outside the axes
 
 
 def _stat(row: dict | None, metric: str) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from ..utils.io import write_json
+from ..utils.io import save_figure, write_json
 
 __all__ = ["threshold_for_false_alarm", "rates_at", "roc_points", "roc_auc", "summarize", "plot_roc",
            "ImageLevelEvaluator", "REPORTED_RATES"]
@@ -110,7 +110,7 @@ def plot_roc(roc: dict[str, list[float]], path: str, chosen: tuple[float, float]
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

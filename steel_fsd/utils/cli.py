@@ -8,10 +8,13 @@ traceback instead. Anything else (a bug) keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import sys
 import tempfile
-from typing import Callable, Sequence
+import time
+from typing import Callable, Iterator, Sequence
 
 DEBUG_ENV = "STEEL_FSD_DEBUG"
 USER_ERRORS = (ValueError, OSError)
@@ -76,3 +79,43 @@ def check_output_file(path: str, what: str = "--out") -> None:
     if os.path.isdir(path):
         raise UserError(f"{what} {path} is a folder", "", "give a file name, e.g. " + os.path.join(path, "out.pt"))
     check_output_dir(os.path.dirname(os.path.abspath(path)), f"the folder of {what} {path}")
+
+
+LOCK_NAME = ".steel_fsd.lock"
+_HELD: dict[str, list] = {}  # lock path -> [fd, depth]: a process may nest locks of one folder
+
+
+@contextlib.contextmanager
+def output_lock(folder: str, what: str = "OUTPUT_DIR") -> Iterator[None]:
+    """Hold ``folder`` for this run: a second run into the same folder (another live process) is refused with a
+    :class:`UserError` naming that process, instead of both writing into it (one run's config with the other's
+    weights, interleaved metrics). The lock is ``flock`` on ``folder/.steel_fsd.lock``: the kernel drops it when
+    its process ends, however it ends, so a crashed run never blocks the next one."""
+    import fcntl
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(os.path.realpath(folder), LOCK_NAME)
+    if path in _HELD:
+        _HELD[path][1] += 1
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+            os.close(fd)
+            raise UserError(f"{what} {folder} is in use by another run ({other})", "",
+                            "wait for it to finish, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                       f"{' '.join(sys.argv)[:500]}\n").encode(), 0)
+        _HELD[path] = [fd, 1]
+    try:
+        yield
+    finally:
+        _HELD[path][1] -= 1
+        if _HELD[path][1] == 0:
+            fd = _HELD.pop(path)[0]
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)

@@ -5,6 +5,8 @@
 * One NaN policy for JSON: NaN and +-inf are written as ``null`` (strict JSON that every reader accepts);
   readers treat ``null`` as a missing value. numpy scalars and arrays are written as numbers and lists.
 * sha256 of files, streamed.
+* Reading JSON and YAML a user hands over: plain data only (no YAML tag builds a Python object), bounded
+  nesting, and errors that name the file and line (:class:`~steel_fsd.utils.cli.UserError`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,15 @@ import json
 import math
 import os
 import tempfile
+from pathlib import Path
 from typing import IO, Iterator
+
+import yaml
+
+from .cli import UserError
+
+#: Deepest nesting accepted in a JSON or YAML file a user hands over (ours are at most 6 deep).
+MAX_NESTING = 64
 
 
 @contextlib.contextmanager
@@ -71,6 +81,33 @@ def write_json(path: str | os.PathLike, obj, *, indent: int | None = 1, sort_key
         f.write(text)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically: a symlink at ``path`` is replaced, never followed; a full disk leaves the old
+    file (or none), never a partial one."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> str:
+    """A Matplotlib figure saved atomically (format from the extension, e.g. PNG)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png", **savefig_kwargs)
+    write_bytes(path, buf.getvalue())
+    return os.fspath(path)
+
+
+def write_image(path: str | os.PathLike, image_bgr) -> None:
+    """An HxWx3 BGR (or HxW gray) uint8 image, encoded by the extension (``.png``, ``.jpg``), written atomically."""
+    import cv2
+
+    ok, data = cv2.imencode(os.path.splitext(os.fspath(path))[1] or ".png", image_bgr)
+    if not ok:
+        raise OSError(f"cannot encode an image for {path}")
+    write_bytes(path, data.tobytes())
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -78,3 +115,61 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _depth(obj) -> int:
+    """Nesting depth of lists / dicts, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, d = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, d)
+            if d <= MAX_NESTING:
+                stack.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _read_text(path, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text", "", f"give a {what}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({e.strerror})", "", "check the path") from None
+
+
+def _check_nesting(obj, path, what: str):
+    if _depth(obj) > MAX_NESTING:
+        raise UserError(f"{what} {path} is nested more than {MAX_NESTING} levels deep", "", f"give a {what}")
+    return obj
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file"):
+    """The JSON value in ``path``. Unreadable, not JSON (with the line), or nested more than
+    :data:`MAX_NESTING` deep: :class:`UserError` naming ``what`` and the file."""
+    text = _read_text(path, what)
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested more than {MAX_NESTING} levels deep", "", f"give a {what}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e.msg})", f"at {path}:{e.lineno}", f"give a {what}") from None
+    return _check_nesting(obj, path, what)
+
+
+def read_yaml(path: str | os.PathLike, what: str = "YAML file"):
+    """The YAML document in ``path`` as plain data (safe loader: a ``!!python`` tag is refused, never run).
+    Errors name the file and line (:class:`UserError`)."""
+    text = _read_text(path, what)
+    try:
+        obj = yaml.safe_load(text)
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested more than {MAX_NESTING} levels deep", "", f"give a {what}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        tag = isinstance(e, yaml.constructor.ConstructorError)
+        raise UserError(f"{what} {'YAML tag refused' if tag else 'is not valid YAML'} ({problem})",
+                        f"at {path}:{mark.line + 1}" if mark is not None else f"in {path}",
+                        "YAML files hold plain values only (numbers, strings, lists, mappings)") from None
+    return _check_nesting(obj, path, what)

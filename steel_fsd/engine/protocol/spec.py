@@ -6,11 +6,11 @@ import dataclasses
 import os
 from pathlib import Path
 
-import yaml
 from detectron2.data import MetadataCatalog
 
 from ...data.catalog import require_registered
 from ...utils.cli import UserError
+from ...utils.io import read_yaml
 from .methods import ADAPTERS
 
 KINDS = ("base_novel", "cross", "kshot")
@@ -55,7 +55,7 @@ def load_protocol_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise UserError(f"protocol file {given} not found" + (f" (a _BASE_ of {_seen[-1]})" if _seen else ""), "",
                         "give one of configs/protocols/*.yaml")
-    spec = yaml.safe_load(path.read_text())
+    spec = read_yaml(path, "protocol file")
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: a protocol file is a mapping of keys (DATASETS, MODELS, ...), got {type(spec).__name__}")
     base = spec.pop("_BASE_", None)

@@ -1,0 +1,152 @@
+"""Inputs that ran code, were written through symlinks, crashed on valid data, or gave silent numbers: each is now
+read correctly or refused in one line naming the file (and exit code 2 from the tools)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from steel_fsd.engine.setup import build_config
+from steel_fsd.utils.cli import UserError, output_lock
+from steel_fsd.utils.io import MAX_NESTING, read_json, read_yaml, save_figure, write_bytes, write_image
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo" / "faster_rcnn_R18_FPN_synth_neu.yaml"
+
+
+def _evil(tmp_path, marker):
+    return f'SEED: !!python/object/apply:os.system ["touch {marker}"]\n'
+
+
+def test_a_python_tag_in_a_config_or_its_base_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "PWNED"
+    base = tmp_path / "base.yaml"
+    base.write_text(f'_BASE_: "{DEMO}"\n\n' + _evil(tmp_path, marker))
+    child = tmp_path / "child.yaml"
+    child.write_text('_BASE_: "base.yaml"\nSOLVER:\n  MAX_ITER: 3\n')
+    for cfg_file, line in ((base, 3), (child, 3)):
+        with pytest.raises(UserError, match=rf"YAML tag refused .*at {base}:{line}"):
+            build_config(str(cfg_file))
+    assert not marker.exists()
+    # through the tool: one line, exit 2, nothing run
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", str(child),
+                        "--eval-only"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "YAML tag refused" in r.stderr
+    assert not marker.exists()
+
+
+def test_protocol_and_other_yaml_and_json_files_are_plain_data_with_bounded_nesting(tmp_path):
+    from steel_fsd.engine.protocol.spec import load_protocol_file
+
+    marker = tmp_path / "PWNED"
+    proto = tmp_path / "p.yaml"
+    proto.write_text("OUTPUT_DIR: x\n" + _evil(tmp_path, marker))
+    with pytest.raises(UserError, match=rf"protocol file YAML tag refused .*at {proto}:2"):
+        load_protocol_file(proto)
+    assert not marker.exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match=rf"is not valid YAML .*{bad}:2"):
+        read_yaml(bad)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(UserError, match="nested more than"):
+        read_json(deep)
+    deep.write_text(json.dumps(json.loads("[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1))))
+    with pytest.raises(UserError, match="nested more than"):
+        read_json(deep)
+    ok = [[0]]
+    for _ in range(MAX_NESTING - 2):
+        ok = [ok]
+    deep.write_text(json.dumps(ok))
+    assert read_json(deep) == ok  # exactly MAX_NESTING deep is fine
+    torn = tmp_path / "torn.json"
+    torn.write_text('{"a": 1,\n "b": ')
+    with pytest.raises(UserError, match=rf"torn.json is not valid JSON .*torn.json:2"):
+        read_json(torn, "threshold file")
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-0.1", "1.5", "true", '"0.5"', "null"])
+def test_threshold_files_outside_0_1_or_not_numbers_are_refused(tmp_path, value):
+    sys.path.insert(0, str(REPO / "tools"))
+    import predict
+
+    f = tmp_path / "t.json"
+    f.write_text('{"score_threshold": %s}' % value)
+    with pytest.raises(UserError, match="threshold"):
+        predict.load_threshold(str(f), 0.5)
+    f.write_text('{"score_threshold": 0.25}')
+    assert predict.load_threshold(str(f), 0.5) == (0.25, str(f))
+    with pytest.raises(UserError, match=r"not a number in \[0, 1\]"):
+        predict.load_threshold(None, float("nan"))
+
+
+def test_outputs_replace_a_symlink_instead_of_writing_through_it(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, write in (("a.bin", lambda p: write_bytes(p, b"new")),
+                        ("a.png", lambda p: write_image(p, np.zeros((4, 4, 3), np.uint8))),
+                        ("fig.png", lambda p: save_figure(__import__("matplotlib.figure").figure.Figure(), p))):
+        link = out / name
+        link.symlink_to(outside)
+        write(str(link))
+        assert not link.is_symlink() and link.stat().st_size > 0
+        assert outside.read_text() == "keep me"
+
+
+def test_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "model.ts"
+    target.write_bytes(b"old model")
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:3])
+            raise OSError(28, "No space left on device")
+
+    import steel_fsd.utils.io as io_mod
+
+    real = io_mod.atomic_open
+
+    from contextlib import contextmanager
+
+    @contextmanager
+    def full_open(path, mode="w"):
+        with real(path, mode) as f:
+            yield Full(f)
+
+    monkeypatch.setattr(io_mod, "atomic_open", full_open)
+    with pytest.raises(OSError, match="No space"):
+        write_bytes(target, b"new model bytes")
+    assert target.read_bytes() == b"old model" and [p.name for p in tmp_path.iterdir()] == ["model.ts"]
+
+
+def test_a_second_live_run_into_one_output_folder_is_refused_naming_the_first(tmp_path):
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from steel_fsd.utils.cli import output_lock
+        with output_lock({str(folder)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"OUTPUT_DIR {folder} is in use by another run \(pid {holder.pid} "):
+            with output_lock(str(folder)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(str(folder)):  # the kernel released the dead run's lock
+        with output_lock(str(folder)):  # nested in one process: fine
+            pass
