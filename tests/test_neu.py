@@ -123,6 +123,8 @@ def test_unknown_class_names_the_line_of_its_object(neu_tmp):
     ([("crazing", 201, 10, 230, 20)], (200, 200), True, "box out of bounds"),
     ([("crazing", 10, 10, 5, 20)], (200, 200), True, "inverted box"),
     ([("crazing", 1, "a", 5, 20)], (200, 200), True, "bad box"),
+    ([("crazing", 1, "nan", 5, 20)], (200, 200), True, "bad box: non-finite coordinate"),
+    ([("crazing", 1, 1, "inf", 20)], (200, 200), True, "bad box: non-finite coordinate"),
 ])
 def test_bad_input_raises_in_strict_mode(neu_tmp, objects, size, image, reason):
     path = neu_tmp("x", objects, size=size, image=image)

@@ -150,3 +150,28 @@ def test_a_second_live_run_into_one_output_folder_is_refused_naming_the_first(tm
     with output_lock(str(folder)):  # the kernel released the dead run's lock
         with output_lock(str(folder)):  # nested in one process: fine
             pass
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("MODEL.PROTOTYPE.EMBED_DIM", "0", "MODEL.PROTOTYPE.EMBED_DIM is 0"),
+    ("SOLVER.IMS_PER_BATCH", "0", "SOLVER.IMS_PER_BATCH is 0"),
+    ("SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD is 0"),
+    ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.5", "SCORE_THRESH_TEST is 1.5"),
+    ("MODEL.DEVICE", "tpu", "MODEL.DEVICE is 'tpu'"),
+    ("SOLVER.BASE_LR", "-0.1", "SOLVER.BASE_LR is -0.1"),
+    ("MODEL.ROI_HEADS.NUM_CLASSES", "3", "NUM_CLASSES is 3 but t_rel_train has 6 classes"),
+])
+def test_config_values_that_would_crash_deep_inside_are_refused_by_key(tmp_path, key, value, match):
+    from detectron2.data import DatasetCatalog
+
+    from steel_fsd.data import register_neu
+    from steel_fsd.engine.setup import finalize_config
+    from steel_fsd.synthetic import make_neu_synthetic
+
+    if "t_rel_train" not in DatasetCatalog.list():
+        register_neu("t_rel_train", make_neu_synthetic(tmp_path / "neu", n_per_class=1, seed=0), split="train")
+    cfg = build_config(str(REPO / "configs" / "demo" / "proto_R18_FPN_synth_neu.yaml"),
+                       ["DATASETS.TRAIN", "('t_rel_train',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "o"),
+                        "INPUT.HARMONIZE.NORMALIZE", "False", key, value])
+    with pytest.raises(UserError, match=match):
+        finalize_config(cfg)

@@ -234,7 +234,7 @@ def test_class_list_mismatch_and_eval_without_weights_are_errors(data, tmp_path)
         load_model_for_eval(cfg)
     # heads of another size than the config's, and a checkpoint of another architecture
     cfg = finalize_config(config(FASTER, tmp_path / "o", "MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.NUM_CLASSES", "4",
-                                 "DATASETS.TEST", "('t_safe_sev_test',)"))
+                                 "DATASETS.TEST", "('t_safe_sev_test',)"), datasets=("TEST",))  # as --eval-only
     with pytest.raises(UserError, match=r"layers do not match the config \(roi_heads.box_predictor"):
         load_model_for_eval(cfg)
     cfg = finalize_config(config(PROTO, tmp_path / "o", "MODEL.WEIGHTS", weights))
@@ -413,3 +413,22 @@ def test_trainer_resumes_past_a_torn_checkpoint_and_saves_class_names(data, tmp_
     with caplog.at_level(logging.WARNING, logger="steel_fsd"):
         again.resume_or_load(resume=True)
     assert again.start_iter == 1 + 1 and "model_final.pth: truncated or corrupt" in caplog.text
+
+
+def test_prototype_files_with_repeated_or_empty_names_zero_vectors_or_missing_fields_are_refused(tmp_path):
+    path = str(tmp_path / "p.pt")
+    for names, match in ((["a", "b", "a"], r"\['a'\] repeated"), (["a", "", "c"], "non-empty")):
+        save_prototypes(PrototypeSet(names, torch.ones(3, 4), 1, 0), path)
+        with pytest.raises(PrototypeFileError, match=match):
+            load_prototypes(path)
+    protos = torch.ones(3, 4)
+    protos[2] = 0
+    save_prototypes(PrototypeSet(["a", "b", "c"], protos, 1, 0), path)
+    with pytest.raises(PrototypeFileError, match=r"prototypes of \['c'\] are zero vectors"):
+        load_prototypes(path)
+    save_prototypes(PrototypeSet(["a", "b", "c"], torch.ones(3, 4), 1, 0), path)
+    payload = torch.load(path, weights_only=True)
+    del payload["class_names"]
+    torch.save(payload, path)
+    with pytest.raises(PrototypeFileError, match=r"without the fields \['class_names'\]"):
+        load_prototypes(path)

@@ -77,8 +77,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-per-class", type=int, default=50, help="query boxes per class (seeded sample)")
     ap.add_argument("--out", required=True)
     ap.add_argument("opts", nargs=argparse.REMAINDER)
+    ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
     args = ap.parse_args(argv)
-    register_all()  # the datasets under $STEEL_FSD_DATASETS (default ./datasets)
+    register_all(args.datasets_root)
     cfg = finalize_config(build_config(args.config_file, args.opts + ["MODEL.WEIGHTS", args.weights,
                                                                      "MODEL.PROTOTYPE.SUPPORT_FILE", ""]),
                           datasets=())  # only --dataset / --support-dataset are read

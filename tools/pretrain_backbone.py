@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                                                         "config's image size; e.g. 128 for about 2.4x fewer FLOPs)")
     ap.add_argument("--out", required=True, help="backbone weights to write (.pth)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
     args = ap.parse_args(argv)
     setup_logger(name="steel_fsd")
-    register_all()
+    register_all(args.datasets_root)
     cfg = build_config(args.config_file, args.opts)
     check_output_file(args.out, "--out")
     finalize_config(cfg, datasets=("TRAIN",))  # the detector's pixel statistics

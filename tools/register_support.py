@@ -38,9 +38,10 @@ def main(argv=None) -> None:
                     help="add the new classes (--classes) to the model's own prototypes of the classes it was "
                          "trained on: only the new classes' support images are embedded")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
     args = ap.parse_args(argv)
     setup_logger(name="steel_fsd")
-    register_all()  # the datasets under $STEEL_FSD_DATASETS (default ./datasets)
+    register_all(args.datasets_root)
     cfg = build_config(args.config_file, args.opts)
     require_registered(args.dataset, "--dataset")
     check_output_file(args.out, "--out")

@@ -6,6 +6,7 @@
     python tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR/last_checkpoint
     python tools/train_net.py --config-file CFG --num-gpus 2      # 2 processes: NCCL on GPUs, gloo on CPU
 """
+import os
 import sys
 
 import _path  # noqa: F401
@@ -70,7 +71,12 @@ def check_gpus(args) -> None:
 def cli(argv: list[str]) -> int:
     """Parse Detectron2's standard arguments, check the config in this process (so mistakes are reported
     once, before any worker starts), then launch ``main`` on every process."""
-    args = default_argument_parser().parse_args(argv)
+    parser = default_argument_parser()
+    parser.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else "
+                        "./datasets)")
+    args = parser.parse_args(argv)
+    if args.datasets_root:  # through the environment: launch()'s worker processes register from it too
+        os.environ["STEEL_FSD_DATASETS"] = os.path.abspath(args.datasets_root)
     check_gpus(args)
     register_all()  # the datasets under $STEEL_FSD_DATASETS (default ./datasets)
     cfg = build_config(args.config_file, args.opts)

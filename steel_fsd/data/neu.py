@@ -12,6 +12,7 @@ Images are only checked for existence (their header is read only when ``<size>``
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -122,6 +123,10 @@ def _parse_object(obj: ET.Element, class_index: dict[str, int], height: int, wid
     except (AttributeError, TypeError, ValueError):
         skips.problem("bad box", xml_path, "<bndbox> needs numeric xmin, ymin, xmax, ymax",
                       _object_line(raw, index))
+        return None
+    if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):  # NaN compares False to everything below
+        skips.problem("bad box", xml_path, f"non-finite coordinate in xmin, ymin, xmax, ymax = "
+                      f"{xmin:g}, {ymin:g}, {xmax:g}, {ymax:g}", _object_line(raw, index))
         return None
     x0, y0, x1, y1 = xmin - 1, ymin - 1, xmax, ymax
     if x1 < x0 or y1 < y0:

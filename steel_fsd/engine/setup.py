@@ -122,6 +122,15 @@ def check_config_paths(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST
             require_registered(name, f"DATASETS.{key}", nonempty=True)
     if cfg.TEST.VAL_LOSS_DATASET and "TRAIN" in datasets:
         require_registered(cfg.TEST.VAL_LOSS_DATASET, "TEST.VAL_LOSS_DATASET")
+    if "TRAIN" in datasets:  # category ids beyond NUM_CLASSES would index past the classifier
+        from detectron2.data import MetadataCatalog
+
+        for name in cfg.DATASETS.TRAIN:
+            classes = MetadataCatalog.get(name).get("thing_classes") or []
+            if len(classes) > cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+                raise UserError(f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but {name} has "
+                                f"{len(classes)} classes {classes}", "in the config",
+                                f"set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}")
     check_output_dir(cfg.OUTPUT_DIR)
 
 
@@ -146,8 +155,43 @@ def finalize_config(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST"),
     weights will predict a prototype file's classes (:func:`use_trained_class_count`)."""
     if swap and weights and os.path.isfile(weights):
         use_trained_class_count(cfg, weights)
+    check_config_values(cfg)
     check_config_paths(cfg, datasets)
     resolve_device(cfg)
     resolve_pixel_stats(cfg, weights)
     cfg.freeze()
     return cfg
+
+
+#: (key, test, what it must be): values that would crash deep inside training or give silent nonsense
+_POSITIVE_INTS = ("SOLVER.IMS_PER_BATCH", "SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD", "MODEL.ROI_HEADS.NUM_CLASSES",
+                  "MODEL.PROTOTYPE.EMBED_DIM", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "TEST.DETECTIONS_PER_IMAGE",
+                  "INPUT.HARMONIZE.RESIZE")
+_UNIT_FLOATS = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "TEST.PRF_SCORE_THRESH")
+
+
+def _get(cfg: CfgNode, key: str):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, CfgNode) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_config_values(cfg: CfgNode) -> None:
+    """Values that would crash deep inside Detectron2 or give silent nonsense are refused here, each naming its
+    key: sizes, counts and periods must be positive integers, thresholds in [0, 1], the device cpu or cuda[:N]."""
+    for key in _POSITIVE_INTS:
+        v = _get(cfg, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"{key} is {v!r}", "in the config", "it must be a positive integer")
+    for key in _UNIT_FLOATS:
+        v = _get(cfg, key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0):
+            raise UserError(f"{key} is {v!r}", "in the config", "it must be a number in [0, 1]")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(cfg.MODEL.DEVICE)):
+        raise UserError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}", "in the config (or --device)",
+                        "use cpu or cuda (cuda:N for one GPU of several)")
+    if float(cfg.SOLVER.BASE_LR) <= 0 or not math.isfinite(float(cfg.SOLVER.BASE_LR)):
+        raise UserError(f"SOLVER.BASE_LR is {cfg.SOLVER.BASE_LR!r}", "in the config", "it must be a positive number")

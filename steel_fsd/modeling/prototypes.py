@@ -72,7 +72,19 @@ def load_prototypes(path: str) -> PrototypeSet:
         raise PrototypeFileError(f"{path}: not a steel-fsd prototype file (format field missing)")
     if payload.get("version") != VERSION:
         raise PrototypeFileError(f"{path}: prototype file version {payload.get('version')}, this code reads {VERSION}")
-    protos, names = payload["prototypes"], list(payload["class_names"])
+    keys = ("shots", "seed", "support", "weights_sha256", "config", "created")
+    missing = [k for k in ("prototypes", "class_names", "embed_dim", *keys) if k not in payload]
+    if missing:
+        raise PrototypeFileError(f"{path}: prototype file without the fields {missing}; rebuild it with "
+                                 "tools/register_support.py")
+    protos, names = payload["prototypes"], payload["class_names"]
+    if not torch.is_tensor(protos) or not protos.is_floating_point() or not isinstance(names, (list, tuple)):
+        raise PrototypeFileError(f"{path}: prototypes must be a float tensor and class_names a list")
+    names = list(names)
+    if any(not isinstance(n, str) or not n.strip() for n in names) or len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1}, key=str)
+        raise PrototypeFileError(f"{path}: class names must be distinct non-empty strings, got {names}"
+                                 + (f" ({dup} repeated: every detection would take the first)" if dup else ""))
     if protos.ndim != 2 or protos.shape[0] != len(names) or protos.shape[1] != payload["embed_dim"]:
         raise PrototypeFileError(f"{path}: prototypes of shape {tuple(protos.shape)} do not match "
                                  f"{len(names)} classes x embed_dim {payload['embed_dim']}")
@@ -80,7 +92,10 @@ def load_prototypes(path: str) -> PrototypeSet:
         bad = sorted({names[i] for i in (~torch.isfinite(protos)).any(1).nonzero().flatten().tolist()})
         raise PrototypeFileError(f"{path}: prototypes of {bad} hold NaN or inf values; rebuild the file with "
                                  "tools/register_support.py")
-    keys = ("shots", "seed", "support", "weights_sha256", "config", "created")
+    zero = [names[i] for i in (protos.norm(dim=1) == 0).nonzero().flatten().tolist()]
+    if zero:
+        raise PrototypeFileError(f"{path}: prototypes of {zero} are zero vectors (no direction: a cosine logit "
+                                 "of 0 for every box); rebuild the file with tools/register_support.py")
     return PrototypeSet(names, protos, **{k: payload[k] for k in keys})
 
 
