@@ -405,3 +405,23 @@ def test_seeds_argument_ranges():
     assert run_fewshot.seeds_arg(["0..4"]) == [0, 1, 2, 3, 4]
     assert run_fewshot.seeds_arg(["3", "7..8"]) == [3, 7, 8]
     assert np.array_equal(run_fewshot.seeds_arg(["2"]), [2])
+
+
+def test_novel_class_typos_and_paths_are_refused_before_any_training(data, tmp_path):
+    from steel_fsd.utils.cli import UserError
+
+    spec = {"OUTPUT_DIR": str(tmp_path / "out"), "SHOTS": [1], "SEEDS": [0],
+            "DATASETS": {"neu": {p: f"t_pr_neu_{p}" for p in ("train", "val", "test")}},
+            "MODELS": {"prototype": str(REPO / "configs/demo/proto_R18_FPN_synth_neu.yaml")},
+            "METHODS": {"prototype": {"model": "prototype", "adapt": "support"}},
+            "SETTINGS": [{"kind": "base_novel", "dataset": "neu", "novel": ["inclusoin"]}]}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError, match=r"novel classes \['inclusoin'\] are not classes of t_pr_neu_train"):
+        Protocol(path).run()
+    assert not (tmp_path / "out" / "models").exists()  # nothing trained
+    for novel in (["../../etc"], ["a/b"], [""], []):
+        spec["SETTINGS"][0]["novel"] = novel
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(UserError, match="novel"):
+            Protocol(path)

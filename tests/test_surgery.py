@@ -165,6 +165,12 @@ def test_prototype_bank_rows_and_init_prototypes():
         resize_state_dict(state("faster", 4), BASE, NEU, init_prototypes={NEU[5]: torch.ones(16)})
 
 
+def _bare(tmp_path, model_state):
+    path = tmp_path / "bare.pth"
+    torch.save({"model": model_state}, path)
+    return path
+
+
 def test_checkpoint_round_trip_keeps_only_the_model(tmp_path):
     old = state("faster", 4)
     src, dst = tmp_path / "model_final.pth", tmp_path / "resized.pth"
@@ -183,6 +189,14 @@ def test_checkpoint_round_trip_keeps_only_the_model(tmp_path):
         resize_checkpoint(str(src), str(dst), BASE, NEU)
     with pytest.raises(ValueError, match="destination is the source"):
         resize_checkpoint(str(dst), str(dst), NEU, NEU)
+    # the stored names rule: a source list in another order is refused (rows would be relabelled), none uses them
+    again = tmp_path / "again.pth"
+    with pytest.raises(ValueError, match=r"stores its classes \['crazing', .*but the source classes given are \['scratches'"):
+        resize_checkpoint(str(dst), str(again), NEU[::-1], BASE)
+    assert resize_checkpoint(str(dst), str(again), None, BASE)["new"] == []
+    again.unlink()
+    with pytest.raises(ValueError, match="stores no class names"):
+        resize_checkpoint(str(_bare(tmp_path, old)), str(again), None, BASE)
 
 
 def test_errors_name_the_problem(tmp_path):

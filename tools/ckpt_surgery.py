@@ -2,11 +2,12 @@
 """Resize a detector checkpoint's class-specific layers to a new class list (two-phase fine-tuning).
 
     python tools/ckpt_surgery.py --src model_final.pth --dst model_resized.pth \
-        (--source-classes A B ... | --source-dataset NAME) (--target-classes A B ... | --target-dataset NAME) \
+        [--source-classes A B ... | --source-dataset NAME] (--target-classes A B ... | --target-dataset NAME) \
         [--seed 0] [--init-prototypes protos.pt] [--datasets-root DIR]
 
 Classes are matched by name (see :mod:`steel_fsd.modeling.surgery`); ``--*-dataset`` takes a registered
-dataset's ``thing_classes``. Only the model weights are written, so fine-tuning starts at iteration 0:
+dataset's ``thing_classes``; without a source, the class names stored in the checkpoint (steel-fsd checkpoints
+store them; given names must equal them). Only the model weights are written, so fine-tuning starts at iteration 0:
     python tools/train_net.py --config-file CFG MODEL.WEIGHTS model_resized.pth ...
 Prints the report (copied, new and dropped classes, heads resized) as JSON.
 """
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="trained checkpoint (.pth)")
     p.add_argument("--dst", required=True, help="resized checkpoint to write")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--source-classes", nargs="+", help="class names of --src, in its order")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--source-classes", nargs="+", help="class names of --src, in its order (default: the names "
+                     "stored in steel-fsd checkpoints)")
     src.add_argument("--source-dataset", help="registered dataset whose thing_classes --src was trained on")
     tgt = p.add_mutually_exclusive_group(required=True)
     tgt.add_argument("--target-classes", nargs="+", help="class names of the fine-tuned model, in its order")
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.source_dataset or args.target_dataset:
         register_all(args.datasets_root)
-    source = args.source_classes or dataset_classes(args.source_dataset, "--source-dataset")
+    source = args.source_classes or (dataset_classes(args.source_dataset, "--source-dataset")
+                                     if args.source_dataset else None)
     target = args.target_classes or dataset_classes(args.target_dataset, "--target-dataset")
     init = None
     if args.init_prototypes:

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import META_KEY, atomic_save, read_weights_file
+from .checkpoint import META_KEY, atomic_save, checkpoint_classes, read_weights_file
 
 SOFTMAX = "roi_heads.box_predictor.cls_score"
 BBOX = "roi_heads.box_predictor.bbox_pred"
@@ -151,7 +151,7 @@ def resize_state_dict(state: dict[str, torch.Tensor], source_classes: list[str],
     return out, report
 
 
-def resize_checkpoint(src_path: str, dst_path: str, source_classes: list[str], target_classes: list[str],
+def resize_checkpoint(src_path: str, dst_path: str, source_classes: list[str] | None, target_classes: list[str],
                       seed: int = 0, init_prototypes: dict[str, torch.Tensor] | None = None) -> dict:
     """Resize a checkpoint file (Detectron2's ``{"model": state, ...}`` or a bare state dict) with
     :func:`resize_state_dict` and write ``{"model": new_state}`` to ``dst_path`` atomically.
@@ -159,7 +159,8 @@ def resize_checkpoint(src_path: str, dst_path: str, source_classes: list[str], t
     The file is read with :func:`~steel_fsd.modeling.checkpoint.read_weights_file` (no code runs from it:
     anything but tensors, numpy arrays and plain data is refused). Optimizer, scheduler and iteration are
     dropped, so fine-tuning from ``dst_path`` starts at iteration 0; the target class names are stored
-    with the weights. Returns the report, plus ``"discarded"``: the checkpoint's other top-level keys.
+    with the weights. ``source_classes`` None: the names stored in the checkpoint; given, they must equal them
+    (when stored). Returns the report, plus ``"discarded"``: the checkpoint's other top-level keys.
     """
     if os.path.exists(dst_path) and os.path.samefile(src_path, dst_path):
         raise ValueError(f"{dst_path}: destination is the source checkpoint; write to a new file")
@@ -170,6 +171,15 @@ def resize_checkpoint(src_path: str, dst_path: str, source_classes: list[str], t
         state, discarded = ckpt, []
     else:
         raise ValueError(f"{src_path}: neither a Detectron2 checkpoint (no 'model' dict) nor a state dict")
+    stored = checkpoint_classes(ckpt)
+    if source_classes is None:
+        if stored is None:
+            raise ValueError(f"{src_path}: the checkpoint stores no class names; give the source classes")
+        source_classes = stored
+    elif stored is not None and stored != list(source_classes):  # rows would be relabelled silently
+        raise ValueError(f"{src_path}: the checkpoint stores its classes {stored}, but the source classes given are "
+                         f"{list(source_classes)}; give them in the checkpoint's order (or omit them to use the "
+                         "checkpoint's)")
     try:
         new_state, report = resize_state_dict(state, list(source_classes), list(target_classes), seed,
                                               init_prototypes)

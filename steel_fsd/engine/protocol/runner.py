@@ -219,6 +219,7 @@ class Protocol(ProtocolSpec):
         the VARIANTS rows, logging progress and ETA; then write results.json/csv, report.md and the plots. Returns
         :func:`~steel_fsd.evaluation.fewshot_report.write_report`'s summary (``markdown``, ``plots``)."""
         todo = self.cells(settings) if cells else []
+        self.check_classes(sorted({job[0] for job in todo}, key=lambda s: s.name))
         extra = [(kind, row, spec) for kind, rows in self.variants.items() for row, spec in rows.items()] if variants else []
         total, start = len(todo) + len(extra), time.perf_counter()
         logger.info("[protocol] %d cells + %d variant rows -> %s", len(todo), len(extra), self.out)

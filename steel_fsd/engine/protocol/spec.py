@@ -42,7 +42,15 @@ class Setting:
         for key in (src, tgt):
             if key not in datasets:
                 raise ValueError(f"setting {spec}: dataset {key!r} is not in DATASETS {sorted(datasets)}")
-        return Setting(kind, src, tgt, tuple(spec.get("novel", ())))
+        novel = spec.get("novel", ())
+        if not isinstance(novel, (list, tuple)) or any(
+                not isinstance(n, str) or not n.strip() or n in (".", "..") or "/" in n or "\\" in n for n in novel):
+            raise UserError(f"setting {spec}: novel must list class names (no path separators)", "in the protocol file",
+                            "name classes of the source dataset, e.g. novel: [crazing, scratches]")
+        if kind == "base_novel" and not novel:
+            raise UserError(f"setting {spec}: a base_novel setting needs novel classes", "in the protocol file",
+                            "add novel: [...]")
+        return Setting(kind, src, tgt, tuple(novel))
 
 
 def load_protocol_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
@@ -127,6 +135,19 @@ class ProtocolSpec:
 
     def classes(self, key: str) -> list[str]:
         return list(MetadataCatalog.get(self.split(key, "train")).thing_classes)
+
+    def check_classes(self, settings: list[Setting]) -> None:
+        """Before any training: every novel class of a base/novel setting is a class of its dataset, and at
+        least one base class is left (:class:`UserError` naming the setting and the dataset's classes)."""
+        for s in settings:
+            if s.kind != "base_novel":
+                continue
+            classes = self.classes(s.source)
+            unknown = [n for n in s.novel if n not in classes]
+            if unknown or len(set(s.novel)) >= len(classes):
+                raise UserError(f"setting {s.name}: novel classes {unknown or list(s.novel)} "
+                                + ("are not classes of" if unknown else "leave no base class in")
+                                + f" {self.split(s.source, 'train')}", str(self.path), f"choose among {classes}")
 
     # ----- everything -----------------------------------------------------------------------------
     def cells(self, only: list[Setting] | None = None) -> list[tuple]:
