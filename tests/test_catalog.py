@@ -78,7 +78,7 @@ def test_splits_share_one_load_and_partition_the_data(datasets_root, monkeypatch
         tiled = {s: DatasetCatalog.get(f"severstal_tiled_{s}") for s in SPLITS}
     assert calls == ["load_neu_voc", "load_severstal"]
     assert f"neu_train: {len(neu['train'])} images, boxes per class {{crazing: " in caplog.text
-    assert "severstal_val:" in caplog.text and "negatives, skips: no skips" in caplog.text
+    assert "severstal_val:" in caplog.text and "(all splits): no skips" in caplog.text
 
     keys = [d["image_key"] for s in SPLITS for d in neu[s]]
     assert len(keys) == len(set(keys)) == 1440

@@ -175,3 +175,37 @@ def test_config_values_that_would_crash_deep_inside_are_refused_by_key(tmp_path,
                         "INPUT.HARMONIZE.NORMALIZE", "False", key, value])
     with pytest.raises(UserError, match=match):
         finalize_config(cfg)
+
+
+def test_pixel_statistics_and_dataset_digest_follow_the_annotations(tmp_path):
+    """Editing an annotation changes the dataset digest, so the cached pixel statistics (and the protocol's
+    models, keyed the same way) are rebuilt instead of reused."""
+    from detectron2.data import DatasetCatalog
+
+    from steel_fsd.data import register_neu
+    from steel_fsd.data.catalog import dataset_digest, forget_loaded
+    from steel_fsd.engine.setup import finalize_config
+    from steel_fsd.synthetic import make_neu_synthetic
+
+    root = make_neu_synthetic(tmp_path / "neu", n_per_class=1, seed=0)
+    register_neu("t_rel_digest_a", root, split="train")
+    before = dataset_digest("t_rel_digest_a")
+    assert dataset_digest("t_rel_digest_a") == before  # deterministic
+    cfg_args = ["DATASETS.TRAIN", "('t_rel_digest_a',)", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "o"),
+                "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
+    finalize_config(build_config(str(REPO / "configs" / "demo" / "proto_R18_FPN_synth_neu.yaml"), cfg_args))
+    key1 = json.loads((tmp_path / "o" / "pixel_stats.json").read_text())["key"]
+    stem = Path(DatasetCatalog.get("t_rel_digest_a")[0]["file_name"]).stem  # an image of this split
+    xml = next((root / "ANNOTATIONS").glob(f"{stem}.xml"))
+    text = xml.read_text()
+    xmin = int(text.split("<xmin>")[1].split("<")[0])
+    xml.write_text(text.replace(text[text.index("<xmax>"):text.index("</xmax>")], f"<xmax>{xmin + 3}", 1))
+    forget_loaded()
+    register_neu("t_rel_digest_b", root, split="train")  # the same files read again
+    assert dataset_digest("t_rel_digest_b") != before
+    cfg_args[1] = "('t_rel_digest_b',)"
+    finalize_config(build_config(str(REPO / "configs" / "demo" / "proto_R18_FPN_synth_neu.yaml"), cfg_args))
+    key2 = json.loads((tmp_path / "o" / "pixel_stats.json").read_text())["key"]
+    assert key1["content"] != key2["content"]
+    DatasetCatalog.remove("t_rel_digest_a")
+    DatasetCatalog.remove("t_rel_digest_b")

@@ -91,7 +91,10 @@ def summary_line(name: str, dicts: list[dict], class_names: Sequence[str], skips
 def _get(name: str, kind: str, root: str, class_names: tuple[str, ...], strict: bool, split: str | None,
          seed: int, tile: int | None) -> list[dict]:
     dicts = pickle.loads(_pickled(kind, root, class_names, strict, split, seed, tile))
-    logger.info(summary_line(name, dicts, class_names, _load(kind, root, class_names, strict)[1]))
+    line = summary_line(name, dicts, class_names, _load(kind, root, class_names, strict)[1])
+    if split is not None:  # skips are counted while loading the folder, before it is split
+        line = line.replace(", skips: ", f", skips in {os.path.basename(root)} (all splits): ")
+    logger.info(line)
     return dicts
 
 
@@ -190,6 +193,31 @@ def require_registered(name: str, where: str, nonempty: bool = False) -> None:
                     f"the datasets root {datasets_root()} (set STEEL_FSD_DATASETS or pass --datasets-root) holds "
                     + (", ".join(found) if found else "no steel dataset (expected folders "
                        + ", ".join(f for f, _ in NEU_FOLDERS + SEVERSTAL_FOLDERS + MT_FOLDERS) + ")"))
+
+
+def forget_loaded() -> None:
+    """Drop the per-process cache of loaded dataset folders (the next ``DatasetCatalog.get`` reads the files
+    again): for a process that edits annotations and registers the folder again."""
+    for cached in (_load, _split, _pickled):
+        cached.cache_clear()
+
+
+def dataset_digest(name: str) -> str:
+    """sha256 (16 hex digits) of a registered dataset's content as a model sees it: every image's file name
+    (relative to the dataset root), size, crop and annotations (boxes, classes, masks). Caches keyed by it
+    (pixel statistics, the protocol's trained models) are rebuilt when an annotation or the image list changes.
+    Image bytes are not read: replacing an image file under the same name keeps the digest."""
+    import hashlib
+    import json
+
+    root = MetadataCatalog.get(name).get("dataset_root")
+    h = hashlib.sha256()
+    for d in DatasetCatalog.get(name):
+        f = d.get("file_name", "")
+        rel = os.path.relpath(f, root) if root and os.path.isabs(f) else f
+        record = {k: v for k, v in d.items() if k not in ("file_name", "image_id")}
+        h.update(json.dumps([rel, record], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 def datasets_root() -> str:

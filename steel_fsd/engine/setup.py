@@ -9,6 +9,7 @@ import re
 import torch
 import yaml
 from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog
 
 from ..config import add_steel_fsd_config
 from ..data.catalog import require_registered
@@ -71,7 +72,10 @@ def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
     from ..data.stats import pixel_stats
     from ..data.transforms import CLAHETransform
 
-    key = {"datasets": list(cfg.DATASETS.TRAIN), "clahe": [cfg.INPUT.HARMONIZE.CLAHE, cfg.INPUT.HARMONIZE.CLAHE_CLIP,
+    from ..data.catalog import dataset_digest
+
+    content = [dataset_digest(n) if n in DatasetCatalog.list() else None for n in cfg.DATASETS.TRAIN]
+    key = {"datasets": list(cfg.DATASETS.TRAIN), "content": content, "clahe": [cfg.INPUT.HARMONIZE.CLAHE, cfg.INPUT.HARMONIZE.CLAHE_CLIP,
            cfg.INPUT.HARMONIZE.CLAHE_TILES], "max_images": cfg.INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES}
     cache = os.path.abspath(os.path.join(cfg.OUTPUT_DIR, "pixel_stats.json"))
     trained = os.path.join(os.path.dirname(os.path.abspath(weights)), "pixel_stats.json") if weights else None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ...data.catalog import dataset_digest
 from ...data.splits import sha256_files
 from ...data.subsets import register_class_subset, register_manifest
 from ...data.support import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
@@ -85,9 +86,11 @@ class Protocol(ProtocolSpec):
                        "MODEL.ROI_HEADS.NUM_CLASSES", str(n), "MODEL.RETINANET.NUM_CLASSES", str(n), "SEED", str(seed),
                        "TEST.VAL_LOSS_DATASET", val_ds]
         # the folder is keyed by the whole merged config, so editing a config file (or its _BASE_) retrains
-        # (and by the pretrained backbone's content: re-pretraining into the same file retrains too)
+        # (and by the pretrained backbone's content: re-pretraining into the same file retrains too), and by the
+        # content of its datasets: edited annotations or another image list retrain
         key = hashlib.sha256((model_identity(build_config(self.models[model], opts))
-                              + (file_sha256(pretrained) if pretrained else "")).encode()).hexdigest()[:8]
+                              + (file_sha256(pretrained) if pretrained else "")
+                              + dataset_digest(train_ds) + dataset_digest(val_ds)).encode()).hexdigest()[:8]
         out_dir = self.models_dir / f"{label}-{key}"
         cfg = self.config(model, opts, out_dir)
         weights = out_dir / "model_final.pth"
