@@ -133,3 +133,14 @@ def test_real_severstal_round_trip(tmp_path):
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def test_a_split_without_any_box_exports_and_loads(tmp_path):
+    """A split of negatives only (a small folder, a Severstal CSV without defects): an empty annotation list,
+    which pycocotools loads, instead of a missing key."""
+    dicts = [d for d in make_dicts(tmp_path) if not d["annotations"]]
+    coco = to_coco(dicts, CLASSES, "negatives")
+    assert coco["annotations"] == [] and len(coco["images"]) == 1
+    path = tmp_path / "neg.json"
+    write_coco(path, coco)
+    assert COCO(str(path)).getAnnIds() == []

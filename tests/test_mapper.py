@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from detectron2.config import get_cfg
@@ -126,3 +128,25 @@ def test_from_config_uses_steel_augmentations():
     cfg.MODEL.MASK_ON = True
     assert SteelDatasetMapper(cfg, is_train=True).recompute_boxes
     assert not SteelDatasetMapper(cfg, is_train=False).recompute_boxes
+
+
+def test_one_pixel_images_train_through_every_augmentation(tmp_path):
+    """A 1x1 image used to crash after the flip (a negative-stride view NumPy calls contiguous)."""
+    import cv2
+    from detectron2.structures import BoxMode
+
+    from steel_fsd.data.mapper import SteelDatasetMapper
+    from steel_fsd.engine.setup import build_config
+
+    path = str(tmp_path / "one.png")
+    cv2.imwrite(path, np.full((1, 1), 120, np.uint8))
+    cfg = build_config(str(Path(__file__).resolve().parents[1] / "configs/demo/proto_R18_FPN_synth_neu.yaml"),
+                       ["INPUT.AUG.VFLIP", "True"])
+    mapper = SteelDatasetMapper(cfg, True)
+    d = {"file_name": path, "height": 1, "width": 1, "image_id": 0,
+         "annotations": [{"bbox": [0, 0, 1, 1], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0, "iscrowd": 0}]}
+    for _ in range(12):  # both flip outcomes, several times
+        out = mapper(d)
+        size = cfg.INPUT.HARMONIZE.RESIZE
+        assert tuple(out["image"].shape[1:]) == (size, size)
+        assert out["instances"].gt_boxes.tensor.tolist() == [[0.0, 0.0, float(size), float(size)]]

@@ -57,6 +57,7 @@ def to_coco(dicts: list[dict], class_names: Sequence[str], dataset_name: str,
     finally:
         DatasetCatalog.remove(tmp)
         MetadataCatalog.remove(tmp)
+    coco.setdefault("annotations", [])  # Detectron2 leaves the key out when no image has a box
     src = [a for d in ordered for a in d.get("annotations", [])]  # the exporter's annotation order
     for ann, a in zip(coco["annotations"], src):
         if "difficult" in a:

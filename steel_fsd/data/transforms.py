@@ -168,6 +168,29 @@ def _resize(cfg: CfgNode) -> list[T.Augmentation]:
     return [T.ResizeShortestEdge(size, max_size=size)]
 
 
+class _CopyingHFlip(T.HFlipTransform):
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return super().apply_image(img).copy()
+
+
+class _CopyingVFlip(T.VFlipTransform):
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return super().apply_image(img).copy()
+
+
+class RandomFlip(T.RandomFlip):
+    """Detectron2's ``RandomFlip`` whose flipped image is a copy, not a negative-stride view: for an image one
+    pixel wide (or high) NumPy calls the view contiguous, so the next transform's ``torch.from_numpy`` failed."""
+
+    def get_transform(self, image):
+        t = super().get_transform(image)
+        if isinstance(t, T.HFlipTransform):
+            return _CopyingHFlip(t.width)
+        if isinstance(t, T.VFlipTransform):
+            return _CopyingVFlip(t.height)
+        return t
+
+
 def build_harmonization(cfg: CfgNode) -> list[T.Augmentation]:
     """Deterministic preprocessing used at train and test time: CLAHE (if on), then resize."""
     return _clahe(cfg) + _resize(cfg)
@@ -189,9 +212,9 @@ def build_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
         deg = float(aug.ROTATION_DEG)
         augs.append(T.RandomRotation([-deg, deg], expand=False))
     if aug.HFLIP:
-        augs.append(T.RandomFlip(prob=0.5, horizontal=True, vertical=False))
+        augs.append(RandomFlip(prob=0.5, horizontal=True, vertical=False))
     if aug.VFLIP:
-        augs.append(T.RandomFlip(prob=0.5, horizontal=False, vertical=True))
+        augs.append(RandomFlip(prob=0.5, horizontal=False, vertical=True))
     augs += _resize(cfg)
     if aug.GAMMA:
         augs.append(RandomGamma(*aug.GAMMA_RANGE))
