@@ -8,12 +8,13 @@ import os
 import pickle
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from steel_fsd.data import NEU_CLASSES, SEVERSTAL_CLASSES, register_neu, register_severstal
 from steel_fsd.data.errors import DatasetError
@@ -432,3 +433,20 @@ def test_prototype_files_with_repeated_or_empty_names_zero_vectors_or_missing_fi
     torch.save(payload, path)
     with pytest.raises(PrototypeFileError, match=r"without the fields \['class_names'\]"):
         load_prototypes(path)
+
+
+def test_shots_above_what_a_class_has_say_how_many_were_used_or_refuse_when_strict(data, tmp_path, caplog):
+    weights = saved_model(PROTO, tmp_path / "w" / "model_final.pth")
+    cfg = finalize_config(config(PROTO, tmp_path / "o"))
+    out = str(tmp_path / "p.pt")
+    with pytest.raises(UserError, match=r"--shots 1000: t_safe_neu_train has fewer boxes for \[.*boxes used per class"):
+        register_support(cfg, weights, "t_safe_neu_train", 1000, 0, out, progress=False, strict=True)
+    assert not os.path.exists(out)
+    ps = register_support(cfg, weights, "t_safe_neu_train", 1000, 0, out, progress=False)
+    boxes = Counter(DatasetCatalog.get("t_safe_neu_train")[i]["annotations"][j]["category_id"]
+                    for i in range(len(DatasetCatalog.get("t_safe_neu_train")))
+                    for j in range(len(DatasetCatalog.get("t_safe_neu_train")[i]["annotations"])))
+    used = Counter(s["class"] for s in ps.support)
+    names = MetadataCatalog.get("t_safe_neu_train").thing_classes
+    assert {names[c]: n for c, n in boxes.items()} == dict(used)  # every box of every class, no more
+    assert "boxes used per class" in caplog.text

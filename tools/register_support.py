@@ -34,6 +34,8 @@ def main(argv=None) -> None:
     ap.add_argument("--support-manifest", help="JSON list of {image_key[, bbox]}: draw supports only from these")
     ap.add_argument("--classes", nargs="+", help="only these classes (e.g. one new rare defect)")
     ap.add_argument("--append-to", help="add the new classes to this existing prototype file")
+    ap.add_argument("--strict", action="store_true", help="refuse when a class has fewer than --shots boxes "
+                    "(default: use all it has and say how many)")
     ap.add_argument("--with-trained", action="store_true",
                     help="add the new classes (--classes) to the model's own prototypes of the classes it was "
                          "trained on: only the new classes' support images are embedded")
@@ -52,7 +54,7 @@ def main(argv=None) -> None:
         manifest = read_json(args.support_manifest, "K-shot manifest")
     ps = register_support(cfg, args.weights, args.dataset, args.shots, args.seed, args.out, args.classes,
                           manifest, args.support_manifest or "manifest", args.append_to,
-                          with_trained=args.with_trained)
+                          with_trained=args.with_trained, strict=args.strict)
     print(f"[register_support] {args.out}: classes {ps.class_names}, K={args.shots}, seed={args.seed}")
 
 

@@ -31,8 +31,11 @@ logger = logging.getLogger("steel_fsd")
 def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed: int, out: str,
                      classes: list[str] | None = None, manifest: list[dict] | dict | None = None,
                      manifest_path: str = "manifest", append_to: str | None = None,
-                     progress: bool = True, with_trained: bool = False) -> PrototypeSet:
+                     progress: bool = True, with_trained: bool = False, strict: bool = False) -> PrototypeSet:
     """Prototypes of ``dataset``'s classes (or ``classes``) from K seeded supports; written to ``out``.
+
+    A class with fewer than K boxes uses all of them, with a warning stating the boxes used per class
+    (``strict``: a :class:`UserError` instead).
 
     ``append_to``: added to that prototype file's classes. ``with_trained``: added to the model's own
     prototypes (:func:`trained_prototypes`) of the classes it was trained on, so only ``classes`` are embedded
@@ -62,6 +65,13 @@ def register_support(cfg: CfgNode, weights: str, dataset: str, shots: int, seed:
         dicts, class_names = restrict_classes(dicts, class_names, list(classes)), list(classes)
     logger.info("register_support: %s classes %s, K=%d, seed=%d", dataset, class_names, shots, seed)
     ps = build_prototypes(model, dicts, class_names, SteelDatasetMapper(cfg, is_train=False), shots, seed, progress)
+    used = {c: sum(1 for s in ps.support if s["class"] == c) for c in class_names}
+    short = {c: n for c, n in used.items() if n < shots}
+    if short:  # a class with fewer than K boxes uses all it has: say so, or refuse under strict
+        message = (f"--shots {shots}: {dataset} has fewer boxes for {sorted(short)}; boxes used per class: {used}")
+        if strict:
+            raise UserError(message, "", f"lower --shots to {min(used.values())} or drop --strict")
+        logger.warning("register_support: %s (all of them; --strict refuses this)", message)
     ps.weights_sha256, ps.config = file_sha256(weights), relevant_config(cfg)
     if append_to:
         ps = append_class(load_prototypes(append_to), ps)
