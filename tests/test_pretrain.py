@@ -181,6 +181,7 @@ def test_pretrain_exports_the_configs_backbone_and_resumes(tiny_neu, tmp_path, m
     from steel_fsd.engine.setup import build_config, finalize_config
     from steel_fsd.modeling.checkpoint import SafeCheckpointer
     from steel_fsd.pretrain.train import pretrain
+    from steel_fsd.utils.cli import UserError
 
     opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
             "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
@@ -197,6 +198,9 @@ def test_pretrain_exports_the_configs_backbone_and_resumes(tiny_neu, tmp_path, m
                    progress=False)
     assert len(rec["history"]) == 2 and rec["history"][0] == first  # resumed after epoch 1
     assert rec["probe_acc_init"] == init  # carried over, not re-measured on the trained weights
+    other = "simclr" if method != "simclr" else "nnclr"  # resuming with another method: one line, not a traceback
+    with pytest.raises(UserError, match=f"resumable state of a {method} pretraining, not of this {other} one"):
+        pretrain(cfg, dicts, other, 3, out, batch=6, progress=False)
     model = build_model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("backbone.bottom_up.")}
     ck = SafeCheckpointer(model)

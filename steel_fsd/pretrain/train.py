@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T2
 
+from ..utils.cli import UserError
 from ..utils.io import write_json
 from .contrastive import SupportQueue, nnclr_loss, nt_xent
 
@@ -175,7 +176,16 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
     start_epoch = 0
     if os.path.isfile(state_path):
         st = read_weights_file(state_path)
-        model.load_state_dict(st["encoder"])
+        saved = st.get("method") if isinstance(st, dict) else None
+        if not isinstance(st, dict) or "encoder" not in st or (saved is not None and saved != method):
+            raise UserError(f"{state_path} is the resumable state of " + (f"a {saved} pretraining" if saved else
+                            "another run") + f", not of this {method} one", "",
+                            "pass the same --method to resume it, or another --out for a new run")
+        try:
+            model.load_state_dict(st["encoder"])
+        except RuntimeError as e:
+            raise UserError(f"{state_path} does not fit this {method} encoder ({str(e).splitlines()[0]})", "",
+                            "pass the settings it was started with, or another --out for a new run") from None
         opt.load_state_dict(st["optimizer"])
         start_epoch, record["history"] = int(st["epoch"]), list(st["history"])
         if probe_labels is not None:
@@ -233,7 +243,7 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
         record["history"].append(entry)
         logger.info("pretrain %s epoch %d/%d: loss %.4f%s (%.0f s)", method, epoch + 1, epochs, entry["loss"],
                     f", linear probe {entry['probe_acc']:.1f}%" if "probe_acc" in entry else "", entry["seconds"])
-        atomic_save({"encoder": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+        atomic_save({"encoder": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1, "method": method,
                      "history": record["history"], "probe_acc_init": record.get("probe_acc_init")}, state_path)
     atomic_save({"model": {f"{prefix}{k}": v for k, v in resnet.state_dict().items()}}, out)
     write_json(record_path, record, indent=2)
