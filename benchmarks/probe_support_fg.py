@@ -29,7 +29,7 @@ from steel_fsd.data.support import load_manifest, manifest_support_dicts, sample
 from steel_fsd.engine.fewshot import embed_instances  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
 from steel_fsd.engine.trainer import evaluate, load_model_for_eval  # noqa: E402
-from steel_fsd.modeling.prototype_heads import cosine_logits  # noqa: E402
+from steel_fsd.modeling.cosine_head import cosine_scores  # noqa: E402
 
 SETTING = "base_novel_neu_novel-inclusion+patches"
 NOVEL = ("inclusion", "patches")
@@ -48,7 +48,7 @@ def support_offsets(model, cfg, manifest: dict, names: list[str], shots: int, se
     zb = embed_instances(model, picks, SteelDatasetMapper(cfg, is_train=False), embed=embed_and_bg)
     labels = torch.tensor([d["annotations"][i]["category_id"] for d, i in picks])
     with torch.no_grad():
-        logq = F.log_softmax(cosine_logits(zb[:, :-1], pred.active_prototypes(), pred.tau), 1)
+        logq = F.log_softmax(cosine_scores(zb[:, :-1], pred.active_prototypes(), pred.tau), 1)
     need = [(zb[labels == c, -1] - logq[labels == c, c]).median() for c in range(len(names))]
     return torch.stack(need).clamp(min=0)
 
@@ -93,8 +93,8 @@ def main() -> None:
                                       names, k, seed)
             pred, plain = model.roi_heads.box_predictor, model.roi_heads.box_predictor.logits
             for variant in ("swap", "swap+support offsets"):
-                def logits(features, fg, available=None, on=variant != "swap"):
-                    out_ = plain(features, fg, available)
+                def logits(z, bg, fg, available=None, on=variant != "swap"):
+                    out_ = plain(z, bg, fg, available)
                     return torch.cat([out_[:, :-1] + offsets.to(out_), out_[:, -1:]], 1) if on else out_
                 pred.logits = logits
                 res = evaluate(cfg, model)["neu_val"]["bbox"]

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_registration.py", "bench_speed.py", "bench_prototype.py", "bench_background.py"]
+BENCHES = ["bench_registration.py", "bench_speed.py", "bench_prototype.py"]
 
 if __name__ == "__main__":
     for bench in BENCHES:

@@ -64,13 +64,6 @@ def add_prototype_config(cfg: CN) -> CN:
     cfg.MODEL.PROTOTYPE.MOMENTUM = 0.9           # EMA momentum of the prototype memory bank
     cfg.MODEL.PROTOTYPE.TRIPLET_MARGIN = 0.3     # alpha
     cfg.MODEL.PROTOTYPE.TRIPLET_WEIGHT = 0.1     # lambda (paper: 1.0, unstable even with BN); 0 disables it
-    cfg.MODEL.PROTOTYPE.TRIPLET_WARMUP_ITERS = 0 # the triplet weight ramps linearly from 0 over these iterations
-    cfg.MODEL.PROTOTYPE.BACKGROUND = "logit"     # "logit" (learned, from the box feature) or "prototype"
-    # Training prototypes: "ema" (the paper's: EMA memory bank of class means) or "learned" (parameters
-    # imprinted from a class's first batch mean, then trained by the loss; the bank is still kept).
-    cfg.MODEL.PROTOTYPE.SOURCE = "ema"
-    # Classes absent from a batch: "bank" (their stale bank rows stay in the softmax) or "mask" (left out).
-    cfg.MODEL.PROTOTYPE.ABSENT_CLASSES = "bank"
     # Logits: "factorized" (p(c) = p(fg) * softmax_c(tau*cos(z, mu_c)), p(fg) from the background logit) or
     # "distance" (the paper's -tau*||z-mu_c||^2 in one softmax with the background logit; see prototype_heads.py).
     cfg.MODEL.PROTOTYPE.LOGIT = "factorized"

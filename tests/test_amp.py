@@ -53,7 +53,9 @@ def test_mixed_precision_training_and_evaluation_run_both_heads(tmp_path, config
     model = trainer.model
     def record(name):
         def hook(module, inputs, output):
-            dtypes.setdefault(name, (output[0] if isinstance(output, tuple) else output).dtype)
+            while isinstance(output, tuple):  # the prototype head returns ((z, bg), deltas)
+                output = output[0]
+            dtypes.setdefault(name, output.dtype)
         return hook
 
     model.backbone.bottom_up.stem.register_forward_hook(record("stem"))
@@ -114,12 +116,13 @@ def test_prototype_head_is_float32_inside_autocast():
     proposals = [Instances((64, 64), proposal_boxes=Boxes(torch.tensor([[0.0, 0, 9, 9]] * 9)))]
     with torch.no_grad():
         with autocast("cpu", torch.bfloat16):
-            feats, deltas = head(x)
-            probs = head.predict_probs((feats, deltas), proposals)
-        ref_feats, ref_deltas = head(x.float())
-        ref_probs = head.predict_probs((ref_feats, ref_deltas), proposals)
-    assert feats.dtype == deltas.dtype == torch.float32
-    assert torch.equal(feats, ref_feats) and torch.equal(deltas, ref_deltas) and torch.equal(probs[0], ref_probs[0])
+            (z, bg), deltas = head(x)
+            probs = head.predict_probs(((z, bg), deltas), proposals)
+        (ref_z, ref_bg), ref_deltas = head(x.float())
+        ref_probs = head.predict_probs(((ref_z, ref_bg), ref_deltas), proposals)
+    assert z.dtype == bg.dtype == deltas.dtype == torch.float32
+    assert torch.equal(z, ref_z) and torch.equal(bg, ref_bg) and torch.equal(deltas, ref_deltas)
+    assert torch.equal(probs[0], ref_probs[0])
 
 
 def test_model_folder_key_ignores_keys_that_cannot_change_the_weights():

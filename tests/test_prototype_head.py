@@ -11,8 +11,8 @@ from detectron2.utils.events import EventStorage
 
 from steel_fsd.engine.setup import build_config
 from steel_fsd.modeling.losses import batch_hard_triplet_loss
-from steel_fsd.modeling.prototype_heads import (PrototypeOutputLayers, cosine_logits, factorized_logits,
-                                                prototype_logits)
+from steel_fsd.modeling.cosine_head import cosine_scores as cosine_logits
+from steel_fsd.modeling.prototype_heads import PrototypeOutputLayers, factorized_logits, prototype_logits
 
 CFG = "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml"
 
@@ -203,7 +203,7 @@ def test_training_step_losses_bank_and_unit_norm(model):
 def test_bank_ema_update_matches_formula():
     pred = PrototypeOutputLayers.__new__(PrototypeOutputLayers)
     torch.nn.Module.__init__(pred)
-    pred.num_classes, pred.momentum, pred.source, pred.absent_classes = 3, 0.75, "ema", "bank"
+    pred.num_classes, pred.momentum = 3, 0.75
     pred.register_buffer("bank", torch.tensor([[1.0, 0], [0, 1], [0, 0]]))
     pred.register_buffer("bank_filled", torch.tensor([True, True, False]))
     z = torch.tensor([[0.0, 1], [1, 0], [0.6, 0.8], [1, 1]])
@@ -234,29 +234,21 @@ def test_support_prototypes_change_the_class_set(model):
 
 
 @pytest.mark.parametrize("logit", ["distance", "factorized"])
-@pytest.mark.parametrize("background", ["logit", "prototype"])
-def test_head_logits_by_hand_for_both_background_kinds(background, logit):
+def test_head_logits_by_hand(logit):
     cfg = build_config(CFG, ["MODEL.ROI_HEADS.NAME", "PrototypeROIHeads", "MODEL.PROTOTYPE.EMBED_DIM", "8",
-                             "MODEL.PROTOTYPE.BACKGROUND", background, "MODEL.PROTOTYPE.LOGIT", logit])
+                             "MODEL.PROTOTYPE.LOGIT", logit])
     torch.manual_seed(0)
     from detectron2.layers import ShapeSpec
     head = PrototypeOutputLayers(cfg, ShapeSpec(channels=16))
     x = torch.randn(5, 16)
     protos = torch.randn(6, 8)
     with torch.no_grad():
-        feats, deltas = head(x)
-        logits = head.logits(feats, protos)
-    z, bg = head.split(feats)
+        (z, bg), deltas = head(x)
+        logits = head.logits(z, bg, protos)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
     tau = head.tau.item()
-    if background == "logit":
-        expected_bg = [head.bg_score(x[i:i + 1]).item() for i in range(5)]
-    elif logit == "distance":
-        bg_proto = head.bg_prototype.detach()
-        expected_bg = [-tau * float(((z[i] - bg_proto) ** 2).sum()) for i in range(5)]
-    else:  # factorized: the background prototype's cosine is the background logit
-        bg_proto = head.bg_prototype.detach()
-        expected_bg = [tau * float(z[i] @ bg_proto / (z[i].norm() * bg_proto.norm())) for i in range(5)]
+    expected_bg = [head.bg_score(x[i:i + 1]).item() for i in range(5)]
+    torch.testing.assert_close(bg, torch.tensor(expected_bg))
     if logit == "factorized":
         expected = brute_force_factorized(z.double().numpy(), protos.double().numpy(), tau, expected_bg)
         np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-5, atol=1e-5)
@@ -284,15 +276,14 @@ def test_paper_form_loss_and_parameters_unchanged(paper_model):
                            gt_boxes=Boxes(torch.tensor([[1.0, 1, 8, 8]] * 9)))]
     state = {k: v.clone() for k, v in pred.state_dict().items()}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), EventStorage():
             pred.bank.zero_()
             pred.bank_filled.zero_()
-            feats, deltas = pred(x)
-            loss = pred.losses((feats, deltas), proposals)["loss_cls"]
+            (z, bg), deltas = pred(x)
+            loss = pred.losses(((z, bg), deltas), proposals)["loss_cls"]
             pred.load_state_dict(state)
             pred.bank.zero_()
             pred.bank_filled.zero_()
-            z, bg = feats[:, :-1], feats[:, -1]
             protos, available = pred.training_prototypes(z, gt)
             ref = torch.cat([-pred.tau * (z.unsqueeze(1) - protos.unsqueeze(0)).pow(2).sum(-1), bg.unsqueeze(1)], 1)
             ref = ref.masked_fill(torch.cat([~available, available.new_zeros(1)]).unsqueeze(0), float("-inf"))
@@ -317,11 +308,11 @@ def test_factorized_background_probability_does_not_depend_on_the_class_set():
     for logit in ("factorized", "distance"):
         head = _head("MODEL.PROTOTYPE.LOGIT", logit).double().eval()
         with torch.no_grad():
-            feats, _ = head(x)
-            log_p_bg = [torch.log_softmax(head.logits(feats, protos[:k]), 1)[:, -1] for k in (2, 5)]
+            (z, bg), _ = head(x)
+            log_p_bg = [torch.log_softmax(head.logits(z, bg, protos[:k]), 1)[:, -1] for k in (2, 5)]
         if logit == "factorized":
             torch.testing.assert_close(log_p_bg[0], log_p_bg[1])
-            torch.testing.assert_close(log_p_bg[0], torch.nn.functional.logsigmoid(head.split(feats)[1]))
+            torch.testing.assert_close(log_p_bg[0], torch.nn.functional.logsigmoid(bg))
         else:
             assert (log_p_bg[1] < log_p_bg[0]).all()
 
@@ -372,13 +363,12 @@ def test_batch_hard_triplet_collapses_uncentred_embeddings_only(embed_norm):
         assert mean_cos < 0.1
 
 
-@pytest.mark.parametrize("background", ["logit", "prototype"])
-def test_fixed_head_trains_and_swaps_prototypes_in_a_model(background):
+def test_fixed_head_trains_and_swaps_prototypes_in_a_model():
     """LOGIT factorized + EMBED_NORM BN inside a Detectron2 model: a training step (finite losses, gradients to
     tau and the embedding), then inference with the bank and with a swapped 4-class support set."""
     cfg = build_config(CFG, ["MODEL.ROI_HEADS.NAME", "PrototypeROIHeads", "MODEL.DEVICE", "cpu",
                              "MODEL.PROTOTYPE.EMBED_DIM", "32", "MODEL.PROTOTYPE.LOGIT", "factorized",
-                             "MODEL.PROTOTYPE.EMBED_NORM", "BN", "MODEL.PROTOTYPE.BACKGROUND", background])
+                             "MODEL.PROTOTYPE.EMBED_NORM", "BN"])
     torch.manual_seed(0)
     m = build_model(cfg)
     pred = m.roi_heads.box_predictor
@@ -491,51 +481,6 @@ def _labelled_batch(seed=0, n=12, channels=16, num_classes=6):
     return x, gt
 
 
-def test_absent_classes_mask_leaves_stale_bank_rows_out_of_the_softmax():
-    """ABSENT_CLASSES "mask": a class filled in the bank but absent from this batch gets -inf; "bank" keeps it."""
-    x, gt = _labelled_batch()
-    for mode in ("bank", "mask"):
-        head = _head("MODEL.PROTOTYPE.ABSENT_CLASSES", mode, "MODEL.PROTOTYPE.LOGIT", "factorized")
-        with torch.no_grad():
-            head.bank[5] = torch.nn.functional.normalize(torch.ones(8), dim=0)
-            head.bank_filled[5] = True  # seen in an earlier batch, absent from this one
-        feats, _ = head(x)
-        z = head.split(feats)[0].detach()
-        protos, available = head.training_prototypes(z, gt)
-        assert available.tolist() == [True, False, True, True, False, mode == "bank"]
-        ref = [[(float("-inf") if not available[c] else float(head.tau * torch.nn.functional.cosine_similarity(
-            z[i], protos[c], dim=0))) for c in range(6)] for i in range(len(z))]
-        ref = torch.log_softmax(torch.tensor(ref), 1)
-        got = head.logits(feats, protos, available)[:, :6].detach()
-        torch.testing.assert_close(got, ref)
-
-
-def test_learned_prototypes_are_imprinted_once_then_trained_and_used_at_inference():
-    head = _head("MODEL.PROTOTYPE.SOURCE", "learned", "MODEL.PROTOTYPE.LOGIT", "factorized")
-    assert "learned" in dict(head.named_parameters()) and "learned_filled" in head.state_dict()
-    x, gt = _labelled_batch()
-    feats, _ = head(x)
-    z = head.split(feats)[0].detach()
-    protos, available = head.training_prototypes(head.split(feats)[0], gt)
-    assert protos is head.learned and available.tolist() == [True, False, True, True, False, False]
-    for c in (0, 2, 3):  # imprinted: the brute-force mean of the class's embeddings
-        torch.testing.assert_close(head.learned[c].detach(), z[gt == c].mean(0))
-    assert head.learned[1].abs().sum() == 0
-    imprinted = head.learned.detach().clone()
-    x2, _ = _labelled_batch(seed=1)
-    feats2, _ = head(x2)
-    protos2, _ = head.training_prototypes(head.split(feats2)[0], gt)
-    torch.testing.assert_close(protos2.detach(), imprinted)  # seen classes are not imprinted again
-    assert not torch.equal(head.bank[0], imprinted[0])  # the EMA bank moved on
-    loss = head.losses((feats2, torch.zeros(len(gt), 4)), [_proposals(gt)])["loss_cls"]
-    loss.backward()
-    assert head.learned.grad is not None and head.learned.grad[[0, 2, 3]].abs().sum() > 0
-    head.eval()
-    assert head.active_prototypes() is head.learned
-    head.set_support(torch.nn.functional.normalize(torch.randn(2, 8), dim=1))
-    assert head.active_prototypes() is head.support
-
-
 def _proposals(gt):
     p = Instances((64, 64))
     boxes = Boxes(torch.tensor([[4.0, 4, 20, 20]]).repeat(len(gt), 1))
@@ -543,21 +488,20 @@ def _proposals(gt):
     return p
 
 
-@pytest.mark.parametrize("warmup", [0, 4])
-def test_triplet_weight_warms_up_linearly(warmup):
-    head = _head("MODEL.PROTOTYPE.TRIPLET_WARMUP_ITERS", str(warmup), "MODEL.PROTOTYPE.TRIPLET_WEIGHT", "0.5")
+def test_triplet_loss_is_weighted_and_the_classification_statistics_are_detectron2s():
+    head = _head("MODEL.PROTOTYPE.TRIPLET_WEIGHT", "0.5")
     x, gt = _labelled_batch()
-    feats, _ = head(x)
-    z, fg = head.split(feats)[0], gt < 6
-    ref = float(batch_hard_triplet_loss(z[fg], gt[fg], head.triplet_margin))
+    (z, bg), deltas = head(x)
+    fg = gt < 6
+    ref = batch_hard_triplet_loss(z[fg], gt[fg], head.triplet_margin).item()
     assert ref > 0
-    got = []
-    with EventStorage(start_iter=0) as storage:
-        for it in (0, 1, 3, 7):
-            storage.iter = it
-            got.append(float(head.losses((feats, torch.zeros(len(gt), 4)), [_proposals(gt)])["loss_triplet"]))
-    scale = [1.0] * 4 if warmup == 0 else [min(1.0, (it + 1) / warmup) for it in (0, 1, 3, 7)]
-    assert got == pytest.approx([0.5 * s * ref for s in scale], rel=1e-6)
+    with EventStorage() as storage:
+        losses = head.losses(((z, bg), torch.zeros(len(gt), 4)), [_proposals(gt)])
+        logged = storage.latest()
+    assert float(losses["loss_triplet"]) == pytest.approx(0.5 * ref, rel=1e-6)
+    assert {"fast_rcnn/cls_accuracy", "fast_rcnn/fg_cls_accuracy", "fast_rcnn/false_negative",
+            "prototype/tau", "prototype/num_fg_embeddings"} <= set(logged)
+    assert logged["prototype/num_fg_embeddings"][0] == int(fg.sum())
 
 
 def brute_force_reweighted(z, mu, tau, bg, mlp_weights, logit):
@@ -592,9 +536,8 @@ def test_reweighted_logits_equal_brute_force(logit, seed):
     x = torch.randn(7, 16, generator=g, dtype=torch.float64)
     mu = torch.nn.functional.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=1)
     with torch.no_grad():
-        feats, _ = head(x)
-        got = head.logits(feats, mu)
-    z, bg = head.split(feats)
+        (z, bg), _ = head(x)
+        got = head.logits(z, bg, mu)
     mlp = [head.reweight[0].weight, head.reweight[0].bias, head.reweight[2].weight, head.reweight[2].bias]
     ref = brute_force_reweighted(z, mu, float(head.tau.detach()), bg.numpy(), [t.detach() for t in mlp], logit)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-9)
@@ -612,9 +555,8 @@ def test_reweighting_starts_as_the_plain_head_and_learns(logit):
     x, gt = _labelled_batch()
     mu = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
     with torch.no_grad():
-        torch.testing.assert_close(head.logits(head(x)[0], mu), plain.logits(plain(x)[0], mu))
-    feats, deltas = head(x)
-    head.losses((feats, deltas), [_proposals(gt)])["loss_cls"].backward()
+        torch.testing.assert_close(head.logits(*head(x)[0], mu), plain.logits(*plain(x)[0], mu))
+    predictions = head(x)
+    with EventStorage():
+        head.losses(predictions, [_proposals(gt)])["loss_cls"].backward()
     assert head.reweight[2].weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="BACKGROUND"):
-        _head("MODEL.PROTOTYPE.REWEIGHT_HIDDEN", "5", "MODEL.PROTOTYPE.BACKGROUND", "prototype")

@@ -1,44 +1,21 @@
-"""Prototype ROI head: L2-normalized ROI embeddings classified by their similarity to class prototypes.
+"""Prototype ROI head: box features become L2-normalized embeddings, classified by their similarity to class
+prototypes, so that prototypes built from K boxes of a new class replace the trained ones without training.
 
-Logits (MODEL.PROTOTYPE.LOGIT), tau = exp(log_tau) learnable:
-  * "distance" (the paper's form; with EMBED_NORM "" it did not detect in the recipe study, see README):
-    logit_c = -tau * ||z - mu_c||^2 for every foreground class c, in one
-    softmax with the background logit.
-  * "factorized" (default): p(c) = p(fg) * q_c with q = softmax_c(tau * cos(z, mu_c)) and p(fg) = sigmoid(-background
-    logit), i.e. logits [log q_c | background logit]. The class softmax sees foreground ROIs only (a
-    background ROI's loss does not depend on q), so the foreground/background decision cannot pull the
-    class embeddings together, tau only sets how sharp the class decision is, and p(fg) does not change
-    when prototypes are swapped for another class set or a class is appended.
-Embedding normalization (MODEL.PROTOTYPE.EMBED_NORM):
-  * "" (the paper's form): z = normalize(W x + b).
-  * "BN" (default): z = normalize(BatchNorm(W x + b)), BatchNorm without affine parameters (batch statistics in
-    training, running statistics at inference, saved in checkpoints). Measured: without it the batch-hard
-    triplet loss collapses every ROI embedding to one point (loss_triplet stuck at the margin, prototype
-    cosines > 0.99) on the synthetic demo set, whatever the logits, so no class can be told apart; centred
-    embeddings cannot collapse to a point. At the paper's triplet weight 1.0 the uncollapsed triplet loss still
-    dominated a small fixed-backbone run (fg accuracy back to 0), so the prototype configs use TRIPLET_WEIGHT 0.1.
-Background (MODEL.PROTOTYPE.BACKGROUND):
-  * "logit" (default): a learned background logit, a linear function of the box-head feature. It is
-    class-agnostic, so it keeps working when prototypes are swapped for a new class set.
-  * "prototype": a learned background prototype (a free vector in the embedding space), whose logit
-    has the same form as the classes'. Measured to stall training from scratch: background ROIs embed
-    near the class means, so tau is driven to its floor (see README).
-Training prototypes (MODEL.PROTOTYPE.SOURCE, ABSENT_CLASSES, TRIPLET_WARMUP_ITERS):
-  * "ema" (the paper's): a class present in the batch uses the EMA of the bank and its batch mean; an
-    absent class its (stale) bank row, or none with ABSENT_CLASSES "mask" (left out of that batch's softmax).
-  * "learned": one parameter vector per class, imprinted (set to the class's batch mean) the first time the
-    class is seen, then trained by the classification loss, as a cosine classifier's weights (TFA); the
-    EMA bank is still updated, and support prototypes still replace both at inference.
-  * the triplet weight can ramp up linearly over the first TRIPLET_WARMUP_ITERS iterations.
-Class-specific feature reweighting (MODEL.PROTOTYPE.REWEIGHT_HIDDEN > 0; TL-SDD's reweighting module and
-distance-metric classifier): a small MLP turns each class prototype mu_c into channel weights
-r_c = 2 * sigmoid(MLP(mu_c)) in (0, 2)^D, and class c is scored on the reweighted pair,
-s_c(z) = cos(z * r_c, mu_c * r_c) (as -tau * ||z' - mu'_c||^2 = 2 tau (cos - 1) between the normalized
-reweighted vectors under "distance", tau * cos under "factorized"). The weights come from the prototypes, so
-support prototypes from K boxes bring their own weights; the MLP's last layer starts at zero (r = 1: the plain
-head). TL-SDD reweights the feature map before the box head; here the ROI embedding's channels are reweighted,
-which keeps prototype files, checkpoint surgery and the K-box swap unchanged.
-Box regression is class-agnostic, so classes never seen in training are still localized.
+:class:`PrototypeOutputLayers` replaces the softmax classifier of Detectron2's ``FastRCNNOutputLayers``:
+* embedding ``z = normalize(BN(W x + b))`` (``MODEL.PROTOTYPE.EMBED_NORM`` "BN", BatchNorm without affine
+  parameters; "" is the paper's form without it);
+* a class-agnostic background logit, a linear function of the box feature;
+* class logits (``MODEL.PROTOTYPE.LOGIT``): "factorized", ``p(c) = p(fg) * softmax_c(tau * cos(z, mu_c))`` with
+  ``p(fg) = sigmoid(-background logit)``, so swapping the class set leaves p(fg) unchanged; or "distance" (the
+  paper's), ``-tau * ||z - mu_c||^2`` in one softmax with the background logit; tau is learned in TAU_RANGE;
+* prototypes: an EMA bank of class means during training (saved in checkpoints), the bank or the prototypes set
+  with :meth:`~PrototypeOutputLayers.set_support` at inference;
+* losses: Detectron2's classification and box losses on these logits, plus a batch-hard triplet loss on the
+  foreground embeddings (``TRIPLET_WEIGHT``);
+* optional class-specific channel reweighting of the embedding (TL-SDD, ``REWEIGHT_HIDDEN`` > 0): channel
+  weights ``r_c = 2 * sigmoid(MLP(mu_c))`` score class c on ``cos(z * r_c, mu_c * r_c)``.
+Box regression is class-agnostic, so classes never seen in training are localized too. What each choice
+measured is in the README ("The prototype head and few-shot adaptation").
 """
 from __future__ import annotations
 
@@ -57,17 +34,13 @@ from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import log_first_n
 
+from .cosine_head import cosine_scores
 from .losses import batch_hard_triplet_loss
 
 
 def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """``-tau * squared Euclidean distance`` between each row of ``z`` (N, D) and each prototype (C, D)."""
     return -tau * (z.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(-1)
-
-
-def cosine_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """``tau * cos(z_i, mu_c)`` between each row of ``z`` (N, D) and each prototype (C, D); a zero row gives 0."""
-    return tau * (F.normalize(z, dim=1) @ F.normalize(prototypes, dim=1).t())
 
 
 def factorized_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor, bg: torch.Tensor,
@@ -77,7 +50,7 @@ def factorized_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tens
 
     Classes outside ``available`` (bool, C) get -inf; with none available every ROI is background.
     """
-    return _factorized(cosine_logits(z, prototypes, tau), bg, available)
+    return _factorized(cosine_scores(z, prototypes, tau), bg, available)
 
 
 def _factorized(scores: torch.Tensor, bg: torch.Tensor, available: torch.Tensor | None) -> torch.Tensor:
@@ -119,42 +92,17 @@ PAPER_FORM_WARNING = (
     "'factorized', EMBED_NORM 'BN', TRIPLET_WEIGHT 0.1) is the one measured to work (see README)")
 
 
-def classification_accuracy(logits: torch.Tensor, gt_classes: torch.Tensor, num_classes: int) -> dict:
-    """Overall and foreground accuracy, under the names Detectron2's softmax head logs."""
-    if not len(gt_classes):
-        return {}
-    pred = logits.argmax(1)
-    fg = (gt_classes >= 0) & (gt_classes < num_classes)
-    out = {"fast_rcnn/cls_accuracy": float((pred == gt_classes).float().mean())}
-    if fg.any():
-        out["fast_rcnn/fg_cls_accuracy"] = float((pred[fg] == gt_classes[fg]).float().mean())
-    return out
-
-
-def _put_scalars(values: dict) -> None:
-    """Log to the trainer's EventStorage (metrics.json, TensorBoard) when one is active."""
-    try:
-        storage = get_event_storage()
-    except AssertionError:  # called outside a trainer (tests, tools)
-        return
-    for k, v in values.items():
-        storage.put_scalar(k, v)
-
-
 class PrototypeOutputLayers(FastRCNNOutputLayers):
-    """Replaces the softmax classifier of :class:`FastRCNNOutputLayers` by prototype logits.
+    """Replaces the softmax classifier of :class:`FastRCNNOutputLayers` by prototype logits (module docstring).
 
-    ``forward`` returns ``(z, deltas)``: the unit-norm embeddings and class-agnostic box deltas.
-    Prototypes: an EMA memory bank of class means (buffer ``bank``, saved in checkpoints) during
-    training, or prototypes set with :meth:`set_support` (e.g. from ``register_support.py``) for
-    inference on any class set.
+    ``forward`` returns ``((z, bg), deltas)``: unit-norm embeddings (N, D), background logits (N,) and
+    class-agnostic box deltas; Detectron2's box prediction reads only the deltas.
     """
 
     @configurable
     def __init__(self, input_shape: ShapeSpec, *, embed_dim: int = 256, tau_init: float = 10.0,
                  tau_range: tuple[float, float] = (1.0, 64.0), momentum: float = 0.9, triplet_margin: float = 0.3,
-                 triplet_weight: float = 0.1, background: str = "logit", logit: str = "factorized", embed_norm: str = "BN",
-                 triplet_warmup_iters: int = 0, source: str = "ema", absent_classes: str = "bank",
+                 triplet_weight: float = 0.1, logit: str = "factorized", embed_norm: str = "BN",
                  reweight_hidden: int = 0, **kwargs):
         # Detectron2 after v0.6 (MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS) alters the softmax classifier's
         # loss and probabilities, which this head replaces: refuse them rather than ignore them silently.
@@ -162,48 +110,30 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         if unsupported:
             raise ValueError(f"PrototypeROIHeads classifies by softmax over prototype logits; "
                              f"MODEL.ROI_BOX_HEAD.{'/'.join(k.upper() for k in unsupported)} must be False")
+        if logit not in LOGIT_KINDS:
+            raise ValueError(f"MODEL.PROTOTYPE.LOGIT must be 'distance' or 'factorized', got {logit!r}")
+        if embed_norm not in ("", "BN"):
+            raise ValueError(f"MODEL.PROTOTYPE.EMBED_NORM must be '' or 'BN', got {embed_norm!r}")
+        if logit == "distance" and not embed_norm:
+            log_first_n(logging.WARNING, PAPER_FORM_WARNING, n=1, key="message")
         kwargs["cls_agnostic_bbox_reg"] = True
         super().__init__(input_shape, **kwargs)
         del self.cls_score  # the prototype logits replace it
         in_dim = input_shape.channels * (input_shape.width or 1) * (input_shape.height or 1)
         self.embed = torch.nn.Linear(in_dim, embed_dim)
-        if embed_norm not in ("", "BN"):
-            raise ValueError(f"MODEL.PROTOTYPE.EMBED_NORM must be '' or 'BN', got {embed_norm!r}")
         # no affine shift: a learned common offset would let all embeddings collapse to one point again
         self.embed_norm = torch.nn.BatchNorm1d(embed_dim, affine=False) if embed_norm == "BN" else None
+        self.bg_score = torch.nn.Linear(in_dim, 1)
+        torch.nn.init.normal_(self.bg_score.weight, std=0.01)
+        torch.nn.init.constant_(self.bg_score.bias, 0.0)
         self.log_tau = torch.nn.Parameter(torch.tensor(math.log(tau_init)))
         self.log_tau_range = (math.log(tau_range[0]), math.log(tau_range[1]))
-        if background not in ("logit", "prototype"):
-            raise ValueError(f"MODEL.PROTOTYPE.BACKGROUND must be 'logit' or 'prototype', got {background!r}")
-        if logit not in LOGIT_KINDS:
-            raise ValueError(f"MODEL.PROTOTYPE.LOGIT must be 'distance' or 'factorized', got {logit!r}")
-        self.background, self.logit = background, logit
-        if logit == "distance" and not embed_norm:
-            log_first_n(logging.WARNING, PAPER_FORM_WARNING, n=1, key="message")
-        if background == "prototype":
-            self.bg_prototype = torch.nn.Parameter(torch.zeros(embed_dim))
-            if logit == "factorized":  # cosine to a zero vector is undefined (and has no usable gradient)
-                torch.nn.init.normal_(self.bg_prototype, std=embed_dim ** -0.5)
-        else:
-            self.bg_score = torch.nn.Linear(in_dim, 1)
-            torch.nn.init.normal_(self.bg_score.weight, std=0.01)
-            torch.nn.init.constant_(self.bg_score.bias, 0.0)
+        self.logit = logit
         self.register_buffer("bank", torch.zeros(self.num_classes, embed_dim))
         self.register_buffer("bank_filled", torch.zeros(self.num_classes, dtype=torch.bool))
         self.momentum, self.triplet_margin, self.triplet_weight = momentum, triplet_margin, triplet_weight
-        self.triplet_warmup_iters = int(triplet_warmup_iters)
-        if source not in ("ema", "learned"):
-            raise ValueError(f"MODEL.PROTOTYPE.SOURCE must be 'ema' or 'learned', got {source!r}")
-        if absent_classes not in ("bank", "mask"):
-            raise ValueError(f"MODEL.PROTOTYPE.ABSENT_CLASSES must be 'bank' or 'mask', got {absent_classes!r}")
-        self.source, self.absent_classes = source, absent_classes
-        if source == "learned":
-            self.learned = torch.nn.Parameter(torch.zeros(self.num_classes, embed_dim))
-            self.register_buffer("learned_filled", torch.zeros(self.num_classes, dtype=torch.bool))
         self.reweight = None
         if reweight_hidden > 0:
-            if background != "logit":
-                raise ValueError("MODEL.PROTOTYPE.REWEIGHT_HIDDEN needs MODEL.PROTOTYPE.BACKGROUND 'logit'")
             self.reweight = torch.nn.Sequential(torch.nn.Linear(embed_dim, reweight_hidden), torch.nn.ReLU(),
                                                 torch.nn.Linear(reweight_hidden, embed_dim))
             torch.nn.init.zeros_(self.reweight[2].weight)  # r = 1 at the start: the plain head
@@ -216,9 +146,8 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         ret = super().from_config(cfg, input_shape)
         p = cfg.MODEL.PROTOTYPE
         ret.update(embed_dim=p.EMBED_DIM, tau_init=p.TAU_INIT, tau_range=tuple(p.TAU_RANGE), momentum=p.MOMENTUM,
-                   triplet_margin=p.TRIPLET_MARGIN, triplet_weight=p.TRIPLET_WEIGHT, background=p.BACKGROUND,
-                   logit=p.LOGIT, embed_norm=p.EMBED_NORM, triplet_warmup_iters=p.TRIPLET_WARMUP_ITERS,
-                   source=p.SOURCE, absent_classes=p.ABSENT_CLASSES, reweight_hidden=p.REWEIGHT_HIDDEN)
+                   triplet_margin=p.TRIPLET_MARGIN, triplet_weight=p.TRIPLET_WEIGHT, logit=p.LOGIT,
+                   embed_norm=p.EMBED_NORM, reweight_hidden=p.REWEIGHT_HIDDEN)
         return ret
 
     @property
@@ -239,22 +168,12 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
 
     @full_precision
     def forward(self, x):
-        """Returns ``(features, deltas)``: ``features`` is ``[z | background logit]`` (N, D+1) with the
-        "logit" background, else z (N, D); use :meth:`split` to take it apart."""
+        """Returns ``((z, bg), deltas)``."""
         if self.training:  # projected gradient step: keep tau in TAU_RANGE (a collapsing tau flattens all logits)
             with torch.no_grad():
                 self.log_tau.clamp_(*self.log_tau_range)
         x = x.flatten(1)
-        z = self.embed_features(x)
-        if self.background == "logit":
-            z = torch.cat([z, self.bg_score(x)], 1)
-        return z, self.bbox_pred(x)
-
-    def split(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``forward``'s first output -> (z, background logit or None)."""
-        if self.background == "logit":
-            return features[:, :-1], features[:, -1]
-        return features, None
+        return (self.embed_features(x), self.bg_score(x).squeeze(1)), self.bbox_pred(x)
 
     def set_support(self, prototypes: torch.Tensor | None, class_names: list[str] | None = None) -> None:
         """Use these (C', D) prototypes at inference instead of the training bank (None: back to the bank)."""
@@ -264,11 +183,8 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         self.support_classes = class_names
 
     def active_prototypes(self) -> torch.Tensor:
-        """Foreground prototypes used at inference: the support set if given, else the learned prototypes
-        (SOURCE "learned") or the bank."""
-        if self.support is not None:
-            return self.support
-        return self.learned if self.source == "learned" else self.bank
+        """Foreground prototypes used at inference: the support set if given, else the bank."""
+        return self.support if self.support is not None else self.bank
 
     def channel_weights(self, prototypes: torch.Tensor) -> torch.Tensor:
         """Per-class channel weights (C, D) in (0, 2) from the prototypes (REWEIGHT_HIDDEN > 0)."""
@@ -281,36 +197,28 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
             cos = reweighted_cosines(z, fg_prototypes, self.channel_weights(fg_prototypes))
             return self.tau * (cos if self.logit == "factorized" else 2 * (cos - 1))
         if self.logit == "factorized":
-            return cosine_logits(z, fg_prototypes, self.tau)
+            return cosine_scores(z, fg_prototypes, self.tau)
         return prototype_logits(z, fg_prototypes, self.tau)
 
-    def logits(self, features: torch.Tensor, fg_prototypes: torch.Tensor,
+    def logits(self, z: torch.Tensor, bg: torch.Tensor, fg_prototypes: torch.Tensor,
                available: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, C+1) logits from ``forward``'s features, background last (Detectron2's convention).
-
-        ``available`` (bool, C): classes that may be predicted; the others get -inf (None: all may).
-        """
-        z, bg = self.split(features)
+        """(N, C+1) logits, background last (Detectron2's convention). ``available`` (bool, C): classes that may
+        be predicted; the others get -inf (None: all may)."""
+        scores = self.class_scores(z, fg_prototypes)
         if self.logit == "factorized":
-            if bg is None:  # the background prototype's cosine is the background (objectness) logit
-                bg = cosine_logits(z, self.bg_prototype.unsqueeze(0), self.tau).squeeze(1)
-            return _factorized(self.class_scores(z, fg_prototypes), bg, available)
-        if bg is None:
-            bg = prototype_logits(z, self.bg_prototype.unsqueeze(0), self.tau).squeeze(1)
-        logits = torch.cat([self.class_scores(z, fg_prototypes), bg.unsqueeze(1)], 1)
+            return _factorized(scores, bg, available)
+        logits = torch.cat([scores, bg.unsqueeze(1)], 1)
         if available is not None:
             logits = logits.masked_fill(torch.cat([~available, available.new_zeros(1)]).unsqueeze(0), float("-inf"))
         return logits
 
     def training_prototypes(self, z: torch.Tensor, gt_classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prototypes for this batch and which classes have one.
+        """Prototypes for this batch and which classes have one (the classes the bank has seen).
 
         A class present in the batch (foreground ROIs, i.e. matched to a ground truth at the ROI head's
         IoU threshold) uses ``momentum * bank + (1 - momentum) * batch mean`` (the batch mean alone if the
         bank has not seen it yet), with gradient through the batch mean; absent classes use the bank.
-        The bank is then updated by the same EMA, without gradient. With SOURCE "learned" the prototypes are
-        the ``learned`` parameters instead (a class's row imprinted with its first batch mean); with
-        ABSENT_CLASSES "mask" only classes present in the batch are available.
+        The bank is then updated by the same EMA, without gradient.
         """
         C = self.num_classes
         fg = (gt_classes >= 0) & (gt_classes < C)
@@ -324,53 +232,26 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
         with torch.no_grad():
             self.bank.copy_(torch.where(present.unsqueeze(1), mix.detach(), bank))
             self.bank_filled |= present
-        available = self.bank_filled.clone()
-        if self.source == "learned":
-            with torch.no_grad():  # imprint classes seen for the first time with their batch mean
-                new = present & ~self.learned_filled
-                self.learned[new] = means[new].detach()
-                self.learned_filled |= present
-            protos, available = self.learned, self.learned_filled.clone()
-        if self.absent_classes == "mask":
-            available &= present
-        return protos, available
-
-    def triplet_scale(self) -> float:
-        """The triplet weight's warm-up factor at the trainer's current iteration (1 outside a trainer)."""
-        if self.triplet_warmup_iters <= 0:
-            return 1.0
-        try:
-            it = get_event_storage().iter
-        except AssertionError:  # outside a trainer
-            return 1.0
-        return min(1.0, (it + 1) / self.triplet_warmup_iters)
+        return protos, self.bank_filled.clone()
 
     @full_precision
     def losses(self, predictions, proposals):
-        features, deltas = predictions
-        z, _ = self.split(features)
+        """Detectron2's losses (and classification statistics) on the prototype logits, plus ``loss_triplet``."""
+        (z, bg), deltas = predictions
         gt_classes = cat([p.gt_classes for p in proposals], 0) if len(proposals) else torch.empty(0, dtype=torch.long)
         protos, available = self.training_prototypes(z, gt_classes)
-        logits = self.logits(features, protos, available)  # never-seen classes cannot be predicted
-        if len(proposals):
-            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], 0)
-            gt_boxes = cat([(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], 0)
-        else:
-            proposal_boxes = gt_boxes = torch.empty((0, 4), device=deltas.device)
+        logits = self.logits(z, bg, protos, available)  # never-seen classes cannot be predicted
+        losses = super().losses((logits, deltas), proposals)
         fg = (gt_classes >= 0) & (gt_classes < self.num_classes)
-        _put_scalars({"prototype/tau": self.tau.item(), "prototype/num_fg_embeddings": int(fg.sum()),
-                      **classification_accuracy(logits, gt_classes, self.num_classes)})
-        losses = {
-            "loss_cls": F.cross_entropy(logits, gt_classes) if len(gt_classes) else features.sum() * 0.0,
-            "loss_box_reg": self.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes),
-            "loss_triplet": self.triplet_weight * self.triplet_scale() * batch_hard_triplet_loss(z[fg], gt_classes[fg], self.triplet_margin),
-        }
-        return {k: v * self.loss_weight.get(k, 1.0) for k, v in losses.items()}
+        get_event_storage().put_scalars(**{"prototype/tau": self.tau.item(), "prototype/num_fg_embeddings": int(fg.sum())})
+        triplet = batch_hard_triplet_loss(z[fg], gt_classes[fg], self.triplet_margin)
+        losses["loss_triplet"] = self.triplet_weight * triplet * self.loss_weight.get("loss_triplet", 1.0)
+        return losses
 
     @full_precision
     def predict_probs(self, predictions, proposals):
-        features, _ = predictions
-        probs = F.softmax(self.logits(features, self.active_prototypes()), dim=-1)
+        (z, bg), _ = predictions
+        probs = F.softmax(self.logits(z, bg, self.active_prototypes()), dim=-1)
         return probs.split([len(p) for p in proposals], dim=0)
 
 
