@@ -3,6 +3,7 @@
 * ``steel_fsd.data`` (formats -> dataset dicts, splits, support, augmentation) never imports modeling,
   engine or evaluation;
 * ``steel_fsd.modeling`` (registered components, prototype files) never imports data or engine;
+* neither imports the command-line module ``steel_fsd.utils.cli`` (errors come from ``steel_fsd.utils.errors``);
 * no package module imports a tool (``tools/``) or a benchmark.
 """
 import ast
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "steel_fsd"
-FORBIDDEN = {"data": ("steel_fsd.modeling", "steel_fsd.engine", "steel_fsd.evaluation"),
-             "modeling": ("steel_fsd.data", "steel_fsd.engine")}
+FORBIDDEN = {"data": ("steel_fsd.modeling", "steel_fsd.engine", "steel_fsd.evaluation", "steel_fsd.utils.cli"),
+             "modeling": ("steel_fsd.data", "steel_fsd.engine", "steel_fsd.utils.cli")}
 NEVER = ("tools", "benchmarks", "_path")
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..utils.cli import UserError
+from ..utils.errors import UserError
 from .errors import SkipLog
 from .images import verify_images
 from .magnetic_tile import MT_CLASSES, load_magnetic_tile

@@ -21,7 +21,7 @@ from ..data.support import entries_from_list, manifest_support_dicts, sample_sup
 from ..modeling.checkpoint import checkpoint_classes, read_weights_file
 from ..modeling.prototypes import PrototypeSet, append_class, load_prototypes, save_prototypes
 from ..modeling.support import relevant_config
-from ..utils.cli import UserError
+from ..utils.errors import UserError
 from ..utils.io import file_sha256
 from .trainer import evaluate, load_model_for_eval, train_class_names
 

@@ -32,7 +32,7 @@ from ..modeling.checkpoint import checkpoint_classes, read_weights_file
 from ..modeling.prototypes import PrototypeFileError, PrototypeSet, load_prototypes
 from ..modeling.support import check_prototypes
 from ..utils.amp import amp_dtype, autocast, to_float32
-from ..utils.cli import UserError
+from ..utils.errors import UserError
 from .trainer import load_model_for_eval
 
 __all__ = ["IMAGE_EXTENSIONS", "find_images", "tile_windows", "merge_tile_detections", "Predictor",

@@ -13,7 +13,8 @@ from detectron2.data import DatasetCatalog
 
 from ..config import add_steel_fsd_config
 from ..data.catalog import require_registered
-from ..utils.cli import UserError, check_output_dir
+from ..utils.cli import check_output_dir
+from ..utils.errors import UserError
 from ..utils.io import read_json, write_json
 
 logger = logging.getLogger("steel_fsd")

@@ -24,7 +24,7 @@ from ..evaluation.prf import build_prf_evaluator
 from ..modeling.checkpoint import SafeCheckpointer
 from ..modeling.support import attach_support
 from ..utils.amp import AutocastModel, amp_dtype, autocast
-from ..utils.cli import UserError
+from ..utils.errors import UserError
 from .launch import cpu_ddp
 
 logger = logging.getLogger("steel_fsd")

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T2
 
-from ..utils.cli import UserError
+from ..utils.errors import UserError
 from ..utils.io import write_json
 from .contrastive import SupportQueue, nnclr_loss, nt_xent
 

@@ -16,16 +16,12 @@ import tempfile
 import time
 from typing import Callable, Iterator, Sequence
 
+from .errors import UserError
+
+__all__ = ["UserError", "USER_ERRORS", "run_main", "check_output_dir", "check_output_file", "output_lock"]
+
 DEBUG_ENV = "STEEL_FSD_DEBUG"
 USER_ERRORS = (ValueError, OSError)
-
-
-class UserError(ValueError):
-    """A mistake the user can fix. The message reads ``<what>, <where>, <what to do>``."""
-
-    def __init__(self, what: str, where: str = "", todo: str = ""):
-        self.what, self.where, self.todo = what, where, todo
-        super().__init__(", ".join(p for p in (what, where, todo) if p))
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

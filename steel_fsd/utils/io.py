@@ -21,7 +21,7 @@ from typing import IO, Iterator
 
 import yaml
 
-from .cli import UserError
+from .errors import UserError
 
 #: Deepest nesting accepted in a JSON or YAML file a user hands over (ours are at most 6 deep).
 MAX_NESTING = 64

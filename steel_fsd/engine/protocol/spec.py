@@ -9,7 +9,7 @@ from pathlib import Path
 from detectron2.data import MetadataCatalog
 
 from ...data.catalog import require_registered
-from ...utils.cli import UserError
+from ...utils.errors import UserError
 from ...utils.io import read_yaml
 from .methods import ADAPTERS
 
