@@ -11,7 +11,6 @@ tools/predict.py scores them (strips tiled and merged): an image is rejected whe
 at least the threshold. Writes the threshold (for ``predict.py --threshold-file``), the achieved false-alarm
 rate and defect recall, recall at 1% and 5% false alarms, and the ROC curve (JSON and PNG).
 """
-import argparse
 import os
 import sys
 
@@ -25,7 +24,7 @@ from steel_fsd.engine.predict import Predictor, find_images, top_scores
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.evaluation.image_level import (plot_roc, rates_at, roc_points, summarize,
                                               threshold_for_false_alarm)
-from steel_fsd.utils.cli import UserError, check_output_file, run_main
+from steel_fsd.utils.cli import UserError, add_config_overrides, check_output_file, model_parser, run_main
 from steel_fsd.utils.io import write_json
 
 
@@ -39,20 +38,15 @@ def dataset_images(name: str) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config-file", required=True)
-    ap.add_argument("--weights", required=True)
-    ap.add_argument("--prototypes", help="prototype file (prototype configs)")
+    ap = model_parser(__doc__, prototypes="prototype file (prototype configs)", datasets_root=True)
     ap.add_argument("--dataset", help="registered validation dataset (never the test split)")
-    ap.add_argument("--datasets-root", help="folder of the datasets (default $STEEL_FSD_DATASETS or ./datasets)")
     ap.add_argument("--good-images", nargs="+", default=[], help="known defect-free images: files, folders, globs")
     ap.add_argument("--defect-images", nargs="+", default=[], help="images known to hold a defect")
     ap.add_argument("--false-alarm", type=float, default=0.01, help="target false-alarm rate on good images")
     ap.add_argument("--out", required=True, help="threshold JSON to write")
     ap.add_argument("--roc", help="ROC PNG (default: next to --out)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = ap.parse_args(argv)
+    args = add_config_overrides(ap).parse_args(argv)
     setup_logger(name="steel_fsd")
     if not 0 <= args.false_alarm <= 1:
         raise UserError(f"--false-alarm {args.false_alarm} is not a rate", "", "give a value in [0, 1], e.g. 0.01")

@@ -8,7 +8,6 @@ For every ground-truth box of ``--dataset``: proposed by the RPN within the top 
 Then the best-scoring detection over it (score >= 0.05, IoU >= 0.5): the right class, a base class (which one),
 another novel class, or none (background). Prints a table per class (novel first) and writes it as JSON.
 """
-import argparse
 import sys
 
 import _path  # noqa: F401
@@ -20,22 +19,18 @@ from steel_fsd.data.catalog import require_registered
 from steel_fsd.engine.diagnose import diagnose
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.engine.trainer import load_model_for_eval
-from steel_fsd.utils.cli import check_output_file, run_main
+from steel_fsd.utils.cli import add_config_overrides, check_output_file, model_parser, run_main
 from steel_fsd.utils.io import write_json
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config-file", required=True)
-    ap.add_argument("--weights", required=True)
-    ap.add_argument("--prototypes", help="prototype file: the model predicts its classes (prototype swap)")
+    ap = model_parser(__doc__, prototypes="prototype file: the model predicts its classes (prototype swap)",
+                      datasets_root=True)
     ap.add_argument("--dataset", required=True, help="registered dataset with boxes (a val split)")
-    ap.add_argument("--datasets-root", help="folder of the datasets (default $STEEL_FSD_DATASETS or ./datasets)")
     ap.add_argument("--novel", nargs="*", default=[], help="the novel class names (none: every class is judged "
                                                           "as a base class, e.g. for a fully supervised model)")
     ap.add_argument("--out", help="JSON to write (table and per-box records)")
-    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = ap.parse_args(argv)
+    args = add_config_overrides(ap).parse_args(argv)
     setup_logger(name="steel_fsd")
     register_all(args.datasets_root)
     require_registered(args.dataset, "--dataset")

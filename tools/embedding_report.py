@@ -7,7 +7,6 @@
 Writes DIR/embedding_report.json (nearest-prototype confusion matrix, intra/inter-class distance
 statistics), DIR/confusion.png and DIR/embeddings_pca.png (support, query embeddings and prototypes).
 """
-import argparse
 import json
 import os
 import sys
@@ -26,7 +25,7 @@ from steel_fsd.data.catalog import require_registered  # noqa: E402
 from steel_fsd.data.mapper import SteelDatasetMapper  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
 from steel_fsd.engine.trainer import load_model_for_eval  # noqa: E402
-from steel_fsd.utils.cli import check_output_dir, run_main  # noqa: E402
+from steel_fsd.utils.cli import add_config_overrides, check_output_dir, model_parser, run_main  # noqa: E402
 from steel_fsd.utils.io import write_json  # noqa: E402
 from steel_fsd.evaluation.embeddings import distance_stats, nearest_prototype_confusion, pca_2d  # noqa: E402
 from steel_fsd.data.support import sample_support  # noqa: E402
@@ -66,9 +65,7 @@ def plot_pca(query, q_labels, support, s_labels, protos, names, path: str) -> No
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config-file", required=True)
-    ap.add_argument("--weights", required=True)
+    ap = model_parser(__doc__, prototypes=None, datasets_root=True)
     ap.add_argument("--dataset", required=True, help="query dataset (its ground-truth boxes are embedded)")
     ap.add_argument("--support-file", help="prototype file from register_support.py")
     ap.add_argument("--support-dataset", help="build prototypes from this dataset instead (with --shots/--seed)")
@@ -76,9 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-per-class", type=int, default=50, help="query boxes per class (seeded sample)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("opts", nargs=argparse.REMAINDER)
-    ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
-    args = ap.parse_args(argv)
+    args = add_config_overrides(ap).parse_args(argv)
     register_all(args.datasets_root)
     cfg = finalize_config(build_config(args.config_file, args.opts + ["MODEL.WEIGHTS", args.weights,
                                                                      "MODEL.PROTOTYPE.SUPPORT_FILE", ""]),

@@ -9,7 +9,6 @@ classes, scores and the image size), DIR/model.onnx when asked and supported, an
 classes, the harmonization the caller must apply first (CLAHE, resize), the input format and the check that
 the exported model's boxes equal the eager model's on the sample image.
 """
-import argparse
 import io
 import os
 import sys
@@ -23,20 +22,16 @@ from steel_fsd.data.images import read_image
 from steel_fsd.engine.export import export_onnx, trace_model
 from steel_fsd.engine.predict import Predictor
 from steel_fsd.engine.setup import build_config, finalize_config
-from steel_fsd.utils.cli import check_output_dir, run_main
+from steel_fsd.utils.cli import add_config_overrides, check_output_dir, model_parser, run_main
 from steel_fsd.utils.io import write_bytes, write_json
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config-file", required=True)
-    ap.add_argument("--weights", required=True)
-    ap.add_argument("--prototypes", help="prototype file: baked into the exported model")
+    ap = model_parser(__doc__, prototypes="prototype file: baked into the exported model")
     ap.add_argument("--output", required=True, help="output folder")
     ap.add_argument("--format", nargs="+", choices=["torchscript", "onnx"], default=["torchscript"])
     ap.add_argument("--sample-image", help="image to trace with and check on (default: random pixels)")
-    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = ap.parse_args(argv)
+    args = add_config_overrides(ap).parse_args(argv)
     setup_logger(name="steel_fsd")
     check_output_dir(args.output, "--output")
     cfg = build_config(args.config_file, list(args.opts) + ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", args.output])

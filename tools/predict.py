@@ -15,7 +15,6 @@ Writes, under ``--output``:
   summary.json       counts, threshold and its source, skipped images, images/s
 An unreadable image is reported, skipped and counted; the run then exits 1 unless ``--allow-skips``.
 """
-import argparse
 import csv
 import math
 import os
@@ -29,7 +28,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from steel_fsd.engine.predict import Predictor, find_images, image_decision, predict_paths
 from steel_fsd.engine.setup import build_config, finalize_config
-from steel_fsd.utils.cli import UserError, check_output_dir, output_lock, run_main
+from steel_fsd.utils.cli import (UserError, add_config_overrides, check_output_dir, model_parser, output_lock,
+                                 run_main)
 from steel_fsd.utils.io import atomic_open, read_json, write_image, write_json
 
 CSV_HEADER = ["image_id", "file", "width", "height", "detections", "defect", "worst_class", "max_score", "decision",
@@ -78,10 +78,7 @@ def main(argv=None) -> int:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config-file", required=True)
-    ap.add_argument("--weights", required=True, help="trained model (.pth)")
-    ap.add_argument("--prototypes", help="prototype file from tools/register_support.py (prototype configs)")
+    ap = model_parser(__doc__)
     ap.add_argument("--input", nargs="+", required=True, help="image files, folders (recursive), glob patterns")
     ap.add_argument("--output", required=True, help="output folder")
     ap.add_argument("--threshold-file", help="score threshold from tools/calibrate_threshold.py")
@@ -97,8 +94,7 @@ def parse_args(argv):
                     help="threads reading and harmonizing the next N batches during the forward pass (same results)")
     ap.add_argument("--no-overlays", action="store_true")
     ap.add_argument("--allow-skips", action="store_true", help="exit 0 even if unreadable images were skipped")
-    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    return ap.parse_args(argv)
+    return add_config_overrides(ap).parse_args(argv)
 
 
 def predict(args) -> int:

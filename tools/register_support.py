@@ -9,7 +9,6 @@ Then evaluate with exactly those classes, no retraining:
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS MODEL.pth \
         MODEL.PROTOTYPE.SUPPORT_FILE protos.pt DATASETS.TEST "('severstal_synth_tiled_test',)"
 """
-import argparse
 import sys
 
 import _path  # noqa: F401
@@ -19,14 +18,12 @@ from steel_fsd.data import register_all
 from steel_fsd.engine.fewshot import register_support
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.engine.setup import build_config, finalize_config
-from steel_fsd.utils.cli import check_output_file, run_main
+from steel_fsd.utils.cli import add_config_overrides, check_output_file, model_parser, run_main
 from steel_fsd.utils.io import read_json
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config-file", required=True)
-    ap.add_argument("--weights", required=True, help="model checkpoint (.pth)")
+    ap = model_parser(__doc__, prototypes=None, datasets_root=True)
     ap.add_argument("--dataset", required=True, help="registered dataset to draw the support set from")
     ap.add_argument("--shots", type=int, required=True, help="K instances (boxes) per class")
     ap.add_argument("--seed", type=int, default=0)
@@ -39,9 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--with-trained", action="store_true",
                     help="add the new classes (--classes) to the model's own prototypes of the classes it was "
                          "trained on: only the new classes' support images are embedded")
-    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
-    args = ap.parse_args(argv)
+    args = add_config_overrides(ap).parse_args(argv)
     setup_logger(name="steel_fsd")
     register_all(args.datasets_root)
     cfg = build_config(args.config_file, args.opts)

@@ -8,6 +8,7 @@ traceback instead. Anything else (a bug) keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
@@ -18,7 +19,8 @@ from typing import Callable, Iterator, Sequence
 
 from .errors import UserError
 
-__all__ = ["UserError", "USER_ERRORS", "run_main", "check_output_dir", "check_output_file", "output_lock"]
+__all__ = ["UserError", "USER_ERRORS", "run_main", "check_output_dir", "check_output_file", "output_lock",
+           "model_parser", "add_config_overrides"]
 
 DEBUG_ENV = "STEEL_FSD_DEBUG"
 USER_ERRORS = (ValueError, OSError)
@@ -115,3 +117,25 @@ def output_lock(folder: str, what: str = "OUTPUT_DIR") -> Iterator[None]:
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def model_parser(doc: str | None, prototypes: str | None = "prototype file from tools/register_support.py "
+                 "(prototype configs)", datasets_root: bool = False) -> argparse.ArgumentParser:
+    """The arguments every tool that loads a trained model shares: ``--config-file``, ``--weights``, (with a help
+    text) ``--prototypes`` and (``datasets_root``) ``--datasets-root``. The tool adds its own, then
+    :func:`add_config_overrides` last."""
+    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    ap.add_argument("--config-file", required=True, help="the model's config (configs/*/*.yaml)")
+    ap.add_argument("--weights", required=True, help="trained model (.pth)")
+    if prototypes:
+        ap.add_argument("--prototypes", help=prototypes)
+    if datasets_root:
+        ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else "
+                                                "./datasets)")
+    return ap
+
+
+def add_config_overrides(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The trailing ``KEY VALUE`` config overrides (Detectron2's ``opts``), after every option."""
+    ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return ap
