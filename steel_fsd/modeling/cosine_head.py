@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import ROI_HEADS_REGISTRY
-from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+
+from .roi_heads import BoxPredictorROIHeads
 
 __all__ = ["cosine_scores", "CosineOutputLayers", "CosineROIHeads"]
 
@@ -45,11 +46,7 @@ class CosineOutputLayers(FastRCNNOutputLayers):
 
 
 @ROI_HEADS_REGISTRY.register()
-class CosineROIHeads(StandardROIHeads):
+class CosineROIHeads(BoxPredictorROIHeads):
     """:class:`StandardROIHeads` whose box predictor is :class:`CosineOutputLayers`."""
 
-    @classmethod
-    def _init_box_head(cls, cfg, input_shape):
-        ret = super()._init_box_head(cfg, input_shape)
-        ret["box_predictor"] = CosineOutputLayers(cfg, ret["box_head"].output_shape)
-        return ret
+    box_predictor_class = CosineOutputLayers

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import ROI_HEADS_REGISTRY
-from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from detectron2.structures import Boxes
 from detectron2.utils.events import get_event_storage
@@ -36,6 +35,7 @@ from detectron2.utils.logger import log_first_n
 
 from .cosine_head import cosine_scores
 from .losses import batch_hard_triplet_loss
+from .roi_heads import BoxPredictorROIHeads
 
 
 def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -256,14 +256,10 @@ class PrototypeOutputLayers(FastRCNNOutputLayers):
 
 
 @ROI_HEADS_REGISTRY.register()
-class PrototypeROIHeads(StandardROIHeads):
+class PrototypeROIHeads(BoxPredictorROIHeads):
     """:class:`StandardROIHeads` whose box predictor is :class:`PrototypeOutputLayers`."""
 
-    @classmethod
-    def _init_box_head(cls, cfg, input_shape):
-        ret = super()._init_box_head(cfg, input_shape)
-        ret["box_predictor"] = PrototypeOutputLayers(cfg, ret["box_head"].output_shape)
-        return ret
+    box_predictor_class = PrototypeOutputLayers
 
     @torch.no_grad()
     def embed_boxes(self, features: dict[str, torch.Tensor], boxes: list[Boxes]) -> torch.Tensor:

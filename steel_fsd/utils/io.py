@@ -144,32 +144,35 @@ def _check_nesting(obj, path, what: str):
     return obj
 
 
+def _parse(path, what: str, parse, describe):
+    """``parse`` the text of ``path``; a parse error becomes ``describe(error)`` (a :class:`UserError`), too deep a
+    nesting the same error for every format."""
+    text = _read_text(path, what)
+    try:
+        obj = parse(text)
+    except RecursionError:
+        raise UserError(f"{what} {path} is nested more than {MAX_NESTING} levels deep", "", f"give a {what}") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise describe(e) from None
+    return _check_nesting(obj, path, what)
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file"):
     """The JSON value in ``path``. Unreadable, not JSON (with the line), or nested more than
     :data:`MAX_NESTING` deep: :class:`UserError` naming ``what`` and the file."""
-    text = _read_text(path, what)
-    try:
-        obj = json.loads(text)
-    except RecursionError:
-        raise UserError(f"{what} {path} is nested more than {MAX_NESTING} levels deep", "", f"give a {what}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{what} {path} is not valid JSON ({e.msg})", f"at {path}:{e.lineno}", f"give a {what}") from None
-    return _check_nesting(obj, path, what)
+    return _parse(path, what, json.loads, lambda e: UserError(
+        f"{what} {path} is not valid JSON ({e.msg})", f"at {path}:{e.lineno}", f"give a {what}"))
 
 
 def read_yaml(path: str | os.PathLike, what: str = "YAML file"):
     """The YAML document in ``path`` as plain data (safe loader: a ``!!python`` tag is refused, never run).
     Errors name the file and line (:class:`UserError`)."""
-    text = _read_text(path, what)
-    try:
-        obj = yaml.safe_load(text)
-    except RecursionError:
-        raise UserError(f"{what} {path} is nested more than {MAX_NESTING} levels deep", "", f"give a {what}") from None
-    except yaml.YAMLError as e:
+    def describe(e):
         mark = getattr(e, "problem_mark", None)
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
         tag = isinstance(e, yaml.constructor.ConstructorError)
-        raise UserError(f"{what} {'YAML tag refused' if tag else 'is not valid YAML'} ({problem})",
-                        f"at {path}:{mark.line + 1}" if mark is not None else f"in {path}",
-                        "YAML files hold plain values only (numbers, strings, lists, mappings)") from None
-    return _check_nesting(obj, path, what)
+        return UserError(f"{what} {'YAML tag refused' if tag else 'is not valid YAML'} ({problem})",
+                         f"at {path}:{mark.line + 1}" if mark is not None else f"in {path}",
+                         "YAML files hold plain values only (numbers, strings, lists, mappings)")
+
+    return _parse(path, what, yaml.safe_load, describe)
