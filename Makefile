@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.steel_fsd_deps
 PYTEST_ARGS ?=
 
-.PHONY: env demo test bench fewshot-demo clean-demo
+.PHONY: env demo test test-fast bench fewshot-demo clean-demo
 
 env: $(DEPS_STAMP)
 	@$(PY) -c "import steel_fsd, pathlib; assert pathlib.Path(steel_fsd.__file__).resolve().parent == pathlib.Path('steel_fsd').resolve()" 2>/dev/null \
@@ -23,6 +23,10 @@ demo: env
 
 test: env
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# The suite without the end-to-end training runs (marked slow): for a quick check while editing.
+test-fast: env
+	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
 
 # The few-shot protocol on the synthetic datasets at CPU size (resumable): tables in output/fewshot_synth/report.md.
 FEWSHOT_ARGS ?= --settings base_novel cross --methods prototype finetune
