@@ -24,8 +24,8 @@ Layout: :mod:`.spec` (the file), :mod:`.methods` (adaptation by ``adapt`` name, 
 (the cell record and its one writer), :mod:`.runner` (:class:`Protocol`: training, cells, report).
 """
 from .cells import Cell, cell_record
-from .methods import ADAPTERS, register_adapter
+from .methods import ADAPTERS, AdaptContext
 from .runner import Protocol
 from .spec import KINDS, ProtocolSpec, Setting
 
-__all__ = ["ADAPTERS", "KINDS", "Cell", "Protocol", "ProtocolSpec", "Setting", "cell_record", "register_adapter"]
+__all__ = ["ADAPTERS", "AdaptContext", "KINDS", "Cell", "Protocol", "ProtocolSpec", "Setting", "cell_record"]

@@ -1,32 +1,51 @@
 """How a method adapts a trained model to a cell's K shots, by the ``adapt`` name a protocol file gives it.
 
-An adapter is ``f(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts)``
-returning ``(results with "_adapt_s", gradient steps, fine-tune metrics.json or None)``; register more with
-:func:`register_adapter` (methods whose cells are made outside the runner, such as the YOLO benchmark's,
-write them with :class:`~steel_fsd.engine.protocol.cells.Cell`).
+An adapter, a function registered in :data:`ADAPTERS` (fvcore's ``Registry``) under its own name (register
+more with ``@ADAPTERS.register()``), takes one
+:class:`AdaptContext` and returns ``(results with "_adapt_s", gradient steps, fine-tune metrics.json or None)``.
+Methods whose cells are made outside the runner, such as the YOLO benchmark's, write them with
+:class:`~steel_fsd.engine.protocol.cells.Cell`.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 from detectron2.data import MetadataCatalog
+from fvcore.common.registry import Registry
 
 from ..fewshot import evaluate_with_support, register_support
 from ..trainer import Trainer, evaluate
 
-ADAPTERS: dict[str, Callable] = {}
+ADAPTERS = Registry("STEEL_FSD_ADAPTERS")
+ADAPTERS.__doc__ = "Few-shot adaptation methods of the protocol, by the name protocol files give in ``adapt``."
 
 
-def register_adapter(name: str):
-    """Decorator: make ``fn`` the adapter of ``adapt: name`` in protocol files."""
-    def deco(fn: Callable) -> Callable:
-        ADAPTERS[name] = fn
-        return fn
-    return deco
+def adapter_names() -> list[str]:
+    return sorted(name for name, _ in ADAPTERS)
+
+
+@dataclasses.dataclass
+class AdaptContext:
+    """One cell's adaptation: the protocol, the trained model (name, finalized config, weights), the setting, the
+    K-shot support dataset and its manifest, K, the seed, the test split, the cell's work folder and the
+    method's extra config overrides."""
+
+    protocol: object
+    model: str
+    cfg: object
+    weights: str
+    setting: object
+    support_ds: str
+    manifest: dict
+    shots: int
+    seed: int
+    test: str
+    work: Path
+    opts: list[str] = dataclasses.field(default_factory=list)
 
 
 def parent_dataset(dataset: str) -> str:
@@ -74,14 +93,18 @@ def pcb_wrap(support_ds: str, manifest: dict, shots: int, seed: int, test: str):
     return wrap
 
 
-def finetune_eval(protocol, model: str, cfg, weights: str, setting, support_ds: str, manifest: dict,
-                  shots: int, seed: int, test: str, work: Path, method_opts: list[str], wrap=None) -> tuple[dict, int]:
-    """Resize the base checkpoint to the target classes, fine-tune on the support set, evaluate on ``test``.
+def finetune_eval(ctx: AdaptContext, wrap=None) -> tuple[dict, int]:
+    """Resize the base checkpoint to the target classes, fine-tune on the support set, evaluate on the test split.
 
     Adaptation time covers prototype registration (prototype models), surgery, training and ``wrap(model,
     cfg)`` (e.g. PCB), not evaluation.
     """
     from ...modeling.surgery import resize_checkpoint
+
+    protocol, model, cfg, weights, setting = ctx.protocol, ctx.model, ctx.cfg, ctx.weights, ctx.setting
+    support_ds, manifest, shots, seed, test, work = (ctx.support_ds, ctx.manifest, ctx.shots, ctx.seed, ctx.test,
+                                                     ctx.work)
+    method_opts = ctx.opts
 
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -117,39 +140,44 @@ def finetune_eval(protocol, model: str, cfg, weights: str, setting, support_ds: 
     return dict(res, _adapt_s=adapt_s), ft_cfg.SOLVER.MAX_ITER
 
 
-@register_adapter("support")
-def adapt_support(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+def _support(ctx: AdaptContext, wrap=None, novel=None) -> dict:
+    return support_eval(ctx.cfg, ctx.weights, ctx.support_ds, ctx.manifest, ctx.shots, ctx.seed, ctx.test, ctx.work,
+                        wrap, novel)
+
+
+def _pcb(ctx: AdaptContext):
+    return pcb_wrap(ctx.support_ds, ctx.manifest, ctx.shots, ctx.seed, ctx.test)
+
+
+@ADAPTERS.register()
+def support(ctx: AdaptContext):
     """Prototypes from the K shots, no gradient step."""
-    return support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work), 0, None
+    return _support(ctx), 0, None
 
 
-@register_adapter("support_novel")
-def adapt_support_novel(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+@ADAPTERS.register()
+def support_novel(ctx: AdaptContext):
     """Prototypes of the novel classes from their K shots; the base classes keep the base model's trained
     prototypes (a new defect added to a running model: only its support images are embedded). In a cross
     setting every target class is new, so this is the plain swap."""
-    novel = list(setting.novel) if setting.kind == "base_novel" else None
-    return support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work, novel=novel), 0, None
+    return _support(ctx, novel=list(ctx.setting.novel) if ctx.setting.kind == "base_novel" else None), 0, None
 
 
-@register_adapter("finetune")
-def adapt_finetune(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+@ADAPTERS.register()
+def finetune(ctx: AdaptContext):
     """Checkpoint resized to the target classes, then FINETUNE_OPTS (+ the method's opts) on the K shots."""
-    results, iters = finetune_eval(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test,
-                                   work, opts)
-    return results, iters, str(work / "metrics.json")
+    results, iters = finetune_eval(ctx)
+    return results, iters, str(ctx.work / "metrics.json")
 
 
-@register_adapter("support_pcb")
-def adapt_support_pcb(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+@ADAPTERS.register()
+def support_pcb(ctx: AdaptContext):
     """The prototype swap, then prototype calibration (PCB) of its detections with the same K shots."""
-    wrap = pcb_wrap(support_ds, manifest, shots, seed, test)
-    return support_eval(cfg, weights, support_ds, manifest, shots, seed, test, work, wrap), 0, None
+    return _support(ctx, wrap=_pcb(ctx)), 0, None
 
 
-@register_adapter("finetune_pcb")
-def adapt_finetune_pcb(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test, work, opts):
+@ADAPTERS.register()
+def finetune_pcb(ctx: AdaptContext):
     """The fine-tune, then prototype calibration (PCB) of its detections with the same K shots (DeFRCN)."""
-    results, iters = finetune_eval(protocol, model, cfg, weights, setting, support_ds, manifest, shots, seed, test,
-                                   work, opts, wrap=pcb_wrap(support_ds, manifest, shots, seed, test))
-    return results, iters, str(work / "metrics.json")
+    results, iters = finetune_eval(ctx, wrap=_pcb(ctx))
+    return results, iters, str(ctx.work / "metrics.json")

@@ -23,7 +23,7 @@ from ..fewshot import evaluate_with_support
 from ..setup import build_config, finalize_config
 from ..trainer import Trainer
 from .cells import Cell
-from .methods import ADAPTERS, support_eval
+from .methods import ADAPTERS, AdaptContext, support_eval
 from .spec import ProtocolSpec, Setting
 
 logger = logging.getLogger("steel_fsd")
@@ -194,9 +194,9 @@ class Protocol(ProtocolSpec):
             return results, cfg.SOLVER.MAX_ITER, metrics, metrics
         cfg, weights = self.base_model(spec["model"], setting)
         base_metrics = str(Path(cfg.OUTPUT_DIR) / "metrics.json")
-        results, iters, train_metrics = ADAPTERS[spec["adapt"]](
-            self, spec["model"], cfg, weights, setting, support_ds, manifest, shots, seed, test, work,
-            [str(v) for v in spec.get("opts", [])])
+        ctx = AdaptContext(self, spec["model"], cfg, weights, setting, support_ds, manifest, shots, seed, test, work,
+                           [str(v) for v in spec.get("opts", [])])
+        results, iters, train_metrics = ADAPTERS.get(spec["adapt"])(ctx)
         return results, iters, train_metrics, base_metrics
 
     # ----- variants (ablation / preprocessing rows) ---------------------------------------------------

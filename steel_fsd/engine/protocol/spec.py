@@ -11,7 +11,7 @@ from detectron2.data import MetadataCatalog
 from ...data.catalog import require_registered
 from ...utils.errors import UserError
 from ...utils.io import read_yaml
-from .methods import ADAPTERS
+from .methods import ADAPTERS, adapter_names
 
 KINDS = ("base_novel", "cross", "kshot")
 
@@ -94,7 +94,7 @@ class ProtocolSpec:
         for name, m in self.methods.items():
             if m.get("model") not in self.models or m.get("adapt") not in ADAPTERS:
                 raise ValueError(f"{self.path}: method {name}: needs model (one of {sorted(self.models)}) and "
-                                 f"adapt (one of {sorted(ADAPTERS)}), got {m}")
+                                 f"adapt (one of {adapter_names()}), got {m}")
         self.settings = [Setting.parse(s, self.datasets) for s in spec["SETTINGS"]]
         self.variants: dict[str, dict] = spec.get("VARIANTS", {})
         for kind, rows in self.variants.items():
