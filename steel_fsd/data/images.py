@@ -14,7 +14,7 @@ from .errors import DatasetError, SkipLog
 #: Images with more pixels than this are refused before decoding (a decompression bomb, or not an image a
 #: detector of 200-1000 px inputs can use); ``STEEL_FSD_MAX_IMAGE_PIXELS`` changes it.
 MAX_IMAGE_PIXELS = int(os.environ.get("STEEL_FSD_MAX_IMAGE_PIXELS", 100_000_000))
-_HIGH_BIT_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # scaled by 255 / 65535
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -23,7 +23,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     LA and 1-bit through Pillow's conversions (alpha dropped)."""
     if img.mode in _HIGH_BIT_MODES:
         arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(arr * 255.0 / _HIGH_BIT_MODES[img.mode]), 0, 255).astype(np.uint8))
+        return Image.fromarray(np.clip(np.rint(arr * 255.0 / 65535.0), 0, 255).astype(np.uint8))
     if img.mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
         return Image.fromarray(np.rint(np.clip(arr, 0, 1) * 255).astype(np.uint8))

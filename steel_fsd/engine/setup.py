@@ -15,7 +15,7 @@ from ..config import add_steel_fsd_config
 from ..data.catalog import require_registered
 from ..utils.cli import check_output_dir
 from ..utils.errors import UserError
-from ..utils.io import read_json, write_json
+from ..utils.io import read_json, write_json, yaml_error
 
 logger = logging.getLogger("steel_fsd")
 
@@ -36,11 +36,8 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
                          ("in the command-line KEY VALUE overrides", lambda: cfg.merge_from_list(list(opts or [])))):
         try:
             merge()
-        except yaml.constructor.ConstructorError as e:
-            mark = e.problem_mark
-            place = f"{mark.name}:{mark.line + 1}" if mark is not None else config_file
-            raise UserError(f"config YAML tag refused ({' '.join(str(e.problem).split())})", f"at {place}",
-                            "configs hold plain values only (numbers, strings, lists, mappings)") from None
+        except yaml.constructor.ConstructorError as e:  # the file (a _BASE_ perhaps) is the error mark's
+            raise yaml_error(e, "config", e.problem_mark.name if e.problem_mark else config_file) from None
         except (KeyError, AssertionError, yaml.YAMLError) as e:
             key = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
             if key:
@@ -75,20 +72,23 @@ def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
 
     from ..data.catalog import dataset_digest
 
-    content = [dataset_digest(n) if n in DatasetCatalog.list() else None for n in cfg.DATASETS.TRAIN]
-    key = {"datasets": list(cfg.DATASETS.TRAIN), "content": content, "clahe": [cfg.INPUT.HARMONIZE.CLAHE, cfg.INPUT.HARMONIZE.CLAHE_CLIP,
-           cfg.INPUT.HARMONIZE.CLAHE_TILES], "max_images": cfg.INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES}
+    h = cfg.INPUT.HARMONIZE
+    settings = {"datasets": list(cfg.DATASETS.TRAIN), "clahe": [h.CLAHE, h.CLAHE_CLIP, h.CLAHE_TILES],
+                "max_images": h.NORMALIZE_MAX_IMAGES}
     cache = os.path.abspath(os.path.join(cfg.OUTPUT_DIR, "pixel_stats.json"))
     trained = os.path.join(os.path.dirname(os.path.abspath(weights)), "pixel_stats.json") if weights else None
     if trained and os.path.isfile(trained):  # the trained model's own statistics, whatever the key
         saved = _read_pixel_stats(trained, cfg.MODEL.PIXEL_MEAN)
-        if saved.get("key") != key:
+        if {k: v for k, v in saved.get("key", {}).items() if k != "content"} != settings:
             logger.info("pixel statistics of the trained model (%s, trained on %s)", trained,
                         saved.get("key", {}).get("datasets"))
         cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = saved["mean"], saved["std"]
         if trained != cache:  # the output folder records the statistics it was run with
             write_json(cache, saved, indent=2, sort_keys=False)
         return
+    # the cache key needs the datasets' content (loading them): only computed when no trained statistics apply
+    key = {**settings, "content": [dataset_digest(n) if n in DatasetCatalog.list() else None
+                                   for n in cfg.DATASETS.TRAIN]}
     if os.path.isfile(cache):
         saved = _read_pixel_stats(cache, cfg.MODEL.PIXEL_MEAN)
         if saved.get("key") == key:
@@ -97,7 +97,6 @@ def resolve_pixel_stats(cfg: CfgNode, weights: str | None = None) -> None:
     for name in cfg.DATASETS.TRAIN:
         require_registered(name, "DATASETS.TRAIN (INPUT.HARMONIZE.NORMALIZE computes its pixel statistics; a "
                            f"copy of the training run's pixel_stats.json in OUTPUT_DIR {cfg.OUTPUT_DIR} also does)")
-    h = cfg.INPUT.HARMONIZE
     clahe = CLAHETransform(h.CLAHE_CLIP, h.CLAHE_TILES) if h.CLAHE else None
     mean, std = pixel_stats(list(cfg.DATASETS.TRAIN), h.NORMALIZE_MAX_IMAGES, clahe)
     logger.info("dataset pixel statistics of %s: mean %s std %s", key["datasets"], mean, std)

@@ -164,15 +164,17 @@ def read_json(path: str | os.PathLike, what: str = "JSON file"):
         f"{what} {path} is not valid JSON ({e.msg})", f"at {path}:{e.lineno}", f"give a {what}"))
 
 
+def yaml_error(e: yaml.YAMLError, what: str, path) -> UserError:
+    """A YAML parse error (or a refused ``!!python`` tag) as a :class:`UserError` naming ``path`` and the line."""
+    mark = getattr(e, "problem_mark", None)
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    tag = isinstance(e, yaml.constructor.ConstructorError)
+    return UserError(f"{what} {'YAML tag refused' if tag else 'is not valid YAML'} ({problem})",
+                     f"at {path}:{mark.line + 1}" if mark is not None else f"in {path}",
+                     "YAML files hold plain values only (numbers, strings, lists, mappings)")
+
+
 def read_yaml(path: str | os.PathLike, what: str = "YAML file"):
     """The YAML document in ``path`` as plain data (safe loader: a ``!!python`` tag is refused, never run).
     Errors name the file and line (:class:`UserError`)."""
-    def describe(e):
-        mark = getattr(e, "problem_mark", None)
-        problem = " ".join(str(getattr(e, "problem", None) or e).split())
-        tag = isinstance(e, yaml.constructor.ConstructorError)
-        return UserError(f"{what} {'YAML tag refused' if tag else 'is not valid YAML'} ({problem})",
-                         f"at {path}:{mark.line + 1}" if mark is not None else f"in {path}",
-                         "YAML files hold plain values only (numbers, strings, lists, mappings)")
-
-    return _parse(path, what, yaml.safe_load, describe)
+    return _parse(path, what, yaml.safe_load, lambda e: yaml_error(e, what, path))
