@@ -90,3 +90,18 @@ def test_exif_orientation_is_applied(tmp_path):
     p = str(tmp_path / "rot.jpg")
     img.save(p, exif=exif, quality=100)
     assert read_image(p).shape == (20, 12, 3)
+
+
+def test_the_pixel_limit_comes_from_the_environment_and_a_bad_value_is_one_clear_error(tmp_path, monkeypatch):
+    from steel_fsd.utils.errors import UserError
+
+    p = str(tmp_path / "img.png")
+    cv2.imwrite(p, np.zeros((40, 50), np.uint8))
+    monkeypatch.setenv("STEEL_FSD_MAX_IMAGE_PIXELS", "1999")
+    with pytest.raises(DatasetError, match="more than the limit of 1,999"):
+        read_image(p)
+    monkeypatch.setenv("STEEL_FSD_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(UserError, match="STEEL_FSD_MAX_IMAGE_PIXELS is 'lots'"):
+        read_image(p)
+    monkeypatch.delenv("STEEL_FSD_MAX_IMAGE_PIXELS")
+    assert read_image(p).shape == (40, 50, 3)

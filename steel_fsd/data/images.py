@@ -9,11 +9,31 @@ import time
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..utils.errors import UserError
 from .errors import DatasetError, SkipLog
 
 #: Images with more pixels than this are refused before decoding (a decompression bomb, or not an image a
-#: detector of 200-1000 px inputs can use); ``STEEL_FSD_MAX_IMAGE_PIXELS`` changes it.
-MAX_IMAGE_PIXELS = int(os.environ.get("STEEL_FSD_MAX_IMAGE_PIXELS", 100_000_000))
+#: detector of 200-1000 px inputs can use); ``STEEL_FSD_MAX_IMAGE_PIXELS`` changes it (None: read from it).
+MAX_IMAGE_PIXELS: int | None = None
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+
+
+def max_image_pixels() -> int:
+    """:data:`MAX_IMAGE_PIXELS`, else ``$STEEL_FSD_MAX_IMAGE_PIXELS`` (a positive integer), else 100 megapixels;
+    a malformed variable is a :class:`UserError` naming it."""
+    if MAX_IMAGE_PIXELS is not None:
+        return MAX_IMAGE_PIXELS
+    raw = os.environ.get("STEEL_FSD_MAX_IMAGE_PIXELS", "")
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"STEEL_FSD_MAX_IMAGE_PIXELS is {raw!r}", "in the environment",
+                        "set it to a positive number of pixels, e.g. 100000000, or unset it")
+    return value
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # scaled by 255 / 65535
 
 
@@ -51,14 +71,15 @@ def read_image(path: str, format: str = "BGR") -> np.ndarray:
         raise DatasetError(path, "image file not found") from None
     except OSError as e:
         raise DatasetError(path, f"cannot access the image ({e.strerror})") from None
+    limit = max_image_pixels()
     if not stat.S_ISREG(mode):
         raise DatasetError(path, "not a regular file (a folder, FIFO or device), not read")
     try:
         with Image.open(path) as img:
             w, h = img.size
-            if w * h > MAX_IMAGE_PIXELS:
+            if w * h > limit:
                 raise DatasetError(path, f"{w}x{h} image has {w * h:,} pixels, more than the limit of "
-                                         f"{MAX_IMAGE_PIXELS:,} (a decompression bomb?); STEEL_FSD_MAX_IMAGE_PIXELS "
+                                         f"{limit:,} (a decompression bomb?); STEEL_FSD_MAX_IMAGE_PIXELS "
                                          "raises it")
             if w < 1 or h < 1:
                 raise DatasetError(path, f"empty image ({w}x{h})")
