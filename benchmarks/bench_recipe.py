@@ -85,6 +85,15 @@ ROWS: dict[str, tuple[str, list[str], float]] = {
     "proto_default_tau20_range4-64": (PROTO, ["MODEL.PROTOTYPE.TAU_INIT", "20.0",
                                               "MODEL.PROTOTYPE.TAU_RANGE", "[4.0, 64.0]"], 1.0),
     "proto_default_tlsdd": (PROTO, ["MODEL.PROTOTYPE.REWEIGHT_HIDDEN", "64"], 1.0),  # TL-SDD's reweighting
+    # what YOLO11n does that the shipped stock recipe does not, each on its own
+    "default_giou": (STOCK, ["MODEL.RPN.BBOX_REG_LOSS_TYPE", "giou", "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE", "giou",
+                             "MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT", "2.0"], 1.0),
+    "default_ema": (STOCK, ["MODEL_EMA.ENABLED", "True"], 1.0),
+    "default_tta_flip": (STOCK, ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(200,)", "TEST.AUG.FLIP", "True"], 1.0),
+    # scratches are long and thin: anchors up to 1:10
+    "default_ratios0.1-10": (STOCK, ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.1,0.25,0.5,1.0,2.0,4.0,10.0]]"], 1.0),
+    "default_cascade": (STOCK, ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
+                                "True"], 1.0),
 }
 METRICS = ("AP", "AP50", "AP75", "P", "R", "F1")
 
@@ -231,8 +240,14 @@ def table(summary: list[dict]) -> str:
                                    "wall s"], tablefmt="github")
 
 
-def finished(iters: int) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((OUT / f"it{iters}").glob("*/seed*/result.json"))]
+def finished(iters: int, name: str) -> list[dict]:
+    """The runs finished under output/ plus those recorded in ``benchmarks/results/<name>.json`` that were
+    not re-run (the output folder can be gone while the record stays)."""
+    fresh = [json.loads(p.read_text()) for p in sorted((OUT / f"it{iters}").glob("*/seed*/result.json"))]
+    record = REPO / "benchmarks" / "results" / f"{name}.json"
+    done = {(r["row"], r["seed"], r["iterations"]) for r in fresh}
+    old = json.loads(record.read_text()).get("runs", []) if record.is_file() else []
+    return [r for r in old if (r["row"], r["seed"], r["iterations"]) not in done] + fresh
 
 
 def main() -> None:
@@ -280,19 +295,20 @@ def main() -> None:
                 el = time.time() - start
                 print(f"[bench_recipe] {i}/{len(todo)} {row} seed {seed}: {'ok' if rc == 0 else f'FAILED rc={rc}'}"
                       f" (elapsed {el / 60:.0f} min, ETA {el / i * (len(todo) - i) / 60:.0f} min)", flush=True)
-    runs = finished(args.iters)
+    name = "recipe_neu" if args.iters == 300 else f"recipe_neu_it{args.iters}"
+    runs = finished(args.iters, name)
     summary = summarize(runs)
     best = max((s for s in summary if s["val"]["AP50"]["mean"] is not None),
                key=lambda s: s["val"]["AP50"]["mean"], default=None)
     sys.path.insert(0, str(Path(__file__).parent))
     from common import save
 
-    name = "recipe_neu" if args.iters == 300 else f"recipe_neu_it{args.iters}"
     png = plot_curves(runs, REPO / "benchmarks" / "results" / f"{name}_curves.png")
     save(name, {"iterations_at_batch4": args.iters, "curves_png": str(png.relative_to(REPO)) if png else None,
                 "data": args.data, "split": "neu_train -> neu_val / neu_test",
                 "chosen_on_val": best["row"] if best else None, "rows": summary, "runs": runs})
-    every = [json.loads(p.read_text()) for p in sorted(OUT.glob("it*/*/seed*/result.json"))]
+    every = [r for p in sorted((REPO / "benchmarks" / "results").glob("recipe_neu*.json"))
+             for r in json.loads(p.read_text()).get("runs", [])]
     save("real_neu", {"data": args.data, "split": "neu_train -> neu_val / neu_test",
                       "note": "every finished run of benchmarks/bench_recipe.py, all budgets (iterations at batch 4); "
                               "rows: mean +- 95% CI over seeds per (row, iterations)",

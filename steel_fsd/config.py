@@ -34,6 +34,10 @@ def add_steel_fsd_config(cfg: CN) -> CN:
     _C.SOLVER.AMP.PRECISION = "bfloat16"
     _C.TEST.AMP = CN()
     _C.TEST.AMP.ENABLED = False                # evaluation (Trainer.test) under autocast with SOLVER.AMP.PRECISION
+    # Exponential moving average of the weights, evaluated and saved at the end of training (engine/ema.py).
+    _C.MODEL_EMA = CN()
+    _C.MODEL_EMA.ENABLED = False
+    _C.MODEL_EMA.DECAY = 0.999                 # ramped as min(DECAY, (1+n)/(10+n)) after n updates
     # Evaluation.
     _C.TEST.PRF_SCORE_THRESH = 0.5             # detections >= this score count for precision/recall/F1
     _C.MODEL.ROI_BOX_HEAD.COSINE_SCALE = 20.0    # CosineROIHeads (TFA's cosine classifier): scale of the cosines

@@ -10,7 +10,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import DatasetEvaluators
-from detectron2.modeling import build_model
+from detectron2.modeling import GeneralizedRCNNWithTTA, build_model
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
@@ -25,6 +25,7 @@ from ..modeling.checkpoint import SafeCheckpointer
 from ..modeling.support import attach_support
 from ..utils.amp import AutocastModel, amp_dtype, autocast
 from ..utils.errors import UserError
+from .ema import EMAHook, ModelEMA
 from .launch import cpu_ddp
 
 logger = logging.getLogger("steel_fsd")
@@ -136,7 +137,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Detectron2's evaluation, under autocast with ``SOLVER.AMP.PRECISION`` when ``TEST.AMP.ENABLED``."""
+        """Detectron2's evaluation; with ``TEST.AUG.ENABLED`` through Detectron2's test-time augmentation
+        (``GeneralizedRCNNWithTTA``: ``TEST.AUG.FLIP`` and the sizes ``TEST.AUG.MIN_SIZES``, merged by NMS),
+        under autocast with ``SOLVER.AMP.PRECISION`` when ``TEST.AMP.ENABLED``."""
+        if cfg.TEST.AUG.ENABLED:
+            model = GeneralizedRCNNWithTTA(cfg, model.module if hasattr(model, "module") else model)
+            logger.info("TEST.AUG: evaluating with test-time augmentation (sizes %s, flip %s)",
+                        tuple(cfg.TEST.AUG.MIN_SIZES), cfg.TEST.AUG.FLIP)
         if cfg.TEST.AMP.ENABLED:
             model = AutocastModel(model, cfg.MODEL.DEVICE, amp_dtype(cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE))
         return super().test(cfg, model, evaluators)
@@ -164,6 +171,11 @@ class Trainer(DefaultTrainer):
         self.checkpointer = SafeCheckpointer(ck.model, ck.save_dir, class_names=train_class_names(self.cfg),
                                              save_to_disk=ck.save_to_disk, **ck.checkpointables)
         ret = super().build_hooks()
+        if self.cfg.MODEL_EMA.ENABLED:
+            ema = ModelEMA(ck.model, self.cfg.MODEL_EMA.DECAY)
+            self.checkpointer.add_checkpointable("model_ema", ema)
+            at = next(i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
+            ret.insert(at, EMAHook(ema))
         if self.cfg.TEST.VAL_LOSS_DATASET and self.cfg.TEST.VAL_LOSS_PERIOD > 0:
             at = len(ret) - 1 if ret and isinstance(ret[-1], hooks.PeriodicWriter) else len(ret)
             ret.insert(at, ValidationLoss(self.cfg))
