@@ -1,5 +1,5 @@
 """The few-shot protocol as a benchmark: runs (or resumes) a protocol file in this process
-(:meth:`steel_fsd.engine.protocol.Protocol.run`, as tools/run_fewshot.py does), then records its wall time,
+(:meth:`steel_fsd.fewshot.protocol.Protocol.run`, as tools/run_fewshot.py does), then records its wall time,
 the adaptation cost of each method and the ratio prototype swap / fine-tuning, measured in that run.
 
     python benchmarks/bench_fewshot_protocol.py [--config configs/protocols/synth_cpu.yaml] \
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["base_novel", "cross"], help="setting kinds (= make fewshot-demo)")
     ap.add_argument("--methods", nargs="+", default=["prototype", "finetune"])
     args = ap.parse_args()
-    from steel_fsd.engine.protocol import Protocol
+    from steel_fsd.fewshot.protocol import Protocol
 
     os.chdir(REPO)  # the protocol file's paths (model configs, OUTPUT_DIR) are relative to the repository
     start = time.time()

@@ -1,4 +1,4 @@
-"""Inspection-time throughput: images/s through steel_fsd.engine.predict.Predictor (harmonization, batching,
+"""Inspection-time throughput: images/s through steel_fsd.inference.predict.Predictor (harmonization, batching,
 model, tiling) for the demo R18-FPN and an R50-FPN, at 200 and 512 px, batch 1 and 8, stock against the
 prototype head (the same config with either ROI head), all in one run on one machine (so the ratios are
 comparable).
@@ -45,7 +45,7 @@ GPU_CONFIGS = {"stock": "configs/baselines/faster_rcnn_R50_FPN_scratch_GN_neu.ya
 def build_predictor(config: str, size: int, batch: int, device: str, tile="auto", opts=(), **speed):
     from detectron2.modeling import build_model
 
-    from steel_fsd.engine.predict import Predictor
+    from steel_fsd.inference.predict import Predictor
     from steel_fsd.engine.setup import build_config
 
     cfg = build_config(str(REPO / config), ["INPUT.HARMONIZE.RESIZE", str(size), "INPUT.HARMONIZE.NORMALIZE", "False",
@@ -68,9 +68,9 @@ def _sync(device: str) -> None:
 
 def stream(predictor, images: list[np.ndarray], device: str) -> list[float]:
     """Predict ``images`` as a stream of batches (the next batches prepared by the predictor's prefetching
-    threads, if any, as in :func:`~steel_fsd.engine.predict.predict_paths`); the seconds between batch
+    threads, if any, as in :func:`~steel_fsd.inference.predict.predict_paths`); the seconds between batch
     completions, the first measured from the start."""
-    from steel_fsd.engine.predict import prefetched
+    from steel_fsd.inference.predict import prefetched
 
     batches = [images[i:i + predictor.batch_size] for i in range(0, len(images), predictor.batch_size)]
     prepared = (prefetched(predictor.prepare, batches, predictor.prefetch) if predictor.prefetch

@@ -14,9 +14,9 @@ from common import REPO, config, save, synthetic_datasets, time_inference, time_
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 
-from steel_fsd.engine.fewshot import register_support
+from steel_fsd.fewshot.adapt import register_support
 from steel_fsd.engine.trainer import Trainer
-from steel_fsd.data.support import sample_support
+from steel_fsd.fewshot.support import sample_support
 
 STOCK = "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml"
 PROTO = "configs/demo/proto_R18_FPN_synth_neu.yaml"

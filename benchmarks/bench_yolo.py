@@ -162,7 +162,7 @@ def predict_and_evaluate(args, weights: Path, test: str, index: dict, out_dir: P
 
 def rows_of(results: dict, classes: list[str]) -> tuple[dict, dict, bool]:
     """(mean metrics, per-class metrics, no_predictions) in percent, as the protocol's cells hold them."""
-    from steel_fsd.engine.protocol import cell_record
+    from steel_fsd.fewshot.protocol import cell_record
     rec = cell_record(results, classes, [], [])
     return rec["metrics"], rec["per_class"], rec["no_predictions"]
 
@@ -239,8 +239,8 @@ def manifest_cells(args, init: Path | None = None, source: dict | None = None) -
     (its class layers resized to the target classes; setting ``cross_<source key>-<key>``, method ``yolo_ft``)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from steel_fsd.data.support import assert_disjoint, load_manifest, manifest_support_dicts
-    from steel_fsd.engine.protocol import Cell
+    from steel_fsd.fewshot.support import assert_disjoint, load_manifest, manifest_support_dicts
+    from steel_fsd.fewshot.protocol import Cell
     from yolo_export import write_data_yaml
 
     names = list(MetadataCatalog.get(args.train).thing_classes)

@@ -25,10 +25,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 from steel_fsd.data import register_all  # noqa: E402
 from steel_fsd.data.mapper import SteelDatasetMapper  # noqa: E402
-from steel_fsd.data.support import load_manifest, manifest_support_dicts, sample_support  # noqa: E402
-from steel_fsd.engine.fewshot import embed_instances  # noqa: E402
+from steel_fsd.fewshot.support import load_manifest, manifest_support_dicts, sample_support  # noqa: E402
+from steel_fsd.fewshot.adapt import embed_instances  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
-from steel_fsd.engine.trainer import evaluate, load_model_for_eval  # noqa: E402
+from steel_fsd.engine.loading import load_model_for_eval  # noqa: E402
+from steel_fsd.engine.trainer import evaluate  # noqa: E402
 from steel_fsd.modeling.cosine_head import cosine_scores  # noqa: E402
 
 SETTING = "base_novel_neu_novel-inclusion+patches"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from common import REPO, save
 from probe_support_fg import CONFIG, SETTING, novel_base_ap50, rotation1_probe_args
 
-from steel_fsd.engine.fewshot import evaluate_with_support  # noqa: E402
+from steel_fsd.fewshot.adapt import evaluate_with_support  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
 
 VARIANTS = {  # name: test-time overrides (the shipped CPU config: score >= 0.05, 50 per image, 300 proposals)

@@ -126,7 +126,7 @@ def test_prototype_head_is_float32_inside_autocast():
 
 
 def test_model_folder_key_ignores_keys_that_cannot_change_the_weights():
-    from steel_fsd.engine.protocol.runner import model_identity
+    from steel_fsd.fewshot.protocol.runner import model_identity
 
     base = model_identity(build_config(STOCK))
     # the prototype head's keys in a stock model, and mixed-precision choices while it is off

@@ -34,7 +34,7 @@ def test_config_builds_its_model(path):
 @pytest.mark.parametrize("path", PROTOCOLS, ids=lambda p: p.name)
 def test_protocol_file_is_valid(path):
     """Every protocol file parses; its model configs exist and build; its methods and variants name them."""
-    from steel_fsd.engine.protocol import Protocol
+    from steel_fsd.fewshot.protocol import Protocol
 
     proto = Protocol(path)
     assert proto.settings and proto.methods and proto.shots and proto.seeds

@@ -45,7 +45,7 @@ def test_diagnose_runs_a_model_over_a_dataset(tmp_path):
     from detectron2.modeling import build_model
 
     from steel_fsd.data import register_neu
-    from steel_fsd.engine.diagnose import diagnose
+    from steel_fsd.inference.diagnose import diagnose
     from steel_fsd.engine.setup import build_config
     from steel_fsd.synthetic import make_neu_synthetic
 

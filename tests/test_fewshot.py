@@ -12,10 +12,11 @@ from detectron2.utils.logger import setup_logger
 from steel_fsd.data import register_neu, register_severstal
 from steel_fsd.data.episodic import EpisodicBatchSampler
 from steel_fsd.synthetic import make_neu_synthetic, make_severstal_synthetic
-from steel_fsd.engine.fewshot import evaluate_with_support, register_support
+from steel_fsd.fewshot.adapt import evaluate_with_support, register_support
 from steel_fsd.engine.setup import build_config, finalize_config
-from steel_fsd.engine.trainer import Trainer, load_model_for_eval
-from steel_fsd.modeling.prototypes import PrototypeFileError, load_prototypes
+from steel_fsd.engine.loading import load_model_for_eval
+from steel_fsd.engine.trainer import Trainer
+from steel_fsd.fewshot.prototypes import PrototypeFileError, load_prototypes
 
 CFG = "configs/demo/proto_R18_FPN_synth_neu.yaml"
 
@@ -111,7 +112,7 @@ def test_append_a_rare_class_and_manifest(trained, tmp_path):
 
 @pytest.mark.slow
 def test_register_support_uses_exactly_a_kshot_manifest(trained, tmp_path):
-    from steel_fsd.data.support import kshot_manifest
+    from steel_fsd.fewshot.support import kshot_manifest
 
     cfg, weights, _ = trained
     dicts = DatasetCatalog.get("t_fs_sev_train")
@@ -129,7 +130,7 @@ def test_embed_instances_batched_equals_one_image_at_a_time(trained):
     """Batches of same-size images give each box the embedding it gets with its image alone, in pick order,
     images of two sizes mixed (a mapper that crops every other image)."""
     from steel_fsd.data.mapper import SteelDatasetMapper
-    from steel_fsd.engine.fewshot import embed_instances
+    from steel_fsd.fewshot.adapt import embed_instances
 
     cfg, weights, _ = trained
     c = cfg.clone()

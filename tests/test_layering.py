@@ -1,9 +1,15 @@
 """The package's layering rule, read from the import statements of every module (not from a list kept by hand):
 
-* ``steel_fsd.data`` (formats -> dataset dicts, splits, support, augmentation) never imports modeling,
-  engine or evaluation;
-* ``steel_fsd.modeling`` (registered components, prototype files) never imports data or engine;
-* neither imports the command-line module ``steel_fsd.utils.cli`` (errors come from ``steel_fsd.utils.errors``);
+* ``steel_fsd.data`` (formats -> dataset dicts, splits, augmentation) and ``steel_fsd.fewshot.support``
+  (support sampling, K-shot manifests) never import modeling, engine, evaluation, inference or the rest of
+  fewshot;
+* ``steel_fsd.modeling`` (registered components, checkpoints) and ``steel_fsd.fewshot.prototypes`` (prototype
+  files, attaching them to a model) never import data, engine, inference or the rest of fewshot;
+* ``steel_fsd.evaluation`` never imports engine, fewshot or inference;
+* ``steel_fsd.engine`` (training, model loading) never imports inference or fewshot beyond its prototype files;
+* ``steel_fsd.fewshot`` (adaptation, the protocol) never imports inference;
+* none of these imports the command-line module ``steel_fsd.utils.cli`` (errors come from
+  ``steel_fsd.utils.errors``), except engine's set-up of a run;
 * no package module imports a tool (``tools/``) or a benchmark.
 """
 import ast
@@ -12,9 +18,25 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "steel_fsd"
-FORBIDDEN = {"data": ("steel_fsd.modeling", "steel_fsd.engine", "steel_fsd.evaluation", "steel_fsd.utils.cli"),
-             "modeling": ("steel_fsd.data", "steel_fsd.engine", "steel_fsd.utils.cli")}
+_LOW = ("steel_fsd.engine", "steel_fsd.inference", "steel_fsd.fewshot.adapt", "steel_fsd.fewshot.protocol",
+        "steel_fsd.utils.cli")
+# module prefix -> forbidden import prefixes; the longest prefix that names a module decides
+FORBIDDEN = {"steel_fsd.data": _LOW + ("steel_fsd.modeling", "steel_fsd.evaluation", "steel_fsd.fewshot"),
+             "steel_fsd.fewshot.support": _LOW + ("steel_fsd.modeling", "steel_fsd.evaluation",
+                                                   "steel_fsd.fewshot.prototypes"),
+             "steel_fsd.modeling": _LOW + ("steel_fsd.data", "steel_fsd.fewshot"),
+             "steel_fsd.fewshot.prototypes": _LOW + ("steel_fsd.data", "steel_fsd.fewshot.support"),
+             "steel_fsd.evaluation": ("steel_fsd.engine", "steel_fsd.fewshot", "steel_fsd.inference",
+                                      "steel_fsd.utils.cli"),
+             "steel_fsd.engine": ("steel_fsd.inference", "steel_fsd.fewshot.adapt", "steel_fsd.fewshot.protocol",
+                                  "steel_fsd.fewshot.support"),
+             "steel_fsd.fewshot": ("steel_fsd.inference", "steel_fsd.utils.cli")}
 NEVER = ("tools", "benchmarks", "_path")
+
+
+def rule_for(module: str) -> tuple[str, ...]:
+    keys = [k for k in FORBIDDEN if module == k or module.startswith(k + ".")]
+    return FORBIDDEN[max(keys, key=len)] if keys else ()
 
 
 def imported_modules(source: str, package: str) -> set[str]:
@@ -38,8 +60,7 @@ def imported_modules(source: str, package: str) -> set[str]:
 def violations(source: str, module: str) -> list[str]:
     """The imports of ``source`` (the module named ``module``, e.g. ``steel_fsd.data.neu``) that break the rule."""
     names = imported_modules(source, module.rsplit(".", 1)[0])
-    layer = module.split(".")[1] if module.count(".") > 1 else ""
-    bad = [n for n in names for f in FORBIDDEN.get(layer, ()) if n == f or n.startswith(f + ".")]
+    bad = [n for n in names for f in rule_for(module) if n == f or n.startswith(f + ".")]
     return sorted(bad + [n for n in names if n.split(".")[0] in NEVER])
 
 
@@ -54,6 +75,12 @@ def test_rule_reader_finds_violations():
         ["steel_fsd.data", "steel_fsd.data.mapper", "steel_fsd.data.mapper.M"]
     assert violations(src.replace("..engine", "..utils").replace("..modeling.prototypes", "..utils.io")
                       .replace("import tools.demo", "pass"), "steel_fsd.data.x") == []
+    # the most specific rule decides: the protocol may import engine, the prototype files may not
+    assert violations("from ...engine.trainer import Trainer\n", "steel_fsd.fewshot.protocol.runner") == []
+    assert violations("from ..engine.trainer import Trainer\n", "steel_fsd.fewshot.prototypes") == \
+        ["steel_fsd.engine.trainer", "steel_fsd.engine.trainer.Trainer"]
+    assert violations("from ..inference.predict import Predictor\n", "steel_fsd.engine.x") == \
+        ["steel_fsd.inference.predict", "steel_fsd.inference.predict.Predictor"]
 
 
 MODULES = sorted(PKG.rglob("*.py"))

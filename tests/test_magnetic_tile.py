@@ -14,7 +14,7 @@ from steel_fsd.data.catalog import register_magnetic_tile
 from steel_fsd.data.errors import DatasetError
 from steel_fsd.data.magnetic_tile import MASK_THRESHOLD, MIN_AREA, MT_CLASSES, load_magnetic_tile, read_mask
 from steel_fsd.data.splits import NEGATIVE, stratum_keys
-from steel_fsd.data.support import annotation_sources
+from steel_fsd.fewshot.support import annotation_sources
 
 
 def _write(root, folder: str, stem: str, mask: np.ndarray, image: bool = True) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
-from steel_fsd.engine.predict import Predictor, find_images, image_decision, merge_tile_detections, tile_windows
+from steel_fsd.inference.predict import Predictor, find_images, image_decision, merge_tile_detections, tile_windows
 from steel_fsd.engine.setup import build_config
 from steel_fsd.utils.cli import UserError
 
@@ -204,7 +204,7 @@ def test_predict_tool_writes_json_csv_overlays_and_reports_skips(trained, tmp_pa
 
 
 def test_predict_tool_refuses_bad_setups_before_any_image_is_read(trained, tmp_path, capsys):
-    from steel_fsd.modeling.prototypes import PrototypeSet, save_prototypes
+    from steel_fsd.fewshot.prototypes import PrototypeSet, save_prototypes
 
     protos = tmp_path / "p.pt"
     save_prototypes(PrototypeSet(["x"], torch.randn(1, 7), 1, 0), str(protos))
@@ -262,7 +262,7 @@ def test_calibration_splits_a_dataset_into_good_and_defect_images():
 def test_torchscript_export_gives_the_eager_boxes(config, tmp_path):
     from detectron2.modeling import build_model
 
-    from steel_fsd.engine.export import trace_model
+    from steel_fsd.inference.export import trace_model
     from steel_fsd.synthetic import make_neu_synthetic
 
     cfg = build_config(config, ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.PROTOTYPE.EMBED_DIM", "32"])
@@ -306,7 +306,7 @@ def test_predict_tool_json_and_overlay_put_the_box_on_a_known_defect(tmp_path, m
     """tools/predict.py with a stand-in detector whose output is fixed by the image: the json box and the
     overlay's red box lie on the synthetic defect, for a square image and a tiled strip."""
     import predict
-    from steel_fsd.engine import predict as predict_mod
+    from steel_fsd.inference import predict as predict_mod
     from steel_fsd.utils.cli import run_main
 
     monkeypatch.setattr(predict_mod.Predictor, "from_files",
@@ -345,7 +345,7 @@ def test_prototype_swap_tools_build_the_model_with_its_trained_class_count(train
     the 6-class NEU config): register_support and predict take the class count and the pixel statistics from
     the training run, and predict names the prototype file's classes."""
     import register_support
-    from steel_fsd.modeling.prototypes import load_prototypes
+    from steel_fsd.fewshot.prototypes import load_prototypes
     from steel_fsd.utils.cli import run_main
 
     protos = tmp_path / "two.pt"
@@ -435,7 +435,7 @@ def test_channels_last_changes_the_weights_layout_not_the_results():
 def test_prefetch_gives_identical_detections_and_rows(trained, capsys):
     """Prefetching threads (reading and harmonizing the next batches) change nothing: the same detections of a
     real model, bit for bit, and the same rows, skipped image included, in the same order."""
-    from steel_fsd.engine.predict import predict_paths, prefetched
+    from steel_fsd.inference.predict import predict_paths, prefetched
     from steel_fsd.engine.setup import finalize_config
 
     cfg = build_config(PROTO_CFG, TINY + ["DATASETS.TRAIN", "('t_pred_train',)"])

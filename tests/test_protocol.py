@@ -11,10 +11,11 @@ import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from steel_fsd.data import register_neu, register_severstal
-from steel_fsd.data.support import kshot_manifest, load_manifest
-from steel_fsd.data.subsets import register_class_subset, register_manifest, restrict_classes
+from steel_fsd.fewshot.support import kshot_manifest, load_manifest
+from steel_fsd.data.subsets import register_class_subset, restrict_classes
+from steel_fsd.fewshot.support import register_manifest
 from steel_fsd.synthetic import make_neu_synthetic, make_severstal_synthetic
-from steel_fsd.engine.protocol import Protocol, cell_record
+from steel_fsd.fewshot.protocol import Protocol, cell_record
 from steel_fsd.utils.cli import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_class_subset_drops_images_with_other_classes_and_reindexes(data):
 
 
 def test_manifest_dataset_holds_exactly_the_manifest_boxes(data, tmp_path):
-    from steel_fsd.data.support import write_manifest
+    from steel_fsd.fewshot.support import write_manifest
 
     parent = "t_pr_neu_train"
     classes = list(MetadataCatalog.get(parent).thing_classes)
@@ -196,7 +197,7 @@ def test_protocol_writes_every_cell_with_consistent_metrics(run):
 def test_novel_only_swap_keeps_the_base_models_prototypes(run):
     """support_novel: in a base/novel cell the base classes keep the base model's bank rows and only the novel
     classes' K boxes are embedded (the same rows as the full swap's); in a cross cell it is the full swap."""
-    from steel_fsd.modeling.prototypes import load_prototypes
+    from steel_fsd.fewshot.prototypes import load_prototypes
 
     out, _, _ = run
     cells = out / "cells" / "base_novel_neu_novel-inclusion+scratches"
@@ -353,7 +354,7 @@ def test_protocol_file_base(tmp_path):
 def test_pretrained_backbone_per_model(tmp_path, monkeypatch):
     """PRETRAINED: {model: weights} names models of the file (checked at parse time), needs its file when the model
     trains, and becomes MODEL.WEIGHTS of that model's training."""
-    from steel_fsd.engine.protocol import runner
+    from steel_fsd.fewshot.protocol import runner
     from steel_fsd.utils.cli import UserError
 
     weights = tmp_path / "w.pth"

@@ -4,9 +4,9 @@ import pickle
 import pytest
 import torch
 
-from steel_fsd.data.support import sample_support
-from steel_fsd.modeling.prototypes import PrototypeFileError, PrototypeSet, append_class, load_prototypes, save_prototypes
-from steel_fsd.modeling.support import check_prototypes
+from steel_fsd.fewshot.support import sample_support
+from steel_fsd.fewshot.prototypes import PrototypeFileError, PrototypeSet, append_class, load_prototypes, save_prototypes
+from steel_fsd.fewshot.prototypes import check_prototypes
 
 
 def make_set(names=("a", "b", "c", "d"), dim=8, sha="ab" * 32, seed=0) -> PrototypeSet:

@@ -40,7 +40,7 @@ def test_a_python_tag_in_a_config_or_its_base_is_refused_and_runs_nothing(tmp_pa
 
 
 def test_protocol_and_other_yaml_and_json_files_are_plain_data_with_bounded_nesting(tmp_path):
-    from steel_fsd.engine.protocol.spec import load_protocol_file
+    from steel_fsd.fewshot.protocol.spec import load_protocol_file
 
     marker = tmp_path / "PWNED"
     proto = tmp_path / "p.yaml"

@@ -20,11 +20,12 @@ from steel_fsd.data import NEU_CLASSES, SEVERSTAL_CLASSES, register_neu, registe
 from steel_fsd.data.errors import DatasetError
 from steel_fsd.data.severstal import load_severstal
 from steel_fsd.synthetic import make_neu_synthetic, make_severstal_synthetic
-from steel_fsd.engine.fewshot import register_support
+from steel_fsd.fewshot.adapt import register_support
 from steel_fsd.engine.setup import build_config, finalize_config
-from steel_fsd.engine.trainer import Trainer, load_model_for_eval
+from steel_fsd.engine.loading import load_model_for_eval
+from steel_fsd.engine.trainer import Trainer
 from steel_fsd.modeling.checkpoint import SafeCheckpointer, UnsafeWeightsError, WeightsReadError, read_weights_file
-from steel_fsd.modeling.prototypes import PrototypeFileError, PrototypeSet, load_prototypes, save_prototypes
+from steel_fsd.fewshot.prototypes import PrototypeFileError, PrototypeSet, load_prototypes, save_prototypes
 from steel_fsd.modeling.surgery import resize_checkpoint
 from steel_fsd.utils.cli import UserError, run_main
 

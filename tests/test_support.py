@@ -13,7 +13,7 @@ from detectron2.structures import BoxMode
 
 from steel_fsd.data import register_neu
 from steel_fsd.data.splits import sha256_files
-from steel_fsd.data.support import (annotation_sources, assert_disjoint, entries_from_list, kshot_manifest,
+from steel_fsd.fewshot.support import (annotation_sources, assert_disjoint, entries_from_list, kshot_manifest,
                                     load_manifest, manifest_support_dicts, sample_support, write_manifest)
 from steel_fsd.synthetic import make_neu_synthetic
 from steel_fsd.utils.cli import run_main

@@ -20,7 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data import register_all
 from steel_fsd.data.catalog import require_registered
-from steel_fsd.engine.predict import Predictor, find_images, top_scores
+from steel_fsd.inference.predict import Predictor, find_images, top_scores
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.evaluation.image_level import (plot_roc, rates_at, roc_points, summarize,
                                               threshold_for_false_alarm)

@@ -23,7 +23,7 @@ from detectron2.data import MetadataCatalog
 
 from steel_fsd.data import register_all
 from steel_fsd.data.catalog import require_registered
-from steel_fsd.modeling.prototypes import load_prototypes
+from steel_fsd.fewshot.prototypes import load_prototypes
 from steel_fsd.modeling.surgery import resize_checkpoint
 from steel_fsd.utils.cli import check_output_file, run_main
 

@@ -19,7 +19,7 @@ from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data import register_all
 from steel_fsd.data.catalog import datasets_root
-from steel_fsd.engine.fewshot import evaluate_with_support, register_support
+from steel_fsd.fewshot.adapt import evaluate_with_support, register_support
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.data.mapper import SteelDatasetMapper
 from steel_fsd.engine.trainer import Trainer

@@ -16,9 +16,9 @@ from tabulate import tabulate
 
 from steel_fsd.data import register_all
 from steel_fsd.data.catalog import require_registered
-from steel_fsd.engine.diagnose import diagnose
+from steel_fsd.inference.diagnose import diagnose
 from steel_fsd.engine.setup import build_config, finalize_config
-from steel_fsd.engine.trainer import load_model_for_eval
+from steel_fsd.engine.loading import load_model_for_eval
 from steel_fsd.utils.cli import add_config_overrides, check_output_file, model_parser, run_main
 from steel_fsd.utils.io import write_json
 

@@ -24,13 +24,13 @@ from steel_fsd.data import register_all  # noqa: E402
 from steel_fsd.data.catalog import require_registered  # noqa: E402
 from steel_fsd.data.mapper import SteelDatasetMapper  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
-from steel_fsd.engine.trainer import load_model_for_eval  # noqa: E402
+from steel_fsd.engine.loading import load_model_for_eval  # noqa: E402
 from steel_fsd.utils.cli import add_config_overrides, check_output_dir, model_parser, run_main  # noqa: E402
 from steel_fsd.utils.io import write_json  # noqa: E402
 from steel_fsd.evaluation.embeddings import distance_stats, nearest_prototype_confusion, pca_2d  # noqa: E402
-from steel_fsd.data.support import sample_support  # noqa: E402
-from steel_fsd.engine.fewshot import build_prototypes, embed_instances  # noqa: E402
-from steel_fsd.modeling.prototypes import load_prototypes  # noqa: E402
+from steel_fsd.fewshot.support import sample_support  # noqa: E402
+from steel_fsd.fewshot.adapt import build_prototypes, embed_instances  # noqa: E402
+from steel_fsd.fewshot.prototypes import load_prototypes  # noqa: E402
 
 
 def plot_confusion(cm: np.ndarray, names: list[str], path: str) -> None:

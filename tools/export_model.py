@@ -19,8 +19,8 @@ import torch
 from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data.images import read_image
-from steel_fsd.engine.export import export_onnx, trace_model
-from steel_fsd.engine.predict import Predictor
+from steel_fsd.inference.export import export_onnx, trace_model
+from steel_fsd.inference.predict import Predictor
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.utils.cli import add_config_overrides, check_output_dir, model_parser, run_main
 from steel_fsd.utils.io import write_bytes, write_json

@@ -26,7 +26,7 @@ import numpy as np
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
-from steel_fsd.engine.predict import Predictor, find_images, image_decision, predict_paths
+from steel_fsd.inference.predict import Predictor, find_images, image_decision, predict_paths
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.utils.cli import (UserError, add_config_overrides, check_output_dir, model_parser, output_lock,
                                  run_main)

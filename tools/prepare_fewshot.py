@@ -4,7 +4,7 @@
     python tools/prepare_fewshot.py --dataset neu_train --shots 1 5 10 --seeds 0 1 2 --out datasets/fewshot \
         [--eval-dataset neu_test] [--datasets-root DIR]
 
-Writes ``OUT/<dataset>_<K>shot_seed<S>.json`` (see :mod:`steel_fsd.data.support`; the file name
+Writes ``OUT/<dataset>_<K>shot_seed<S>.json`` (see :mod:`steel_fsd.fewshot.support`; the file name
 is only a label, the manifest's fields are the source of truth) and nothing else. Same data and seeds
 give byte-identical files. With ``--eval-dataset`` it refuses (exit 1, nothing written) when a support
 image is also in that split. Prints one summary line per manifest.
@@ -22,7 +22,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from steel_fsd.data import register_all
 from steel_fsd.data.catalog import datasets_root, require_registered
-from steel_fsd.data.support import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
+from steel_fsd.fewshot.support import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
 from steel_fsd.data.splits import sha256_files
 from steel_fsd.utils.cli import check_output_dir, run_main
 

@@ -15,7 +15,7 @@ import _path  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data import register_all
-from steel_fsd.engine.fewshot import register_support
+from steel_fsd.fewshot.adapt import register_support
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.utils.cli import add_config_overrides, check_output_file, model_parser, run_main

@@ -8,7 +8,7 @@
 
 Resumable: finished cells (``OUT/cells/**.json``) and trained models are reused; an interrupted training
 resumes from its last checkpoint. Writes ``OUT/results.json``, ``OUT/results.csv``, ``OUT/report.md``
-(the tables, also printed) and ``OUT/plots/*.png``. See steel_fsd/engine/protocol/ for the settings.
+(the tables, also printed) and ``OUT/plots/*.png``. See steel_fsd/fewshot/protocol/ for the settings.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import _path  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
 from steel_fsd.data import register_all
-from steel_fsd.engine.protocol import Protocol
+from steel_fsd.fewshot.protocol import Protocol
 from steel_fsd.utils.cli import UserError, run_main
 
 def seeds_arg(values: list[str]) -> list[int]:

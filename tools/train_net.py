@@ -18,7 +18,8 @@ from detectron2.utils.logger import setup_logger
 from steel_fsd.data import register_all
 from steel_fsd.engine.launch import launch
 from steel_fsd.engine.setup import build_config, check_config_paths, finalize_config
-from steel_fsd.engine.trainer import Trainer, load_model_for_eval
+from steel_fsd.engine.loading import load_model_for_eval
+from steel_fsd.engine.trainer import Trainer
 from steel_fsd.utils.cli import UserError, output_lock, run_main
 
 

@@ -1,4 +1,5 @@
-"""Derived datasets for few-shot protocols: a class subset of a registered dataset, and a K-shot manifest's boxes.
+"""Derived datasets for few-shot protocols: a class subset of a registered dataset (a K-shot manifest's boxes
+are registered by :func:`steel_fsd.fewshot.support.register_manifest`).
 
 Both are registered in Detectron2's catalogs under names chosen by the caller; the names are labels only.
 Everything a derived dataset is made of (parent, classes, manifest path and hash) is in its metadata.
@@ -6,13 +7,11 @@ Everything a derived dataset is made of (parent, classes, manifest path and hash
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .catalog import summary_line
-from ..utils.io import file_sha256
 
 logger = logging.getLogger("steel_fsd")
 
@@ -40,7 +39,7 @@ def restrict_classes(dicts: list[dict], class_names: Sequence[str], keep: Sequen
     return out
 
 
-def _register(name: str, load, parent: str, classes: list[str], **meta) -> None:
+def register_derived(name: str, load, parent: str, classes: list[str], **meta) -> None:
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
@@ -61,28 +60,4 @@ def register_class_subset(name: str, parent: str, classes: Sequence[str], drop_i
         logger.info(summary_line(name, dicts, classes))
         return dicts
 
-    _register(name, load, parent, classes, subset_of=parent_classes, drop_images_with_others=drop_images_with_others)
-
-
-def register_manifest(name: str, parent: str, manifest_path: str | Path) -> dict:
-    """Register the support boxes of a K-shot manifest (tools/prepare_fewshot.py) drawn from ``parent`` as ``name``.
-
-    Each image keeps only its manifest boxes (see :func:`~steel_fsd.data.support.manifest_support_dicts`).
-    Returns the manifest. Raises ValueError when the manifest was drawn from another class list.
-    """
-    from .support import load_manifest, manifest_support_dicts
-
-    manifest = load_manifest(manifest_path)
-    classes = list(MetadataCatalog.get(parent).thing_classes)
-    if manifest["class_names"] != classes:
-        raise ValueError(f"{manifest_path}: manifest classes {manifest['class_names']} != {parent}'s {classes}")
-    digest = file_sha256(manifest_path)
-
-    def load() -> list[dict]:
-        dicts = manifest_support_dicts(manifest, DatasetCatalog.get(parent))
-        logger.info(summary_line(name, dicts, classes))
-        return dicts
-
-    _register(name, load, parent, classes, manifest=str(manifest_path), manifest_sha256=digest,
-              shots=manifest["shots"], seed=manifest["seed"])
-    return manifest
+    register_derived(name, load, parent, classes, subset_of=parent_classes, drop_images_with_others=drop_images_with_others)

@@ -2,7 +2,7 @@
 and what did the detector make of it (right class, background, a base class, another novel class)?
 
 :func:`gt_outcomes` judges one image from plain tensors; :func:`failure_table` sums the outcomes per class.
-``steel_fsd.engine.diagnose`` runs a model over a dataset to produce the inputs.
+``steel_fsd.inference.diagnose`` runs a model over a dataset to produce the inputs.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Few-shot adaptation by prototype swap: build a prototype file from K supports, evaluate with it.
 
-The supports come from :mod:`steel_fsd.data.support` (seeded sampling, K-shot manifests, hand-written
+The supports come from :mod:`steel_fsd.fewshot.support` (seeded sampling, K-shot manifests, hand-written
 lists), their embeddings from the head (:meth:`PrototypeROIHeads.embed_boxes`), and the file format from
-:mod:`steel_fsd.modeling.prototypes`; :func:`register_support` is the one function that joins them.
+:mod:`steel_fsd.fewshot.prototypes`; :func:`register_support` is the one function that joins them.
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from detectron2.structures import Boxes, BoxMode
 
 from ..data.mapper import SteelDatasetMapper
 from ..data.subsets import restrict_classes
-from ..data.support import entries_from_list, manifest_support_dicts, sample_support
+from ..engine.loading import load_model_for_eval, train_class_names
+from ..engine.trainer import evaluate
 from ..modeling.checkpoint import checkpoint_classes, read_weights_file
-from ..modeling.prototypes import PrototypeSet, append_class, load_prototypes, save_prototypes
-from ..modeling.support import relevant_config
 from ..utils.errors import UserError
 from ..utils.io import file_sha256
-from .trainer import evaluate, load_model_for_eval, train_class_names
+from .prototypes import PrototypeSet, append_class, load_prototypes, relevant_config, save_prototypes
+from .support import entries_from_list, manifest_support_dicts, sample_support
 
 logger = logging.getLogger("steel_fsd")
 

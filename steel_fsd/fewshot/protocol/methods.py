@@ -4,7 +4,7 @@ An adapter, a function registered in :data:`ADAPTERS` (fvcore's ``Registry``) un
 more with ``@ADAPTERS.register()``), takes one
 :class:`AdaptContext` and returns ``(results with "_adapt_s", gradient steps, fine-tune metrics.json or None)``.
 Methods whose cells are made outside the runner, such as the YOLO benchmark's, write them with
-:class:`~steel_fsd.engine.protocol.cells.Cell`.
+:class:`~steel_fsd.fewshot.protocol.cells.Cell`.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 from detectron2.data import MetadataCatalog
 from fvcore.common.registry import Registry
 
-from ..fewshot import evaluate_with_support, register_support
-from ..trainer import Trainer, evaluate
+from ...engine.trainer import Trainer, evaluate
+from ..adapt import evaluate_with_support, register_support
 
 ADAPTERS = Registry("STEEL_FSD_ADAPTERS")
 ADAPTERS.__doc__ = "Few-shot adaptation methods of the protocol, by the name protocol files give in ``adapt``."
@@ -82,8 +82,8 @@ def pcb_wrap(support_ds: str, manifest: dict, shots: int, seed: int, test: str):
     the manifest's K boxes per class, weight TEST.PCB_ALPHA on the detector's score."""
     from detectron2.data import DatasetCatalog
 
-    from ...data.support import manifest_support_dicts
-    from ..fewshot import calibrated_model
+    from ..adapt import calibrated_model
+    from ..support import manifest_support_dicts
 
     def wrap(model, cfg):
         parent = parent_dataset(support_ds)

@@ -29,11 +29,10 @@ from detectron2.structures import Boxes, Instances
 from ..data.severstal import tile_positions
 from ..data.transforms import build_harmonization
 from ..modeling.checkpoint import checkpoint_classes, read_weights_file
-from ..modeling.prototypes import PrototypeFileError, PrototypeSet, load_prototypes
-from ..modeling.support import check_prototypes
+from ..engine.loading import load_model_for_eval
+from ..fewshot.prototypes import PrototypeFileError, PrototypeSet, check_prototypes, load_prototypes
 from ..utils.amp import amp_dtype, autocast, to_float32
 from ..utils.errors import UserError
-from .trainer import load_model_for_eval
 
 __all__ = ["IMAGE_EXTENSIONS", "find_images", "tile_windows", "merge_tile_detections", "Predictor",
            "image_decision", "prefetched", "predict_paths", "top_scores"]

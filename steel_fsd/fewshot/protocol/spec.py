@@ -71,7 +71,7 @@ def load_protocol_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
 
 
 class ProtocolSpec:
-    """A parsed, validated protocol file (see :mod:`steel_fsd.engine.protocol`); :class:`Protocol` runs it."""
+    """A parsed, validated protocol file (see :mod:`steel_fsd.fewshot.protocol`); :class:`Protocol` runs it."""
 
     def __init__(self, path: str | os.PathLike, out_dir: str | None = None, shots: list[int] | None = None,
                  seeds: list[int] | None = None, methods: list[str] | None = None):

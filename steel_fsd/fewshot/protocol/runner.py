@@ -15,13 +15,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ...data.catalog import dataset_digest
 from ...data.splits import sha256_files
-from ...data.subsets import register_class_subset, register_manifest
-from ...data.support import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
+from ...data.subsets import register_class_subset
+from ...engine.setup import build_config, finalize_config
+from ...engine.trainer import Trainer
 from ...evaluation.aggregate import read_cell
 from ...utils.io import file_sha256, write_json
-from ..fewshot import evaluate_with_support
-from ..setup import build_config, finalize_config
-from ..trainer import Trainer
+from ..adapt import evaluate_with_support
+from ..support import annotation_sources, assert_disjoint, kshot_manifest, register_manifest, write_manifest
 from .cells import Cell
 from .methods import ADAPTERS, AdaptContext, support_eval
 from .spec import ProtocolSpec, Setting
@@ -50,7 +50,7 @@ def model_identity(cfg) -> str:
 
 
 class Protocol(ProtocolSpec):
-    """A protocol file, ready to run (see :mod:`steel_fsd.engine.protocol`)."""
+    """A protocol file, ready to run (see :mod:`steel_fsd.fewshot.protocol`)."""
 
     def manifest(self, key: str, shots: int, seed: int) -> Path:
         """The K-shot manifest of ``key``'s train split (written once; disjoint from its test split)."""

@@ -15,17 +15,24 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+import logging
+
 import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from ..utils.io import read_json, write_json
+from ..data.catalog import summary_line
+from ..data.subsets import register_derived
+from ..utils.io import file_sha256, read_json, write_json
+
+logger = logging.getLogger("steel_fsd")
 
 FORMAT = "steel_fsd.kshot_manifest"
 VERSION = 1
 RULE = ("K counts instances (boxes) per class, not images. Per class, the candidates are its non-crowd boxes "
         "sorted by (image_key, annotation index); K of them are drawn without replacement by one "
         "numpy.random.default_rng(seed) used for the classes in class-id order "
-        "(steel_fsd.data.support.sample_support). An image may give several boxes of a class; only the "
+        "(steel_fsd.fewshot.support.sample_support). An image may give several boxes of a class; only the "
         "sampled boxes are supports, its other boxes are not used (unless sampled for their own class). A class "
         "with fewer than K instances uses all of them and records the shortfall in counts.")
 REQUIRED = {"format": str, "version": int, "dataset": str, "class_names": list, "shots": int, "seed": int,
@@ -75,9 +82,9 @@ def annotation_sources(root: str | os.PathLike) -> list[Path]:
     Severstal: the one CSV its loader reads (``train.csv`` if present, else ``train_v2.csv``); magnetic tile:
     the mask PNGs of its ``MT_*/Imgs`` folders; otherwise NEU: the XML files of its annotation folders.
     """
-    from .magnetic_tile import FOLDER_PREFIX, mask_files
-    from .neu import annotation_dirs
-    from .severstal import CSV_NAMES
+    from ..data.magnetic_tile import FOLDER_PREFIX, mask_files
+    from ..data.neu import annotation_dirs
+    from ..data.severstal import CSV_NAMES
 
     root = Path(root)
     csv = next((root / n for n in CSV_NAMES if (root / n).is_file()), None)
@@ -252,3 +259,25 @@ def manifest_support_dicts(manifest: dict, dataset_dicts: list[dict]) -> list[di
         raise ValueError(f"{where}: support images not in the dataset: {missing_images}; support boxes not found: "
                          f"{missing_boxes}")
     return out
+
+
+def register_manifest(name: str, parent: str, manifest_path: str | Path) -> dict:
+    """Register the support boxes of a K-shot manifest (tools/prepare_fewshot.py) drawn from ``parent`` as ``name``.
+
+    Each image keeps only its manifest boxes (see :func:`manifest_support_dicts`).
+    Returns the manifest. Raises ValueError when the manifest was drawn from another class list.
+    """
+    manifest = load_manifest(manifest_path)
+    classes = list(MetadataCatalog.get(parent).thing_classes)
+    if manifest["class_names"] != classes:
+        raise ValueError(f"{manifest_path}: manifest classes {manifest['class_names']} != {parent}'s {classes}")
+    digest = file_sha256(manifest_path)
+
+    def load() -> list[dict]:
+        dicts = manifest_support_dicts(manifest, DatasetCatalog.get(parent))
+        logger.info(summary_line(name, dicts, classes))
+        return dicts
+
+    register_derived(name, load, parent, classes, manifest=str(manifest_path), manifest_sha256=digest,
+              shots=manifest["shots"], seed=manifest["seed"])
+    return manifest
