@@ -2,12 +2,17 @@
 Severstal by prototype swap (no retraining); plus the episodic sampler."""
 import itertools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
+from PIL import Image
 
 from steel_fsd.data import register_neu, register_severstal
 from steel_fsd.data.episodic import EpisodicBatchSampler
@@ -19,6 +24,7 @@ from steel_fsd.engine.trainer import Trainer
 from steel_fsd.fewshot.prototypes import PrototypeFileError, load_prototypes
 
 CFG = "configs/demo/proto_R18_FPN_synth_neu.yaml"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_episodic_sampler_batches_are_n_classes_by_k_images():
@@ -173,3 +179,59 @@ def test_new_class_with_the_models_trained_prototypes(trained, tmp_path):
     with pytest.raises(UserError, match="not both"):
         register_support(cfg, weights, "t_fs_sev_train", 2, 1, str(tmp_path / "x.pt"), classes=["defect_4"],
                          with_trained=True, append_to=str(tmp_path / "a.pt"), progress=False)
+
+
+def _spot_images(folder: Path, n: int, seed: int) -> list[tuple[str, list[int]]]:
+    """Images of a defect no model here was trained on (a dark spot on a bright, noisy plate) and its box."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        img = rng.normal(170, 12, (200, 200)).clip(0, 255)
+        r, cx, cy = int(rng.integers(14, 24)), int(rng.integers(40, 160)), int(rng.integers(40, 160))
+        yy, xx = np.mgrid[:200, :200]
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 40
+        name = f"spot{seed}_{i}.png"
+        Image.fromarray(img.astype(np.uint8), "L").convert("RGB").save(folder / name)
+        out.append((name, [cx - r, cy - r, cx + r + 1, cy + r + 1]))
+    return out
+
+
+@pytest.mark.slow
+def test_a_new_defect_from_five_images_by_command(trained, tmp_path):
+    """Five images and a CSV of their boxes, outside any registered dataset: register_support adds the class to
+    the model's trained ones in one command, and predict.py with that file labels the new defect on held-out
+    images."""
+    cfg, weights, root = trained
+    support = _spot_images(tmp_path / "support", 5, seed=0)
+    (tmp_path / "boxes.csv").write_text("image,x1,y1,x2,y2,class\n" + "".join(
+        f"{name},{x0},{y0},{x1},{y1},spot\n" for name, (x0, y0, x1, y1) in support))
+    held_out = _spot_images(tmp_path / "new", 3, seed=1)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(cfg.dump())
+    env = dict(os.environ, STEEL_FSD_DATASETS=str(tmp_path / "none"))
+    tool = lambda name, *args: subprocess.run([sys.executable, str(REPO / "tools" / name), *args],  # noqa: E731
+                                              capture_output=True, text=True, env=env, cwd=REPO)
+    res = tool("register_support.py", "--config-file", str(cfg_file), "--weights", weights,
+               "--dataset", f"spot=csv:{tmp_path / 'support'}:{tmp_path / 'boxes.csv'}", "--shots", "5",
+               "--with-trained", "--out", str(tmp_path / "protos.pt"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ps = load_prototypes(str(tmp_path / "protos.pt"))
+    assert ps.class_names == list(MetadataCatalog.get("t_fs_neu_train").thing_classes) + ["spot"]
+    assert sorted(s["image_key"] for s in ps.support) == sorted(name for name, _ in support)
+
+    res = tool("predict.py", "--config-file", str(cfg_file), "--weights", weights, "--prototypes",
+               str(tmp_path / "protos.pt"), "--input", str(tmp_path / "new"), "--output", str(tmp_path / "pred"),
+               "--no-overlays", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    dets = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert json.loads((tmp_path / "pred" / "summary.json").read_text())["classes"][-1] == "spot"
+    # the tiny model's boxes are loose: its best "spot" detection in each held-out image must cover the spot
+    covered = 0
+    for name, (x0, y0, x1, y1) in held_out:
+        spots = [d for d in dets if Path(d["file_name"]).name == name and d["category_name"] == "spot"]
+        if spots:
+            bx, by, bw, bh = max(spots, key=lambda d: d["score"])["bbox"]
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            covered += bx <= cx <= bx + bw and by <= cy <= by + bh
+    assert covered >= 2, [d for d in dets if d["category_name"] == "spot"][:10]

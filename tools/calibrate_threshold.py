@@ -18,7 +18,7 @@ import _path  # noqa: F401
 from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 
-from steel_fsd.data import register_all
+from steel_fsd.data import dataset_name, register_datasets
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.inference.predict import Predictor, find_images, top_scores
 from steel_fsd.engine.setup import build_config, finalize_config
@@ -39,7 +39,7 @@ def dataset_images(name: str) -> tuple[list[str], list[str]]:
 
 def main(argv=None) -> int:
     ap = model_parser(__doc__, prototypes="prototype file (prototype configs)", datasets_root=True)
-    ap.add_argument("--dataset", help="registered validation dataset (never the test split)")
+    ap.add_argument("--dataset", help="registered validation dataset (never the test split)" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
     ap.add_argument("--good-images", nargs="+", default=[], help="known defect-free images: files, folders, globs")
     ap.add_argument("--defect-images", nargs="+", default=[], help="images known to hold a defect")
     ap.add_argument("--false-alarm", type=float, default=0.01, help="target false-alarm rate on good images")
@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     check_output_file(args.out, "--out")
     good, defect = [], []
     if args.dataset:
-        register_all(args.datasets_root)
+        register_datasets(args.datasets_root, files=args.datasets_file)
+        args.dataset = dataset_name(args.dataset)
         require_registered(args.dataset, "--dataset")
         good, defect = dataset_images(args.dataset)
     if args.good_images:

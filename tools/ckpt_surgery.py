@@ -21,11 +21,11 @@ import _path  # noqa: F401  (a source checkout works without installing steel_fs
 
 from detectron2.data import MetadataCatalog
 
-from steel_fsd.data import register_all
+from steel_fsd.data import dataset_name, register_datasets
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.fewshot.prototypes import load_prototypes
 from steel_fsd.modeling.surgery import resize_checkpoint
-from steel_fsd.utils.cli import check_output_file, run_main
+from steel_fsd.utils.cli import add_dataset_args, check_output_file, run_main
 
 
 def dataset_classes(name: str, option: str) -> list[str]:
@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the new classes' random initialisation")
     p.add_argument("--init-prototypes", help="prototype file (register_support.py): bank rows of new classes")
     p.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
+    add_dataset_args(p, register_option=False)
     args = p.parse_args(argv)
     if args.source_dataset or args.target_dataset:
-        register_all(args.datasets_root)
-    source = args.source_classes or (dataset_classes(args.source_dataset, "--source-dataset")
+        register_datasets(args.datasets_root, files=args.datasets_file)
+    source = args.source_classes or (dataset_classes(dataset_name(args.source_dataset, "--source-dataset"), "--source-dataset")
                                      if args.source_dataset else None)
-    target = args.target_classes or dataset_classes(args.target_dataset, "--target-dataset")
+    target = args.target_classes or dataset_classes(dataset_name(args.target_dataset, "--target-dataset"), "--target-dataset")
     init = None
     if args.init_prototypes:
         ps = load_prototypes(args.init_prototypes)

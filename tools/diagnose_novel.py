@@ -14,7 +14,7 @@ import _path  # noqa: F401
 from detectron2.utils.logger import setup_logger
 from tabulate import tabulate
 
-from steel_fsd.data import register_all
+from steel_fsd.data import dataset_name, register_datasets
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.inference.diagnose import diagnose
 from steel_fsd.engine.setup import build_config, finalize_config
@@ -26,13 +26,14 @@ from steel_fsd.utils.io import write_json
 def main(argv=None) -> int:
     ap = model_parser(__doc__, prototypes="prototype file: the model predicts its classes (prototype swap)",
                       datasets_root=True)
-    ap.add_argument("--dataset", required=True, help="registered dataset with boxes (a val split)")
+    ap.add_argument("--dataset", required=True, help="registered dataset with boxes (a val split)" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
     ap.add_argument("--novel", nargs="*", default=[], help="the novel class names (none: every class is judged "
                                                           "as a base class, e.g. for a fully supervised model)")
     ap.add_argument("--out", help="JSON to write (table and per-box records)")
     args = add_config_overrides(ap).parse_args(argv)
     setup_logger(name="steel_fsd")
-    register_all(args.datasets_root)
+    register_datasets(args.datasets_root, files=args.datasets_file)
+    args.dataset = dataset_name(args.dataset)
     require_registered(args.dataset, "--dataset")
     if args.out:
         check_output_file(args.out, "--out")

@@ -20,7 +20,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from steel_fsd.data import register_all  # noqa: E402
+from steel_fsd.data import dataset_name, register_datasets  # noqa: E402
 from steel_fsd.data.catalog import require_registered  # noqa: E402
 from steel_fsd.data.mapper import SteelDatasetMapper  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
@@ -66,7 +66,7 @@ def plot_pca(query, q_labels, support, s_labels, protos, names, path: str) -> No
 
 def main(argv=None) -> None:
     ap = model_parser(__doc__, prototypes=None, datasets_root=True)
-    ap.add_argument("--dataset", required=True, help="query dataset (its ground-truth boxes are embedded)")
+    ap.add_argument("--dataset", required=True, help="query dataset (its ground-truth boxes are embedded)" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
     ap.add_argument("--support-file", help="prototype file from register_support.py")
     ap.add_argument("--support-dataset", help="build prototypes from this dataset instead (with --shots/--seed)")
     ap.add_argument("--shots", type=int, default=5)
@@ -74,7 +74,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-per-class", type=int, default=50, help="query boxes per class (seeded sample)")
     ap.add_argument("--out", required=True)
     args = add_config_overrides(ap).parse_args(argv)
-    register_all(args.datasets_root)
+    register_datasets(args.datasets_root, files=args.datasets_file)
+    args.dataset = dataset_name(args.dataset)
     cfg = finalize_config(build_config(args.config_file, args.opts + ["MODEL.WEIGHTS", args.weights,
                                                                      "MODEL.PROTOTYPE.SUPPORT_FILE", ""]),
                           datasets=())  # only --dataset / --support-dataset are read

@@ -20,7 +20,8 @@ import _path  # noqa: F401  (a source checkout works without installing steel_fs
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from steel_fsd.data import register_all
+from steel_fsd.data import dataset_name, register_datasets
+from steel_fsd.utils.cli import add_dataset_args
 from steel_fsd.data.catalog import datasets_root, require_registered
 from steel_fsd.fewshot.support import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
 from steel_fsd.data.splits import sha256_files
@@ -62,19 +63,21 @@ def summary(file_name: str, m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="registered dataset to draw supports from (normally a train split)")
+    p.add_argument("--dataset", required=True, help="registered dataset to draw supports from (normally a train split)" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
     p.add_argument("--shots", type=int, nargs="+", required=True, help="K values: instances (boxes) per class")
     p.add_argument("--seeds", type=int, nargs="+", required=True, help="sampling seeds")
     p.add_argument("--out", type=Path, required=True, help="output folder for the manifests")
     p.add_argument("--eval-dataset", help="registered evaluation split that must not contain any support image")
     p.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
+    add_dataset_args(p, register_option=False)
     args = p.parse_args(argv)
     if min(args.shots) < 1:
         p.error("--shots must all be >= 1")
     root = os.path.abspath(args.datasets_root) if args.datasets_root else datasets_root()
     outputs: dict[str, dict] = {}
     # everything is computed and checked before anything is written
-    register_all(root)
+    register_datasets(root, files=args.datasets_file)
+    args.dataset = dataset_name(args.dataset)
     if args.datasets_root:
         _check_root(args.dataset, root)
     dicts = _get(args.dataset, "--dataset")

@@ -23,12 +23,12 @@ import _path  # noqa: F401  (a source checkout works without installing steel_fs
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
-from steel_fsd.data import register_all
+from steel_fsd.data import dataset_name, register_datasets
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.data.subsets import restrict_classes
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.pretrain.train import METHODS, folder_dicts, pretrain
-from steel_fsd.utils.cli import UserError, check_output_file, run_main
+from steel_fsd.utils.cli import UserError, add_dataset_args, check_output_file, run_main
 
 
 logger = logging.getLogger("steel_fsd")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-file", required=True)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", help="folders of images (searched recursively; labels ignored)")
-    src.add_argument("--datasets", nargs="+", help="registered datasets")
+    src.add_argument("--datasets", nargs="+", help="registered datasets" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
     ap.add_argument("--method", choices=METHODS, default="simclr")
     ap.add_argument("--classes", nargs="+", help="supervised: only these classes' image labels")
     ap.add_argument("--epochs", type=int, default=20)
@@ -51,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="backbone weights to write (.pth)")
     ap.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
+    add_dataset_args(ap, register_option=False)
     args = ap.parse_args(argv)
     setup_logger(name="steel_fsd")
-    register_all(args.datasets_root)
+    register_datasets(args.datasets_root, files=args.datasets_file)
+    if args.datasets:
+        args.datasets = [dataset_name(d, "--datasets") for d in args.datasets]
     cfg = build_config(args.config_file, args.opts)
     check_output_file(args.out, "--out")
     finalize_config(cfg, datasets=("TRAIN",))  # the detector's pixel statistics

@@ -14,7 +14,7 @@ import sys
 import _path  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
-from steel_fsd.data import register_all
+from steel_fsd.data import dataset_name, register_datasets
 from steel_fsd.fewshot.adapt import register_support
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.engine.setup import build_config, finalize_config
@@ -24,7 +24,7 @@ from steel_fsd.utils.io import read_json
 
 def main(argv=None) -> None:
     ap = model_parser(__doc__, prototypes=None, datasets_root=True)
-    ap.add_argument("--dataset", required=True, help="registered dataset to draw the support set from")
+    ap.add_argument("--dataset", required=True, help="registered dataset to draw the support set from" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
     ap.add_argument("--shots", type=int, required=True, help="K instances (boxes) per class")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="prototype file to write")
@@ -38,7 +38,8 @@ def main(argv=None) -> None:
                          "trained on: only the new classes' support images are embedded")
     args = add_config_overrides(ap).parse_args(argv)
     setup_logger(name="steel_fsd")
-    register_all(args.datasets_root)
+    register_datasets(args.datasets_root, files=args.datasets_file)
+    args.dataset = dataset_name(args.dataset)
     cfg = build_config(args.config_file, args.opts)
     require_registered(args.dataset, "--dataset")
     check_output_file(args.out, "--out")

@@ -19,7 +19,8 @@ import sys
 import _path  # noqa: F401
 from detectron2.utils.logger import setup_logger
 
-from steel_fsd.data import register_all
+from steel_fsd.data import register_datasets
+from steel_fsd.utils.cli import add_dataset_args
 from steel_fsd.fewshot.protocol import Protocol
 from steel_fsd.utils.cli import UserError, run_main
 
@@ -53,11 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                     "upper bounds), no cell")
     ap.add_argument("--out", help="output folder (default: the file's OUTPUT_DIR)")
     ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
+    add_dataset_args(ap)
     ap.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from finished cells")
     args = ap.parse_args(argv)
     setup_logger(name="steel_fsd")
     setup_logger(name="detectron2", abbrev_name="d2")
-    register_all(args.datasets_root)
+    register_datasets(args.datasets_root, args.dataset, args.datasets_file)
     protocol = Protocol(args.config, args.out, args.shots, seeds_arg(args.seeds) if args.seeds else None, args.methods)
     settings = protocol.select(args.settings, args.cross, args.only)
     if args.list:

@@ -15,16 +15,16 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from steel_fsd.data import register_all
+from steel_fsd.data import register_datasets
 from steel_fsd.engine.launch import launch
 from steel_fsd.engine.setup import build_config, check_config_paths, finalize_config
 from steel_fsd.engine.loading import load_model_for_eval
 from steel_fsd.engine.trainer import Trainer
-from steel_fsd.utils.cli import UserError, output_lock, run_main
+from steel_fsd.utils.cli import UserError, add_dataset_args, output_lock, run_main
 
 
 def setup(args):
-    register_all()  # in every process: workers started by launch() do not inherit the catalog
+    register_datasets(None, args.dataset, args.datasets_file)  # in every process: launch()'s workers do not inherit the catalog
     cfg = build_config(args.config_file, args.opts)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="steel_fsd")
     # One process at a time may write OUTPUT_DIR/pixel_stats.json: rank 0, then each machine's first, then the rest.
@@ -75,11 +75,12 @@ def cli(argv: list[str]) -> int:
     parser = default_argument_parser()
     parser.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else "
                         "./datasets)")
+    add_dataset_args(parser)
     args = parser.parse_args(argv)
     if args.datasets_root:  # through the environment: launch()'s worker processes register from it too
         os.environ["STEEL_FSD_DATASETS"] = os.path.abspath(args.datasets_root)
     check_gpus(args)
-    register_all()  # the datasets under $STEEL_FSD_DATASETS (default ./datasets)
+    register_datasets(None, args.dataset, args.datasets_file)  # $STEEL_FSD_DATASETS (default ./datasets) and the user's
     cfg = build_config(args.config_file, args.opts)
     check_config_paths(cfg, datasets_used(args))
     print("Command Line Args:", args)

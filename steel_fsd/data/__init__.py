@@ -6,6 +6,7 @@ default ``$STEEL_FSD_DATASETS``, else ``./datasets``) or the ``register_*`` func
 from __future__ import annotations
 
 from .catalog import register_all, register_magnetic_tile, register_neu, register_severstal, register_union
+from .custom import dataset_name, register_datasets, register_user_datasets
 from .errors import DatasetError, SkipLog
 from .magnetic_tile import MT_CLASSES, load_magnetic_tile
 from .neu import NEU_CLASSES, load_neu_voc

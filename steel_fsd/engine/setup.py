@@ -15,7 +15,7 @@ from ..config import add_steel_fsd_config
 from ..data.catalog import require_registered
 from ..utils.cli import check_output_dir
 from ..utils.errors import UserError
-from ..utils.io import read_json, write_json, yaml_error
+from ..utils.io import read_json, read_yaml, write_json, yaml_error
 
 logger = logging.getLogger("steel_fsd")
 
@@ -28,6 +28,11 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
     if not os.path.isfile(config_file):
         raise UserError(f"config file {config_file} not found", f"(working directory {os.getcwd()})",
                         "give the path of a YAML file, e.g. configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml")
+    doc = read_yaml(config_file, "config")
+    if not isinstance(doc, dict):
+        raise UserError(f"config file {config_file} holds {'nothing' if doc is None else type(doc).__name__}, not a "
+                        "mapping of KEY: value", "", "a config is a YAML mapping, e.g. '_BASE_: ../Base-RCNN-FPN.yaml' "
+                        "then its keys")
     cfg = get_cfg()
     add_steel_fsd_config(cfg)
     # allow_unsafe=False: Detectron2 otherwise falls back to yaml.unsafe_load, which runs a python tag's code
@@ -38,6 +43,11 @@ def build_config(config_file: str, opts: list[str] | None = None) -> CfgNode:
             merge()
         except yaml.constructor.ConstructorError as e:  # the file (a _BASE_ perhaps) is the error mark's
             raise yaml_error(e, "config", e.problem_mark.name if e.problem_mark else config_file) from None
+        except (TypeError, AttributeError) as e:  # a YAML document that is not a mapping (empty, a list, a scalar)
+            if merge is not merge_file:
+                raise
+            raise UserError(f"a config file is not a mapping of KEY: value ({type(e).__name__}: {e})", where,
+                            "a config is a YAML mapping, e.g. '_BASE_: ../Base-RCNN-FPN.yaml' then keys") from None
         except (KeyError, AssertionError, yaml.YAMLError) as e:
             key = re.search(r"Non-existent (?:config )?key: ([\w.]+)", str(e))
             if key:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 from .errors import UserError
 
 __all__ = ["UserError", "USER_ERRORS", "run_main", "check_output_dir", "check_output_file", "output_lock",
-           "model_parser", "add_config_overrides"]
+           "model_parser", "add_config_overrides", "add_dataset_args"]
 
 DEBUG_ENV = "STEEL_FSD_DEBUG"
 USER_ERRORS = (ValueError, OSError)
@@ -132,6 +132,22 @@ def model_parser(doc: str | None, prototypes: str | None = "prototype file from 
     if datasets_root:
         ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else "
                                                 "./datasets)")
+        add_dataset_args(ap, register_option=False)
+    return ap
+
+
+DATASET_SPEC_HELP = ("NAME=FORMAT:PATH[:ANN], FORMAT one of coco, voc, yolo, severstal, masks, csv (registers NAME "
+                     "and NAME_train/_val/_test)")
+
+
+def add_dataset_args(ap: argparse.ArgumentParser, register_option: bool = True) -> argparse.ArgumentParser:
+    """``--datasets-file`` (a YAML list of datasets; also ``$STEEL_FSD_DATASETS_FILE``) and, where the tool has no
+    ``--dataset`` of its own, ``--dataset`` (repeatable) registering a user dataset (see steel_fsd/data/custom.py)."""
+    if register_option:
+        ap.add_argument("--dataset", action="append", default=[], metavar="SPEC", help="register a dataset: " +
+                        DATASET_SPEC_HELP)
+    ap.add_argument("--datasets-file", action="append", default=[], metavar="YAML",
+                    help="register the datasets listed in this YAML file (also $STEEL_FSD_DATASETS_FILE)")
     return ap
 
 
