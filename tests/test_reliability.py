@@ -1,7 +1,7 @@
 """Inputs that ran code, were written through symlinks, crashed on valid data, or gave silent numbers: each is now
 read correctly or refused in one line naming the file (and exit code 2 from the tools)."""
 import json
-import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -66,7 +66,7 @@ def test_protocol_and_other_yaml_and_json_files_are_plain_data_with_bounded_nest
     assert read_json(deep) == ok  # exactly MAX_NESTING deep is fine
     torn = tmp_path / "torn.json"
     torn.write_text('{"a": 1,\n "b": ')
-    with pytest.raises(UserError, match=rf"torn.json is not valid JSON .*torn.json:2"):
+    with pytest.raises(UserError, match=r"torn.json is not valid JSON .*torn.json:2"):
         read_json(torn, "threshold file")
 
 
@@ -160,6 +160,10 @@ def test_a_second_live_run_into_one_output_folder_is_refused_naming_the_first(tm
     ("MODEL.DEVICE", "tpu", "MODEL.DEVICE is 'tpu'"),
     ("SOLVER.BASE_LR", "-0.1", "SOLVER.BASE_LR is -0.1"),
     ("MODEL.ROI_HEADS.NUM_CLASSES", "3", "NUM_CLASSES is 3 but t_rel_train has 6 classes"),
+    ("INPUT.AUG.GAMMA_RANGE", "[2.0]", r"GAMMA_RANGE is \[2.0\].*low <= high"),
+    ("MODEL.PROTOTYPE.TAU_RANGE", "[64.0, 1.0]", r"TAU_RANGE is \[64.0, 1.0\]"),
+    ("SOLVER.STEPS", "(5, 2)", r"SOLVER.STEPS is \(5, 2\).*increasing"),
+    ("MODEL_EMA.DECAY", "1.5", "MODEL_EMA.DECAY is 1.5"),
 ])
 def test_config_values_that_would_crash_deep_inside_are_refused_by_key(tmp_path, key, value, match):
     from detectron2.data import DatasetCatalog
@@ -175,6 +179,32 @@ def test_config_values_that_would_crash_deep_inside_are_refused_by_key(tmp_path,
                         "INPUT.HARMONIZE.NORMALIZE", "False", key, value])
     with pytest.raises(UserError, match=match):
         finalize_config(cfg)
+
+
+@pytest.mark.parametrize("text, match", [("", "holds nothing"), ("- 1\n", "holds list"),
+                                         ("_BASE_: list.yaml\n", "not a mapping of KEY: value")])
+def test_config_files_that_are_not_mappings_are_one_line_errors(tmp_path, text, match):
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(UserError, match=match):
+        build_config(str(tmp_path / "c.yaml"))
+
+
+@pytest.mark.parametrize("args, match", [(["--tile", "-5"], "--tile -5"), (["--tile", "8"], "at least 32"),
+                                         (["--overlay-score", "2"], r"scores are in \[0, 1\]")])
+def test_predict_options_out_of_range_are_refused(tmp_path, args, match):
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "predict.py"), "--config-file", "c.yaml", "--weights",
+                          "w.pth", "--input", "x", "--output", str(tmp_path / "o"), *args], capture_output=True, text=True)
+    assert res.returncode == 2 and re.search(match, res.stderr), res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_weights_file_that_is_no_weights_file_says_so(tmp_path):
+    from steel_fsd.modeling.checkpoint import WeightsReadError, read_weights_file
+
+    (tmp_path / "w.pth").write_text('{"not": "weights"}')
+    with pytest.raises(WeightsReadError, match="not a weights file .expected a .pth written by torch.save"):
+        read_weights_file(str(tmp_path / "w.pth"))
 
 
 def test_pixel_statistics_and_dataset_digest_follow_the_annotations(tmp_path):

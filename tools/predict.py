@@ -94,7 +94,12 @@ def parse_args(argv):
                     help="threads reading and harmonizing the next N batches during the forward pass (same results)")
     ap.add_argument("--no-overlays", action="store_true")
     ap.add_argument("--allow-skips", action="store_true", help="exit 0 even if unreadable images were skipped")
-    return add_config_overrides(ap).parse_args(argv)
+    args = add_config_overrides(ap).parse_args(argv)
+    if args.tile != "auto" and not (args.tile.isdigit() and (int(args.tile) == 0 or int(args.tile) >= 32)):
+        ap.error(f"--tile {args.tile}: give 'auto', a tile size of at least 32 pixels, or 0 (never tile)")
+    if args.overlay_score is not None and not 0.0 <= args.overlay_score <= 1.0:
+        ap.error(f"--overlay-score {args.overlay_score}: scores are in [0, 1]")
+    return args
 
 
 def predict(args) -> int:

@@ -181,6 +181,8 @@ def finalize_config(cfg: CfgNode, datasets: tuple[str, ...] = ("TRAIN", "TEST"),
 _POSITIVE_INTS = ("SOLVER.IMS_PER_BATCH", "SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD", "MODEL.ROI_HEADS.NUM_CLASSES",
                   "MODEL.PROTOTYPE.EMBED_DIM", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "TEST.DETECTIONS_PER_IMAGE",
                   "INPUT.HARMONIZE.RESIZE")
+# [low, high] pairs
+_RANGES = ("INPUT.AUG.GAMMA_RANGE", "INPUT.AUG.CROP_RANGE", "MODEL.PROTOTYPE.TAU_RANGE")
 _UNIT_FLOATS = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "TEST.PRF_SCORE_THRESH",
                 "MODEL_EMA.DECAY")
 
@@ -210,3 +212,12 @@ def check_config_values(cfg: CfgNode) -> None:
                         "use cpu or cuda (cuda:N for one GPU of several)")
     if float(cfg.SOLVER.BASE_LR) <= 0 or not math.isfinite(float(cfg.SOLVER.BASE_LR)):
         raise UserError(f"SOLVER.BASE_LR is {cfg.SOLVER.BASE_LR!r}", "in the config", "it must be a positive number")
+    for key in _RANGES:
+        v = _get(cfg, key)
+        if v is not None and (len(v) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+                              or v[0] > v[1]):
+            raise UserError(f"{key} is {list(v)!r}", "in the config", "it must be [low, high] with low <= high")
+    steps = list(cfg.SOLVER.STEPS)
+    if any(not isinstance(x, int) or x < 1 for x in steps) or steps != sorted(steps):
+        raise UserError(f"SOLVER.STEPS is {tuple(steps)!r}", "in the config",
+                        "it must be increasing iteration numbers, e.g. (380, 460) for SOLVER.MAX_ITER 500")

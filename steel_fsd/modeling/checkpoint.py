@@ -95,6 +95,11 @@ def read_weights_file(path: str) -> dict:
                 f"{path}: refused: it pickles {found.group(1)}, which a weights file does not need and which could "
                 "run code when loaded; only dicts, lists, numbers, strings, tensors and numpy arrays are read. "
                 "Re-save the weights from a trusted source as a plain state dict") from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+            raise WeightsReadError(f"{path}: not a weights file (expected a .pth written by torch.save or a "
+                                   "Detectron2 .pkl)") from None
         raise WeightsReadError(f"{path}: not a readable weights file ({_first_line(e)})") from None
     except (EOFError, RuntimeError, OSError, zipfile.BadZipFile, ValueError, AttributeError, TypeError,
             IndexError, KeyError) as e:
