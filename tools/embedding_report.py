@@ -69,11 +69,13 @@ def main(argv=None) -> None:
     ap.add_argument("--dataset", required=True, help="query dataset (its ground-truth boxes are embedded)" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
     ap.add_argument("--support-file", help="prototype file from register_support.py")
     ap.add_argument("--support-dataset", help="build prototypes from this dataset instead (with --shots/--seed)")
-    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--shots", type=int, default=5, help="K boxes per class (>= 1) with --support-dataset")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-per-class", type=int, default=50, help="query boxes per class (seeded sample)")
     ap.add_argument("--out", required=True)
     args = add_config_overrides(ap).parse_args(argv)
+    if args.shots < 1 or args.max_per_class < 1:
+        ap.error(f"--shots {args.shots} and --max-per-class {args.max_per_class} must be at least 1")
     register_datasets(args.datasets_root, files=args.datasets_file)
     args.dataset = dataset_name(args.dataset)
     cfg = finalize_config(build_config(args.config_file, args.opts + ["MODEL.WEIGHTS", args.weights,

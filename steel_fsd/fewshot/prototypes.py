@@ -70,6 +70,11 @@ def load_prototypes(path: str) -> PrototypeSet:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+            raise PrototypeFileError(f"{path}: not a prototype file (expected a .pt written by "
+                                     "tools/register_support.py)") from None
         raise PrototypeFileError(f"{path}: not a steel-fsd prototype file, or it holds pickled objects that "
                                  f"are refused for safety ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
