@@ -239,3 +239,18 @@ def test_pixel_statistics_and_dataset_digest_follow_the_annotations(tmp_path):
     assert key1["content"] != key2["content"]
     DatasetCatalog.remove("t_rel_digest_a")
     DatasetCatalog.remove("t_rel_digest_b")
+
+
+@pytest.mark.parametrize("tool, args, match", [
+    ("pretrain_backbone.py", ["--config-file", "c.yaml", "--images", "x", "--out", "o.pth", "--epochs", "0"],
+     "need at least 1 epoch"),
+    ("pretrain_backbone.py", ["--config-file", "c.yaml", "--images", "x", "--out", "o.pth", "--batch", "1"],
+     "a batch of at least 2"),
+    ("make_synthetic.py", ["--out", "o", "--neu-per-class", "0"], "must be at least 1"),
+    ("embedding_report.py", ["--config-file", "c.yaml", "--weights", "w.pth", "--dataset", "d", "--out", "o",
+                             "--shots", "0"], "--shots 0 and --max-per-class 50 must be at least 1"),
+])
+def test_counts_below_one_are_refused_before_any_work(tmp_path, tool, args, match):
+    res = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr, res.stderr

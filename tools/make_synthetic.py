@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("neu", "severstal"), help="write only this dataset")
     args = parser.parse_args(argv)
+    if args.neu_per_class < 1 or args.severstal_images < 1:
+        parser.error("--neu-per-class and --severstal-images must be at least 1 (use --only to make one set)")
     check_output_dir(str(args.out), "--out")
 
     if args.only in (None, "neu"):

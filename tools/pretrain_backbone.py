@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
     add_dataset_args(ap, register_option=False)
     args = ap.parse_args(argv)
+    if args.epochs < 1 or args.batch < 2 or not args.lr > 0:
+        ap.error(f"--epochs {args.epochs}, --batch {args.batch}, --lr {args.lr}: need at least 1 epoch, a batch of at "
+                 "least 2 images (contrastive pairs and BatchNorm need two) and a positive learning rate")
     setup_logger(name="steel_fsd")
     register_datasets(args.datasets_root, files=args.datasets_file)
     if args.datasets:
