@@ -45,17 +45,31 @@ def model_and_inputs(request):
     return model, inputs
 
 
-def test_box_features_are_the_heads_own(model_and_inputs):
+def test_box_features_are_what_the_head_sees_at_inference(model_and_inputs):
+    """The features PCB compares are the ones the ROI head computes for the same boxes in its own inference:
+    captured there by a hook (the stock head's box-head output, the prototype head's embeddings z)."""
+    from detectron2.structures import Instances
+
     model, inputs = model_and_inputs
+    seen = {}
+    prototype = hasattr(model.roi_heads, "embed_boxes")
+    module = model.roi_heads.box_predictor if prototype else model.roi_heads.box_head
+    def capture(m, i, o) -> None:  # returning None keeps the module's output
+        seen["out"] = o[0][0] if prototype else o
+
+    hook = module.register_forward_hook(capture)
     with torch.no_grad():
-        features = model.backbone(model.preprocess_image(inputs).tensor)
-        boxes = [Boxes(torch.tensor([[4.0, 4, 40, 40], [10, 20, 90, 60]]))]
-        f = box_features(model.roi_heads, features, boxes)
-    if hasattr(model.roi_heads, "embed_boxes"):
-        torch.testing.assert_close(f, model.roi_heads.embed_boxes(features, boxes))
-        torch.testing.assert_close(f.norm(dim=1), torch.ones(2))
-    else:
-        assert f.shape == (2, model.roi_heads.box_head.output_shape.channels)
+        images = model.preprocess_image(inputs)
+        features = model.backbone(images.tensor)
+        boxes = Boxes(torch.tensor([[4.0, 4, 40, 40], [10, 20, 90, 60], [0, 0, 96, 96]]))
+        proposals = Instances(images.image_sizes[0], proposal_boxes=boxes, objectness_logits=torch.zeros(3))
+        model.roi_heads(images, features, [proposals])
+        hook.remove()
+        f = box_features(model.roi_heads, features, [boxes])
+    torch.testing.assert_close(f, seen["out"])
+    assert len(f) == 3 and not torch.allclose(f[0], f[1])
+    if prototype:
+        torch.testing.assert_close(f.norm(dim=1), torch.ones(3))
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.4])

@@ -16,8 +16,22 @@ CONFIGS = sorted(p for p in ROOT.rglob("*.yaml") if p not in PROTOCOLS and not p
 def test_config_builds_its_model(path):
     cfg = build_config(str(path), ["MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    assert n_params > 1e6
+    # the model is the config's: classes, anchors per location, normalization, depth
+    retina = cfg.MODEL.META_ARCHITECTURE == "RetinaNet"
+    anchors = model.anchor_generator if retina else model.proposal_generator.anchor_generator
+    assert anchors.num_anchors[0] == len(cfg.MODEL.ANCHOR_GENERATOR.SIZES[0]) * len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])
+    if retina:
+        assert model.num_classes == cfg.MODEL.RETINANET.NUM_CLASSES
+    else:
+        assert model.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        if cfg.MODEL.ROI_HEADS.NAME == "StandardROIHeads":
+            assert model.roi_heads.box_predictor.cls_score.out_features == cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1
+    bottom_up = getattr(model.backbone, "bottom_up", model.backbone)
+    norms = {type(m).__name__ for m in bottom_up.modules()}
+    assert ("GroupNorm" in norms) == (cfg.MODEL.RESNETS.NORM == "GN"), norms
+    blocks = sum(len(getattr(bottom_up, f"res{i}")) for i in range(2, 6) if hasattr(bottom_up, f"res{i}"))
+    assert blocks == {18: 8, 34: 16, 50: 16, 101: 33}[cfg.MODEL.RESNETS.DEPTH] - (0 if hasattr(bottom_up, "res5") else
+                                                                                 {18: 2, 50: 3}[cfg.MODEL.RESNETS.DEPTH])
     head = getattr(model, "roi_heads", None)
     if cfg.MODEL.ROI_HEADS.NAME == "PrototypeROIHeads":
         assert head.box_predictor.embed.out_features == cfg.MODEL.PROTOTYPE.EMBED_DIM
