@@ -13,7 +13,7 @@ from detectron2.data import transforms as T
 from .images import read_dataset_image
 from .transforms import build_augmentations
 
-__all__ = ["SteelDatasetMapper"]
+__all__ = ["SteelDatasetMapper", "masks_all_or_none", "polygons_to_rle"]
 
 
 class SteelDatasetMapper(DatasetMapper):
@@ -37,6 +37,16 @@ class SteelDatasetMapper(DatasetMapper):
         ret["recompute_boxes"] = bool(is_train and cfg.MODEL.MASK_ON and geometric)
         return ret
 
+    def _transform_annotations(self, dataset_dict, transforms, image_shape):
+        """The parent's, with tight boxes recomputed from masks only for an image that has them (a box-only
+        image in a mask model's batch keeps its transformed boxes)."""
+        recompute = self.recompute_boxes
+        self.recompute_boxes = recompute and _has_masks(dataset_dict["annotations"])
+        try:
+            super()._transform_annotations(dataset_dict, transforms, image_shape)
+        finally:
+            self.recompute_boxes = recompute
+
     def __call__(self, dataset_dict: dict) -> dict:
         """Map one dataset dict to the model's input format (``image`` CHW uint8, ``instances``)."""
         dataset_dict = copy.deepcopy(dataset_dict)
@@ -56,5 +66,32 @@ class SteelDatasetMapper(DatasetMapper):
             dataset_dict.pop("annotations", None)
             return dataset_dict
         if "annotations" in dataset_dict:
+            if self.use_instance_mask:
+                dataset_dict["annotations"] = masks_all_or_none(dataset_dict["annotations"])
+                if self.instance_mask_format == "bitmask":  # transforms then act on pixels (crop needs no shapely)
+                    h, w = dataset_dict["height"], dataset_dict["width"]
+                    dataset_dict["annotations"] = [dict(a, segmentation=polygons_to_rle(a["segmentation"], h, w))
+                                                   if isinstance(a.get("segmentation"), list) and a["segmentation"]
+                                                   else a for a in dataset_dict["annotations"]]
             self._transform_annotations(dataset_dict, transforms, image_shape)
         return dataset_dict
+
+
+def _has_masks(annotations: list[dict]) -> bool:
+    return bool(annotations) and all(a.get("segmentation") for a in annotations)
+
+
+def polygons_to_rle(polygons: list, height: int, width: int) -> dict:
+    """COCO polygons (flat x, y lists in pixel-edge coordinates) as one COCO RLE, by pycocotools."""
+    from pycocotools import mask as mask_util
+
+    return mask_util.merge(mask_util.frPyObjects([list(map(float, p)) for p in polygons], height, width))
+
+
+def masks_all_or_none(annotations: list[dict]) -> list[dict]:
+    """An image whose boxes have masks trains the mask head; one where only some boxes have masks is used as a
+    box-only image (its masks dropped: a partial set of masks would teach that the other defects are background)."""
+    with_mask = sum(1 for a in annotations if a.get("segmentation"))
+    if 0 < with_mask < len(annotations):
+        return [{k: v for k, v in a.items() if k != "segmentation"} for a in annotations]
+    return annotations

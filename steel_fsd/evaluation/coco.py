@@ -57,6 +57,35 @@ class SteelCOCOEvaluator(COCOEvaluator):
             use_fast_impl = has_compiled_ops()
         super().__init__(dataset_name, *args, use_fast_impl=use_fast_impl, **kwargs)
 
+    def _eval_predictions(self, predictions, img_ids=None):
+        """Detectron2's, except that mask AP (``segm``) is computed on the images whose every ground-truth box has a
+        mask (and the defect-free ones): a box-only image's masks are unknown, not wrong."""
+        if self._tasks is not None and "segm" not in self._tasks or not any(
+                "segmentation" in r for p in predictions for r in p.get("instances", [])):
+            return super()._eval_predictions(predictions, img_ids)
+        tasks = self._tasks
+        masked = self.images_with_masks()
+        try:
+            self._tasks = tuple(t for t in (tasks or ("bbox",)) if t != "segm")
+            super()._eval_predictions(predictions, img_ids)
+            keep = sorted(masked if img_ids is None else masked & set(img_ids))
+            if keep:
+                self._logger.info("segm: evaluated on the %d of %d images whose boxes all have masks", len(keep),
+                                  len(self._coco_api.getImgIds()))
+                self._tasks = ("segm",)
+                super()._eval_predictions(predictions, keep)
+            else:
+                self._logger.warning("segm: no image of this dataset has masks; mask AP not computed")
+        finally:
+            self._tasks = tasks
+
+    def images_with_masks(self) -> set:
+        """Ids of the ground-truth images whose annotations all have a segmentation (none: defect-free)."""
+        by_image: dict = {i: True for i in self._coco_api.getImgIds()}
+        for a in self._coco_api.dataset.get("annotations", []):
+            by_image[a["image_id"]] = by_image.get(a["image_id"], True) and bool(a.get("segmentation"))
+        return {i for i, ok in by_image.items() if ok}
+
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         results = super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
         if coco_eval is None:
