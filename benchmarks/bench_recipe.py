@@ -215,7 +215,9 @@ def summarize(runs: list[dict]) -> list[dict]:
     from steel_fsd.evaluation.aggregate import mean_ci
 
     out = []
-    for row, iters in sorted({(r["row"], r["iterations"]) for r in runs}, key=lambda k: (k[1], list(ROWS).index(base_row(k[0])), k[0])):
+    order = {name: i for i, name in enumerate(ROWS)}  # recorded rows whose option was removed go last
+    for row, iters in sorted({(r["row"], r["iterations"]) for r in runs},
+                             key=lambda k: (k[1], order.get(base_row(k[0]), len(order)), k[0])):
         rs = [r for r in runs if r["row"] == row and r["iterations"] == iters]
         entry = {"row": row, "config": rs[0]["config"], "opts": rs[0]["opts"], "iterations": rs[0]["iterations"],
                  "seeds": [r["seed"] for r in rs], "wall_s": mean_ci([r["wall_s"] for r in rs])}
