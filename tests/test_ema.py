@@ -1,10 +1,6 @@
 """The moving average of the weights (MODEL_EMA) against a hand computation, and end to end through train_net
 (the final checkpoint holds the average, a resumed run continues it); test-time flip augmentation (TEST.AUG)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +9,8 @@ import torch
 from steel_fsd.engine.ema import ModelEMA
 from steel_fsd.modeling.checkpoint import read_weights_file
 from steel_fsd.synthetic import make_neu_synthetic
+from test_training import train_net  # the same tiny train_net.py run
 
-REPO = Path(__file__).resolve().parents[1]
-CFG = REPO / "configs" / "demo" / "faster_rcnn_R18_FPN_synth_neu.yaml"
-TINY = ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "INPUT.HARMONIZE.RESIZE", "128",
-        "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
-        "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "8"]
 
 
 def test_average_matches_a_hand_computation():
@@ -48,20 +40,12 @@ def test_average_matches_a_hand_computation():
         ModelEMA(torch.nn.Linear(4, 4), 0.9).load_state_dict(ema.state_dict())
 
 
-def _train_net(root: Path, out: Path, *args: str) -> str:
-    env = dict(os.environ, STEEL_FSD_DATASETS=str(root))
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", str(CFG), *args,
-                          "OUTPUT_DIR", str(out), *TINY], capture_output=True, text=True, env=env, cwd=REPO)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res.stdout + res.stderr
-
-
 @pytest.mark.slow
 def test_ema_training_resume_and_flip_tta(tmp_path):
     make_neu_synthetic(tmp_path / "data" / "neu-synth", n_per_class=5, seed=0)
     out = tmp_path / "run"
     ema = ["MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.5", "TEST.EVAL_PERIOD", "0"]
-    _train_net(tmp_path / "data", out, *ema, "SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)", "DATASETS.TEST", "()")
+    train_net(tmp_path / "data", out, *ema, "SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)", "DATASETS.TEST", "()")
     mid = read_weights_file(str(out / "model_0000001.pth"))
     final = read_weights_file(str(out / "model_final.pth"))
     assert mid["model_ema"]["updates"] == 2 and final["model_ema"]["updates"] == 4
@@ -71,13 +55,13 @@ def test_ema_training_resume_and_flip_tta(tmp_path):
     differs = [k for k, v in mid["model"].items() if v.is_floating_point() and not torch.equal(v, mid["model_ema"]["shadow"][k])]
     assert differs
 
-    log = _train_net(tmp_path / "data", out, "--resume", *ema, "SOLVER.MAX_ITER", "6", "SOLVER.STEPS", "(3,)",
+    log = train_net(tmp_path / "data", out, "--resume", *ema, "SOLVER.MAX_ITER", "6", "SOLVER.STEPS", "(3,)",
                      "DATASETS.TEST", "()")
     assert "Starting training from iteration 4" in log
     assert read_weights_file(str(out / "model_final.pth"))["model_ema"]["updates"] == 6
 
     # evaluation with horizontal-flip test-time augmentation runs Detectron2's TTA wrapper on this model
-    log = _train_net(tmp_path / "data", out, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
+    log = train_net(tmp_path / "data", out, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.pth"),
                      "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(128,)", "TEST.AUG.FLIP", "True")
     assert "TEST.AUG: evaluating with test-time augmentation (sizes (128,), flip True)" in log
     assert (out / "inference" / "neu_synth_test" / "coco_instances_results.json").is_file()

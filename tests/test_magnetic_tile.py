@@ -96,13 +96,13 @@ def test_components_boxes_and_areas_match_an_independent_labelling(mt_root):
 
 def test_problems_name_the_file(mt_root):
     _write(mt_root, "MT_Free", "bad", _soft_mask((20, 20), [(2, 2, 10, 10)]))
-    with pytest.raises(DatasetError, match=r"MT_Free/Imgs/bad.png: defect in MT_Free mask"):
+    with pytest.raises(DatasetError, match=r"MT_Free/Imgs/bad.png: defect in a defect-free mask"):
         load_magnetic_tile(mt_root)
     skips = SkipLog(strict=False)
     (mt_root / "MT_Crack" / "Imgs" / "c1.png").unlink()
     (mt_root / "MT_Rust" / "Imgs").mkdir(parents=True)
     dicts = load_magnetic_tile(mt_root, skips=skips)
-    assert skips.counts["defect in MT_Free mask"] == 1 and skips.counts["missing mask"] == 1
+    assert skips.counts["defect in a defect-free mask"] == 1 and skips.counts["missing mask"] == 1
     assert skips.counts["unknown class"] == 1
     assert "MT_Rust" in skips.examples["unknown class"]
     assert [d["image_key"] for d in dicts] == ["MT_Blowhole/a1", "MT_Blowhole/a2", "MT_Free/f1", "MT_Free/f2"]

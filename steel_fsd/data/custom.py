@@ -365,7 +365,7 @@ def mask_class_folders(root: Path) -> dict[str, Path]:
 
 
 def _load_masks(spec: DatasetSpec, skips: SkipLog) -> list[dict]:
-    from .magnetic_tile import MASK_THRESHOLD, MIN_AREA, mask_annotations, read_mask
+    from .magnetic_tile import image_instances
 
     folders = mask_class_folders(Path(spec.path))
     names = _classes_in(spec, [n for n in folders if n not in FREE_FOLDERS])
@@ -376,23 +376,10 @@ def _load_masks(spec: DatasetSpec, skips: SkipLog) -> list[dict]:
             skips.note("class not kept")
             continue
         for img in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.suffix.lower() != ".png"):
-            mask_path = img.with_suffix(".png")
-            try:
-                mask = read_mask(mask_path, MASK_THRESHOLD)
-            except DatasetError as e:
-                skips.problem("missing mask" if not mask_path.exists() else "bad mask", e.path, e.cause)
+            found = image_instances(img.with_suffix(".png"), None if free else names.index(name), skips)
+            if found is None:
                 continue
-            anns = []
-            if not free:
-                anns, small = mask_annotations(mask, names.index(name), MIN_AREA)
-                if small:
-                    skips.note("small component", small)
-                if not anns:
-                    skips.note("empty mask")
-                    continue
-            elif mask.any():
-                skips.problem("defect in a defect-free mask", str(mask_path), f"{int(mask.sum())} defect pixels")
-                continue
+            mask, anns = found
             h, w = mask.shape
             out.append({"file_name": str(img.resolve()), "height": int(h), "width": int(w), "annotations": anns,
                         "image_key": f"{folder.relative_to(spec.path)}/{img.stem}"})

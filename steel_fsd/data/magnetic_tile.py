@@ -84,6 +84,30 @@ def mask_annotations(mask: np.ndarray, category_id: int, min_area: int = MIN_ARE
     return anns, dropped
 
 
+def image_instances(mask_path: Path, category_id: int | None, skips: SkipLog, threshold: int = MASK_THRESHOLD,
+                    min_area: int = MIN_AREA) -> tuple[np.ndarray, list[dict]] | None:
+    """The mask beside an image and its instances (``category_id`` None: a defect-free image, whose mask must be
+    empty), or None when the image is left out (each reason counted in ``skips``)."""
+    try:
+        mask = read_mask(mask_path, threshold)
+    except DatasetError as e:
+        skips.problem("missing mask" if not mask_path.exists() else "bad mask", e.path, e.cause)
+        return None
+    if category_id is None:
+        if mask.any():
+            skips.problem("defect in a defect-free mask", str(mask_path),
+                          f"{int(mask.sum())} pixels >= {threshold} in a defect-free image's mask")
+            return None
+        return mask, []
+    anns, small = mask_annotations(mask, category_id, min_area)
+    if small:
+        skips.note("small component", small)
+    if not anns:
+        skips.note("empty mask")
+        return None
+    return mask, anns
+
+
 def load_magnetic_tile(root: str | os.PathLike, class_names: Sequence[str] = MT_CLASSES,
                        skips: SkipLog | None = None, min_area: int = MIN_AREA,
                        threshold: int = MASK_THRESHOLD) -> list[dict]:
@@ -110,24 +134,10 @@ def load_magnetic_tile(root: str | os.PathLike, class_names: Sequence[str] = MT_
     out = []
     for image_id, (key, image, category_id) in enumerate(sorted(entries), 1):
         mask_path = image.with_suffix(".png")
-        try:
-            mask = read_mask(mask_path, threshold)
-        except DatasetError as e:
-            skips.problem("missing mask" if not mask_path.exists() else "bad mask", e.path, e.cause)
+        found = image_instances(mask_path, category_id, skips, threshold, min_area)
+        if found is None:
             continue
-        if category_id is None:
-            if mask.any():
-                skips.problem("defect in MT_Free mask", str(mask_path),
-                              f"{int(mask.sum())} pixels >= {threshold} in a defect-free image's mask")
-                continue
-            anns = []
-        else:
-            anns, small = mask_annotations(mask, category_id, min_area)
-            if small:
-                skips.note("small component", small)
-            if not anns:
-                skips.note("empty mask")
-                continue
+        mask, anns = found
         h, w = mask.shape
         out.append({"file_name": os.path.abspath(image), "image_id": image_id, "image_key": key, "height": int(h),
                     "width": int(w), "annotations": anns, "mask_file": os.path.abspath(mask_path)})
