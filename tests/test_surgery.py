@@ -220,7 +220,7 @@ def test_errors_name_the_problem(tmp_path):
         resize_checkpoint(str(path), str(tmp_path / "out.pth"), NEU, NEU)
     assert not (tmp_path / "out.pth").exists()
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsReadError, match=f"{path}: not a readable weights file"):
+    with pytest.raises(WeightsReadError, match=f"{path}: not a weights file"):
         resize_checkpoint(str(path), str(tmp_path / "out.pth"), BASE, NEU)
 
 
