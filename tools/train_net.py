@@ -24,7 +24,7 @@ from steel_fsd.utils.cli import UserError, add_dataset_args, output_lock, run_ma
 
 
 def setup(args):
-    register_datasets(None, args.dataset, args.datasets_file)  # in every process: launch()'s workers do not inherit the catalog
+    register_datasets(None, getattr(args, "dataset", ()), getattr(args, "datasets_file", ()))  # in every process: launch()'s workers do not inherit the catalog
     cfg = build_config(args.config_file, args.opts)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="steel_fsd")
     # One process at a time may write OUTPUT_DIR/pixel_stats.json: rank 0, then each machine's first, then the rest.
