@@ -24,7 +24,7 @@ from steel_fsd.inference.predict import Predictor, find_images, top_scores
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.evaluation.image_level import (plot_roc, rates_at, roc_points, summarize,
                                               threshold_for_false_alarm)
-from steel_fsd.utils.cli import UserError, add_config_overrides, check_output_file, model_parser, run_main
+from steel_fsd.utils.cli import DATASET_NAME_HELP, UserError, add_config_overrides, check_output_file, model_parser, run_main
 from steel_fsd.utils.io import write_json
 
 
@@ -39,7 +39,7 @@ def dataset_images(name: str) -> tuple[list[str], list[str]]:
 
 def main(argv=None) -> int:
     ap = model_parser(__doc__, prototypes="prototype file (prototype configs)", datasets_root=True)
-    ap.add_argument("--dataset", help="registered validation dataset (never the test split)" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
+    ap.add_argument("--dataset", help="registered validation dataset (never the test split)" + DATASET_NAME_HELP)
     ap.add_argument("--good-images", nargs="+", default=[], help="known defect-free images: files, folders, globs")
     ap.add_argument("--defect-images", nargs="+", default=[], help="images known to hold a defect")
     ap.add_argument("--false-alarm", type=float, default=0.01, help="target false-alarm rate on good images")

@@ -19,14 +19,14 @@ from steel_fsd.data.catalog import require_registered
 from steel_fsd.inference.diagnose import diagnose
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.engine.loading import load_model_for_eval
-from steel_fsd.utils.cli import add_config_overrides, check_output_file, model_parser, run_main
+from steel_fsd.utils.cli import DATASET_NAME_HELP, add_config_overrides, check_output_file, model_parser, run_main
 from steel_fsd.utils.io import write_json
 
 
 def main(argv=None) -> int:
     ap = model_parser(__doc__, prototypes="prototype file: the model predicts its classes (prototype swap)",
                       datasets_root=True)
-    ap.add_argument("--dataset", required=True, help="registered dataset with boxes (a val split)" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
+    ap.add_argument("--dataset", required=True, help="registered dataset with boxes (a val split)" + DATASET_NAME_HELP)
     ap.add_argument("--novel", nargs="*", default=[], help="the novel class names (none: every class is judged "
                                                           "as a base class, e.g. for a fully supervised model)")
     ap.add_argument("--out", help="JSON to write (table and per-box records)")

@@ -25,7 +25,7 @@ from steel_fsd.data.catalog import require_registered  # noqa: E402
 from steel_fsd.data.mapper import SteelDatasetMapper  # noqa: E402
 from steel_fsd.engine.setup import build_config, finalize_config  # noqa: E402
 from steel_fsd.engine.loading import load_model_for_eval  # noqa: E402
-from steel_fsd.utils.cli import add_config_overrides, check_output_dir, model_parser, run_main  # noqa: E402
+from steel_fsd.utils.cli import DATASET_NAME_HELP, add_config_overrides, check_output_dir, model_parser, run_main  # noqa: E402
 from steel_fsd.utils.io import write_json  # noqa: E402
 from steel_fsd.evaluation.embeddings import distance_stats, nearest_prototype_confusion, pca_2d  # noqa: E402
 from steel_fsd.fewshot.support import sample_support  # noqa: E402
@@ -66,7 +66,7 @@ def plot_pca(query, q_labels, support, s_labels, protos, names, path: str) -> No
 
 def main(argv=None) -> None:
     ap = model_parser(__doc__, prototypes=None, datasets_root=True)
-    ap.add_argument("--dataset", required=True, help="query dataset (its ground-truth boxes are embedded)" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
+    ap.add_argument("--dataset", required=True, help="query dataset (its ground-truth boxes are embedded)" + DATASET_NAME_HELP)
     ap.add_argument("--support-file", help="prototype file from register_support.py")
     ap.add_argument("--support-dataset", help="build prototypes from this dataset instead (with --shots/--seed)")
     ap.add_argument("--shots", type=int, default=5, help="K boxes per class (>= 1) with --support-dataset")

@@ -21,11 +21,10 @@ import _path  # noqa: F401  (a source checkout works without installing steel_fs
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from steel_fsd.data import dataset_name, register_datasets
-from steel_fsd.utils.cli import add_dataset_args
 from steel_fsd.data.catalog import datasets_root, require_registered
 from steel_fsd.fewshot.support import annotation_sources, assert_disjoint, kshot_manifest, write_manifest
 from steel_fsd.data.splits import sha256_files
-from steel_fsd.utils.cli import check_output_dir, run_main
+from steel_fsd.utils.cli import DATASET_NAME_HELP, add_dataset_args, check_output_dir, run_main
 
 
 def registered_sources(name: str) -> list[Path]:
@@ -63,7 +62,7 @@ def summary(file_name: str, m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", required=True, help="registered dataset to draw supports from (normally a train split)" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
+    p.add_argument("--dataset", required=True, help="registered dataset to draw supports from (normally a train split)" + DATASET_NAME_HELP)
     p.add_argument("--shots", type=int, nargs="+", required=True, help="K values: instances (boxes) per class")
     p.add_argument("--seeds", type=int, nargs="+", required=True, help="sampling seeds")
     p.add_argument("--out", type=Path, required=True, help="output folder for the manifests")

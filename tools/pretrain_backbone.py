@@ -28,7 +28,7 @@ from steel_fsd.data.catalog import require_registered
 from steel_fsd.data.subsets import restrict_classes
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.pretrain.train import METHODS, folder_dicts, pretrain
-from steel_fsd.utils.cli import UserError, add_dataset_args, check_output_file, run_main
+from steel_fsd.utils.cli import DATASET_NAME_HELP, UserError, add_dataset_args, check_output_file, run_main
 
 
 logger = logging.getLogger("steel_fsd")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config-file", required=True)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", help="folders of images (searched recursively; labels ignored)")
-    src.add_argument("--datasets", nargs="+", help="registered datasets" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
+    src.add_argument("--datasets", nargs="+", help="registered datasets" + DATASET_NAME_HELP)
     ap.add_argument("--method", choices=METHODS, default="simclr")
     ap.add_argument("--classes", nargs="+", help="supervised: only these classes' image labels")
     ap.add_argument("--epochs", type=int, default=20)

@@ -18,13 +18,13 @@ from steel_fsd.data import dataset_name, register_datasets
 from steel_fsd.fewshot.adapt import register_support
 from steel_fsd.data.catalog import require_registered
 from steel_fsd.engine.setup import build_config, finalize_config
-from steel_fsd.utils.cli import add_config_overrides, check_output_file, model_parser, run_main
+from steel_fsd.utils.cli import DATASET_NAME_HELP, add_config_overrides, check_output_file, model_parser, run_main
 from steel_fsd.utils.io import read_json
 
 
 def main(argv=None) -> None:
     ap = model_parser(__doc__, prototypes=None, datasets_root=True)
-    ap.add_argument("--dataset", required=True, help="registered dataset to draw the support set from" " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)")
+    ap.add_argument("--dataset", required=True, help="registered dataset to draw the support set from" + DATASET_NAME_HELP)
     ap.add_argument("--shots", type=int, required=True, help="K instances (boxes) per class")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="prototype file to write")

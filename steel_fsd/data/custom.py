@@ -37,6 +37,7 @@ from __future__ import annotations
 import csv
 import functools
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -162,10 +163,6 @@ def _size(path: Path) -> tuple[int, int]:
         raise DatasetError(str(path), f"cannot read the image header ({e})") from None
 
 
-def _classes_in(spec: DatasetSpec, found: Sequence[str]) -> list[str]:
-    return list(spec.classes) if spec.classes is not None else sorted(set(found))
-
-
 def voc_class_names(root: str | os.PathLike) -> list[str]:
     """The sorted ``<object><name>`` values of every VOC XML under ``root``."""
     import xml.etree.ElementTree as ET
@@ -244,7 +241,7 @@ def _yolo_labels(spec: DatasetSpec) -> Path:
 
 def _load_yolo(spec: DatasetSpec, skips: SkipLog) -> list[dict]:
     labels = _yolo_labels(spec)
-    names = spec.classes or yolo_class_names(labels)
+    names = spec_classes(spec)
     out = []
     for stem, img in _images_by_stem(Path(spec.path)).items():
         txt = labels / f"{stem}.txt"
@@ -274,7 +271,7 @@ def _load_yolo(spec: DatasetSpec, skips: SkipLog) -> list[dict]:
                 skips.problem("bad label line", str(txt), f"{len(vals)} coordinates (4 for a box, an even number >= 6 "
                               "for a polygon)", line=n)
                 continue
-            if not all(map(_finite, vals)) or not all(-1e-6 <= v <= 1 + 1e-6 for v in vals):
+            if not all(map(math.isfinite, vals)) or not all(-1e-6 <= v <= 1 + 1e-6 for v in vals):
                 skips.problem("bad label line", str(txt), "coordinates must be normalized to [0, 1]", line=n)
                 continue
             if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
@@ -287,10 +284,6 @@ def _load_yolo(spec: DatasetSpec, skips: SkipLog) -> list[dict]:
         out.append({"file_name": str(img.resolve()), "height": h, "width": w, "annotations": anns,
                     "image_key": str(img.relative_to(spec.path))})
     return out
-
-
-def _finite(v: float) -> bool:
-    return v == v and v not in (float("inf"), float("-inf"))
 
 
 CSV_HEADER = ["image", "x1", "y1", "x2", "y2", "class"]
@@ -309,7 +302,7 @@ def _load_csv(spec: DatasetSpec, skips: SkipLog) -> list[dict]:
         if header != CSV_HEADER:
             raise DatasetError(spec.annotations, f"header {header} is not {','.join(CSV_HEADER)}", line=1)
         rows = list(enumerate(reader, 2))
-    names = spec.classes or csv_class_names(spec.annotations)
+    names = spec_classes(spec)
     images = _images_by_stem(Path(spec.path))
     by_name = {p.name: p for p in images.values()} | {str(p.relative_to(spec.path)): p for p in images.values()}
     per_image: dict[Path, list[dict]] = {}
@@ -332,7 +325,7 @@ def _load_csv(spec: DatasetSpec, skips: SkipLog) -> list[dict]:
         except ValueError:
             skips.problem("bad CSV row", spec.annotations, f"coordinates {coords} are not numbers", line=line)
             continue
-        if not all(map(_finite, (x1, y1, x2, y2))):
+        if not all(map(math.isfinite, (x1, y1, x2, y2))):
             skips.problem("bad CSV row", spec.annotations, "non-finite coordinates", line=line)
             continue
         if cls not in names:
@@ -368,7 +361,7 @@ def _load_masks(spec: DatasetSpec, skips: SkipLog) -> list[dict]:
     from .magnetic_tile import image_instances
 
     folders = mask_class_folders(Path(spec.path))
-    names = _classes_in(spec, [n for n in folders if n not in FREE_FOLDERS])
+    names = spec_classes(spec)
     out = []
     for name, folder in folders.items():
         free = name in FREE_FOLDERS
@@ -437,6 +430,14 @@ def _load(spec_key: tuple) -> tuple[list[dict], SkipLog]:
     return dicts, skips
 
 
+@functools.lru_cache(maxsize=None)
+def _split(spec_key: tuple) -> dict[str, list[dict]]:
+    """The seeded split of a dataset, computed once per process (every split's ``get`` shares it)."""
+    from .splits import stratified_split
+
+    return stratified_split(_load(spec_key)[0], seed=spec_key[6], ratios=spec_key[5])
+
+
 def _key(spec: DatasetSpec) -> tuple:
     return (spec.name, spec.format, os.path.abspath(spec.path), os.path.abspath(spec.annotations) if spec.annotations
             else "", tuple(spec.classes) if spec.classes else None, tuple(spec.split) if spec.split else None,
@@ -446,11 +447,9 @@ def _key(spec: DatasetSpec) -> tuple:
 def _get(spec_key: tuple, split: str | None, name: str, classes: tuple) -> list[dict]:
     import copy
 
-    from .splits import stratified_split
-
     dicts, skips = _load(spec_key)
     if split is not None:
-        dicts = stratified_split(dicts, seed=spec_key[6], ratios=spec_key[5])[split]
+        dicts = _split(spec_key)[split]
     dicts = copy.deepcopy(dicts)
     logger.info(summary_line(name, dicts, classes, skips))
     return dicts

@@ -91,7 +91,6 @@ def polygons_to_rle(polygons: list, height: int, width: int) -> dict:
 def masks_all_or_none(annotations: list[dict]) -> list[dict]:
     """An image whose boxes have masks trains the mask head; one where only some boxes have masks is used as a
     box-only image (its masks dropped: a partial set of masks would teach that the other defects are background)."""
-    with_mask = sum(1 for a in annotations if a.get("segmentation"))
-    if 0 < with_mask < len(annotations):
+    if any(a.get("segmentation") for a in annotations) and not _has_masks(annotations):
         return [{k: v for k, v in a.items() if k != "segmentation"} for a in annotations]
     return annotations

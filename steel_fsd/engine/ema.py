@@ -29,7 +29,7 @@ class ModelEMA:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"MODEL_EMA.DECAY {decay} is outside [0, 1]")
         self.model, self.decay, self.updates = _unwrap(model), float(decay), 0
-        self.shadow = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.reset()
 
     def current_decay(self) -> float:
         return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))

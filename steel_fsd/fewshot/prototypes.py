@@ -16,7 +16,7 @@ import torch
 
 from detectron2.config import CfgNode
 
-from ..modeling.checkpoint import atomic_save
+from ..modeling.checkpoint import atomic_save, is_torch_save_file
 from ..utils.io import file_sha256
 
 FORMAT = "steel_fsd.prototypes"
@@ -70,9 +70,7 @@ def load_prototypes(path: str) -> PrototypeSet:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+        if not is_torch_save_file(path):
             raise PrototypeFileError(f"{path}: not a prototype file (expected a .pt written by "
                                      "tools/register_support.py)") from None
         raise PrototypeFileError(f"{path}: not a steel-fsd prototype file, or it holds pickled objects that "

@@ -74,6 +74,13 @@ def _zoo_format(data: dict) -> dict:
             "matching_heuristics": True}
 
 
+def is_torch_save_file(path: str) -> bool:
+    """Whether ``path`` starts as ``torch.save`` writes (a zip archive, or a legacy pickle)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
 def read_weights_file(path: str) -> dict:
     """The payload of a weights file, read without running code from it (see the module docstring).
 
@@ -95,9 +102,7 @@ def read_weights_file(path: str) -> dict:
                 f"{path}: refused: it pickles {found.group(1)}, which a weights file does not need and which could "
                 "run code when loaded; only dicts, lists, numbers, strings, tensors and numpy arrays are read. "
                 "Re-save the weights from a trusted source as a plain state dict") from None
-        with open(path, "rb") as f:
-            head = f.read(2)
-        if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+        if not is_torch_save_file(path):
             raise WeightsReadError(f"{path}: not a weights file (expected a .pth written by torch.save or a "
                                    "Detectron2 .pkl)") from None
         raise WeightsReadError(f"{path}: not a readable weights file ({_first_line(e)})") from None

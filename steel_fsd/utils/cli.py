@@ -136,6 +136,7 @@ def model_parser(doc: str | None, prototypes: str | None = "prototype file from 
     return ap
 
 
+DATASET_NAME_HELP = " (or NAME=FORMAT:PATH[:ANN] to register one: coco, voc, yolo, severstal, masks, csv)"
 DATASET_SPEC_HELP = ("NAME=FORMAT:PATH[:ANN], FORMAT one of coco, voc, yolo, severstal, masks, csv (registers NAME "
                      "and NAME_train/_val/_test)")
 
