@@ -14,6 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
+from conftest import spot_images
 from steel_fsd.data import register_neu, register_severstal
 from steel_fsd.data.episodic import EpisodicBatchSampler
 from steel_fsd.synthetic import make_neu_synthetic, make_severstal_synthetic
@@ -181,32 +182,16 @@ def test_new_class_with_the_models_trained_prototypes(trained, tmp_path):
                          with_trained=True, append_to=str(tmp_path / "a.pt"), progress=False)
 
 
-def _spot_images(folder: Path, n: int, seed: int) -> list[tuple[str, list[int]]]:
-    """Images of a defect no model here was trained on (a dark spot on a bright, noisy plate) and its box."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(n):
-        img = rng.normal(170, 12, (200, 200)).clip(0, 255)
-        r, cx, cy = int(rng.integers(14, 24)), int(rng.integers(40, 160)), int(rng.integers(40, 160))
-        yy, xx = np.mgrid[:200, :200]
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 40
-        name = f"spot{seed}_{i}.png"
-        Image.fromarray(img.astype(np.uint8), "L").convert("RGB").save(folder / name)
-        out.append((name, [cx - r, cy - r, cx + r + 1, cy + r + 1]))
-    return out
-
-
 @pytest.mark.slow
 def test_a_new_defect_from_five_images_by_command(trained, tmp_path):
     """Five images and a CSV of their boxes, outside any registered dataset: register_support adds the class to
     the model's trained ones in one command, and predict.py with that file labels the new defect on held-out
     images."""
     cfg, weights, root = trained
-    support = _spot_images(tmp_path / "support", 5, seed=0)
+    support = spot_images(tmp_path / "support", 5, seed=0)
     (tmp_path / "boxes.csv").write_text("image,x1,y1,x2,y2,class\n" + "".join(
         f"{name},{x0},{y0},{x1},{y1},spot\n" for name, (x0, y0, x1, y1) in support))
-    held_out = _spot_images(tmp_path / "new", 3, seed=1)
+    held_out = spot_images(tmp_path / "new", 3, seed=1)
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(cfg.dump())
     env = dict(os.environ, STEEL_FSD_DATASETS=str(tmp_path / "none"))

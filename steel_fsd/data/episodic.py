@@ -40,7 +40,9 @@ class EpisodicBatchSampler(torch.utils.data.Sampler):
         self.classes = sorted(self.by_class)
         if n_way > len(self.classes):
             raise ValueError(f"episodes of {n_way} classes need {n_way} classes with annotations, "
-                             f"the training data has {len(self.classes)}")
+                             f"the training data has {len(self.classes)}: set DATALOADER.EPISODE_CLASSES to at "
+                             f"most {len(self.classes)} and DATALOADER.EPISODE_IMAGES_PER_CLASS so that their "
+                             f"product is SOLVER.IMS_PER_BATCH (e.g. 2 x 2 for a batch of 4)")
         self.n_way, self.k_images, self.seed = n_way, k_images, seed
         self.rank = comm.get_rank() if rank is None else rank
         self.world_size = comm.get_world_size() if world_size is None else world_size
