@@ -128,3 +128,19 @@ def spot_images(folder: Path, n: int, seed: int) -> list[tuple[str, list[int]]]:
         Image.fromarray(img.astype(np.uint8), "L").convert("RGB").save(folder / name)
         out.append((name, [cx - r, cy - r, cx + r + 1, cy + r + 1]))
     return out
+
+
+def write_coco_json(path: Path, images: list[tuple], categories: dict[str, int]) -> Path:
+    """A COCO instances file: ``images`` as (file_name, width, height, [(category_id, x0, y0, x1, y1), ...]),
+    ``categories`` as name -> COCO id; boxes are written as COCO's [x, y, w, h]."""
+    import json
+
+    entries, anns = [], []
+    for i, (file_name, width, height, boxes) in enumerate(images, 1):
+        entries.append({"id": i, "file_name": file_name, "width": width, "height": height})
+        for cat, x0, y0, x1, y1 in boxes:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    path.write_text(json.dumps({"images": entries, "annotations": anns,
+                                "categories": [{"id": v, "name": k} for k, v in categories.items()]}))
+    return path

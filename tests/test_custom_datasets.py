@@ -1,6 +1,5 @@
 """A user's own datasets (steel_fsd.data.custom): one small set of images with known boxes, written in every
 format a user may have, registered by spec or datasets file, read back box for box."""
-import json
 import os
 import subprocess
 import sys
@@ -8,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import write_coco_json
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
@@ -41,16 +42,8 @@ def expected(stems=TRUTH) -> dict:
 def write_coco(root: Path) -> Path:
     _images(root / "images")
     ids = {"dent": 3, "scratch": 7}  # COCO ids need not start at 0 or be contiguous
-    images, anns = [], []
-    for i, (stem, boxes) in enumerate(TRUTH.items(), 1):
-        images.append({"id": i, "file_name": f"{stem}.jpg", "width": W, "height": H})
-        for c, x0, y0, x1, y1 in boxes:
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": ids[c], "bbox": [x0, y0, x1 - x0, y1 - y0],
-                         "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
-    path = root / "train.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns,
-                                "categories": [{"id": v, "name": k} for k, v in ids.items()]}))
-    return path
+    return write_coco_json(root / "train.json", [(f"{stem}.jpg", W, H, [(ids[c], *box) for c, *box in boxes])
+                                                 for stem, boxes in TRUTH.items()], ids)
 
 
 def write_voc(root: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import spot_images
+from conftest import spot_images, write_coco_json
 from steel_fsd.data.neu import load_neu_voc
 from steel_fsd.synthetic import make_neu_synthetic
 
@@ -35,24 +35,16 @@ def write_sample_coco(root: Path, classes: int = 4) -> None:
     """A COCO dataset of ``classes`` defect classes at the README's paths: data/plates/{images,instances.json}."""
     voc = make_neu_synthetic(root / "voc", n_per_class=8, seed=3)
     dicts = load_neu_voc(voc)
-    images, annotations = [], []
+    images = []
     (root / "data" / "plates" / "images").mkdir(parents=True)
     for d in dicts:
-        anns = [a for a in d["annotations"] if a["category_id"] < classes]
-        if not anns:
+        boxes = [(a["category_id"] + 1, *a["bbox"]) for a in d["annotations"] if a["category_id"] < classes]
+        if not boxes:
             continue
-        name = Path(d["file_name"]).name
-        shutil.copy(d["file_name"], root / "data" / "plates" / "images" / name)
-        images.append({"id": len(images) + 1, "file_name": name, "width": d["width"], "height": d["height"]})
-        for a in anns:
-            x0, y0, x1, y1 = a["bbox"]
-            annotations.append({"id": len(annotations) + 1, "image_id": images[-1]["id"], "iscrowd": 0,
-                                "category_id": a["category_id"] + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
-                                "area": (x1 - x0) * (y1 - y0)})
+        shutil.copy(d["file_name"], root / "data" / "plates" / "images")
+        images.append((Path(d["file_name"]).name, d["width"], d["height"], boxes))
     names = ["crazing", "inclusion", "patches", "pitted_surface"][:classes]
-    (root / "data" / "plates" / "instances.json").write_text(json.dumps(
-        {"images": images, "annotations": annotations,
-         "categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)]}))
+    write_coco_json(root / "data" / "plates" / "instances.json", images, {n: i + 1 for i, n in enumerate(names)})
 
 
 @pytest.mark.slow
