@@ -1,7 +1,9 @@
 """Shared fixtures: the real data samples and writers of tiny datasets for bad-input tests."""
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,16 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def load_tool(name: str):
+    """The module of ``tools/<name>.py``, imported fresh (its ``main`` can then run in this process)."""
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))  # the tools import their ``_path`` helper
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

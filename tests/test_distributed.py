@@ -32,6 +32,7 @@ def _comm_worker(out: str) -> None:
     Path(out, f"comm_rank{comm.get_rank()}.json").write_text(json.dumps(record))
 
 
+@pytest.mark.slow
 def test_cpu_launch_uses_gloo_and_detectron2_comm(tmp_path):
     assert not torch.cuda.is_available(), "this test is for the CPU path"
     launch(_comm_worker, 2, dist_url="auto", args=(str(tmp_path),))

@@ -61,6 +61,7 @@ def test_verify_sha256_rejects_other_bytes(tmp_path):
         inst.verify_sha256(f)
 
 
+@pytest.mark.slow
 def test_existing_detectron2_is_detected_and_reused():
     found = inst.existing_detectron2(sys.executable)
     assert found is not None and found.split()[0].startswith("0.")
@@ -172,6 +173,7 @@ def test_source_option_installs_python_code_with_the_stand_in(tmp_path, monkeypa
     assert not (src / "detectron2" / "_C.py").exists()
 
 
+@pytest.mark.slow
 def test_source_option_keeps_an_existing_detectron2_unless_forced(monkeypatch, capsys, tmp_path):
     installs = []
     monkeypatch.setattr(inst, "install", lambda sdist, source: installs.append((sdist, source)))

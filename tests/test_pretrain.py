@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -126,17 +127,11 @@ def test_converted_weights_cover_an_fpn_models_backbone():
 def test_convert_tool_round_trip_and_errors(tmp_path):
     """tools/convert_torchvision.py: the written file loads into the config's model through the project's
     checkpointer with every backbone tensor matched and changed; GN configs and bad files are refused."""
-    import importlib.util
-    from pathlib import Path
-
     from steel_fsd.engine.setup import build_config
     from steel_fsd.modeling.checkpoint import SafeCheckpointer
     from steel_fsd.utils.cli import run_main
 
-    spec = importlib.util.spec_from_file_location("convert_torchvision",
-                                                  Path(__file__).resolve().parents[1] / "tools" / "convert_torchvision.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_torchvision")
     tv = torchvision.models.resnet18()
     torch.save(tv.state_dict(), tmp_path / "r18.pth")
     opts = ["MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.RESNETS.NORM", "FrozenBN",
@@ -213,15 +208,11 @@ def test_pretrain_exports_the_configs_backbone_and_resumes(tiny_neu, tmp_path, m
 
 
 def test_pretrain_tool_from_folders_and_its_errors(tiny_neu, tmp_path):
-    import importlib.util
     from pathlib import Path
 
     from steel_fsd.utils.cli import run_main
 
-    spec = importlib.util.spec_from_file_location("pretrain_backbone",
-                                                  Path(__file__).resolve().parents[1] / "tools" / "pretrain_backbone.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("pretrain_backbone")
     common = ["--config-file", "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "--epochs", "1", "--batch", "6"]
     opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
             "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]

@@ -317,6 +317,7 @@ def _dist_main(out_dir: str) -> None:
         json.dump(res, f)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or torch.cuda.is_available(),
                     reason="the CPU (gloo) path of steel_fsd.engine.launch")
 def test_evaluator_real_gloo_two_processes(tmp_path):

@@ -2,7 +2,6 @@
 resume past a torn checkpoint."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import pickle
@@ -13,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from steel_fsd.data import NEU_CLASSES, SEVERSTAL_CLASSES, register_neu, register_severstal
+from steel_fsd.data import NEU_CLASSES, register_neu, register_severstal
 from steel_fsd.data.errors import DatasetError
 from steel_fsd.data.severstal import load_severstal
 from steel_fsd.synthetic import make_neu_synthetic, make_severstal_synthetic
@@ -36,14 +36,6 @@ SMALL = ["MODEL.DEVICE", "cpu", "INPUT.HARMONIZE.RESIZE", "96", "INPUT.HARMONIZE
          "DATALOADER.NUM_WORKERS", "0", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
          "MODEL.PROTOTYPE.EMBED_DIM", "16", "DATASETS.TRAIN", "('t_safe_neu_train',)",
          "DATASETS.TEST", "('t_safe_neu_test',)"]
-
-
-def load_tool(name: str):
-    sys.path.insert(0, str(REPO / "tools"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +126,7 @@ def test_no_loading_path_runs_code_from_a_file(data, tmp_path, how, ext, capsys)
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_payload_given_to_train_net_is_one_line_and_runs_nothing(data, tmp_path):
     marker = tmp_path / "PWNED"
     evil = write_payload(tmp_path / "evil.pkl", marker, "system")

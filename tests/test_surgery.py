@@ -1,11 +1,10 @@
 """Checkpoint surgery (class-specific heads resized by class name) and parameter freezing, on real models."""
 import functools
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from conftest import load_tool
 import torch
 import torch.distributed as dist
 from detectron2.modeling import build_model
@@ -19,7 +18,6 @@ from steel_fsd.modeling.checkpoint import UnsafeWeightsError, WeightsReadError
 from steel_fsd.modeling.surgery import BANK, BBOX, RETINANET, SOFTMAX, resize_checkpoint, resize_state_dict
 from steel_fsd.utils.cli import run_main
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 FASTER = "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml"
 PROTO = "configs/demo/proto_R18_FPN_synth_neu.yaml"
 RETINA = "configs/baselines/retinanet_R50_FPN_scratch_GN_neu.yaml"
@@ -225,10 +223,7 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def test_cli_prints_the_report_and_rejects_unknown_datasets(tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(TOOLS))
-    spec = importlib.util.spec_from_file_location("ckpt_surgery", TOOLS / "ckpt_surgery.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("ckpt_surgery")
     src, dst = tmp_path / "a.pth", tmp_path / "b.pth"
     torch.save({"model": state("faster", 4), "iteration": 3}, src)
     argv = ["--src", str(src), "--dst", str(dst), "--source-classes", *BASE, "--target-classes", *PERMUTED]

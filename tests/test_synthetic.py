@@ -3,20 +3,19 @@ from __future__ import annotations
 
 import csv
 import filecmp
-import importlib.util
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 from PIL import Image
 
 from steel_fsd.synthetic import generators as S
 from steel_fsd.data.rle import rle_decode, rle_encode
 from steel_fsd.utils.cli import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 NEU_PER_CLASS = 2
 SEV_IMAGES = 10
 
@@ -239,15 +238,8 @@ def test_real_loaders_read_the_synthetic_sets(neu_dir, sev_dir):
     assert len(sev) == SEV_IMAGES and sum(not d["annotations"] for d in sev) == 3
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "tools" / "make_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tool_writes_skips_and_regenerates(tmp_path, capsys):
-    tool = load_tool()
+    tool = load_tool("make_synthetic")
     args = ["--out", str(tmp_path), "--neu-per-class", "1", "--severstal-images", "2"]
     tool.main(args)
     for name in ("neu-synth", "severstal-synth"):
