@@ -493,3 +493,61 @@ def test_predict_reads_any_valid_size_and_depth_and_skips_non_files(trained, tmp
     assert outside.read_text() == "keep" and not (out / "predictions.csv").is_symlink()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["predicted"] == 3 and summary["skipped"] == 1
+
+
+class BrightMaskModel(BrightBoxModel):
+    """:class:`BrightBoxModel` with a mask: the bright pixels of each input, resized to its original pixels (as a
+    mask model's ``pred_masks`` after Detectron2's postprocessing)."""
+
+    def forward(self, inputs):
+        outs = super().forward(inputs)
+        for d, out in zip(inputs, outs):
+            bright = (d["image"].float().mean(0) > 200).float()[None, None]
+            full = torch.nn.functional.interpolate(bright, size=(d["height"], d["width"]), mode="nearest")[0, 0] > 0
+            out["instances"].pred_masks = full[None].expand(len(out["instances"]), -1, -1).clone()
+        return outs
+
+
+def test_predict_masks_rle_area_and_overlay_follow_the_defect_across_tiles(tmp_path, monkeypatch):
+    """--masks: the RLE in predictions.json decodes to the defect's pixels in the original image (for a strip,
+    the union of the pieces seen by the tiles), its ``area`` and detections.csv's ``mask_area`` are its pixel
+    count, and the overlay is painted over the defect; a config without a mask branch is refused."""
+    import predict
+    from pycocotools import mask as mask_util
+
+    from steel_fsd.inference import predict as predict_mod
+    from steel_fsd.utils.cli import run_main
+
+    monkeypatch.setattr(predict_mod.Predictor, "from_files",
+                        classmethod(lambda cls, cfg, w, p=None, **kw: cls(cfg, BrightMaskModel(), ["a", "b"], **kw)))
+    defects = {"square.png": ((200, 200), (50, 60, 110, 90)), "strip.png": ((256, 1600), (200, 60, 500, 120))}
+    for name, (shape, box) in defects.items():
+        cv2.imwrite(str(tmp_path / name), _image(*shape, box))
+    def args(output):
+        return ["--config-file", CFG, "--weights", "unused.pth", "--input", str(tmp_path / "*.png"), "--masks",
+                "--output", str(output), "INPUT.HARMONIZE.CLAHE", "False", "INPUT.HARMONIZE.NORMALIZE", "False"]
+
+    with pytest.raises(UserError, match="no mask branch"):
+        predict.main(args(tmp_path / "refused"))
+    out = tmp_path / "out"
+    assert run_main(predict.main, args(out) + ["MODEL.MASK_ON", "True"]) == 0
+    preds = json.loads((out / "predictions.json").read_text())
+    with open(out / "detections.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(preds) == len(rows) == 2
+    for p, row in zip(preds, rows):
+        (h, w), (x0, y0, x1, y1) = defects[Path(p["file_name"]).name]
+        mask = mask_util.decode(p["segmentation"]).astype(bool)
+        truth = np.zeros((h, w), bool)
+        truth[y0:y1, x0:x1] = True
+        assert mask.shape == (h, w)
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.95  # resized to 200 px and back: edges move a pixel
+        assert p["area"] == int(mask.sum()) == int(row["mask_area"]) and row["class"] == "b"
+        assert Path(row["file"]).name == Path(p["file_name"]).name
+    for png in (out / "overlays").glob("*.png"):
+        (h, w), (x0, y0, x1, y1) = defects[png.name.split("_", 1)[1]]
+        ov = cv2.imread(str(png))[:, :, ::-1].astype(int)
+        s = ov.shape[1] / w
+        inside = ov[int((y0 + 5) * s):int((y1 - 5) * s), int((x0 + 5) * s):int((x1 - 5) * s)]
+        assert (inside[:, :, 2] < 200).mean() > 0.9  # white defect tinted yellow: blue drops, red and green stay
+        assert (inside[:, :, 0] > 200).mean() > 0.9

@@ -3,7 +3,7 @@
 
     python tools/predict.py --config-file CFG --weights output/.../model_final.pth --input DIR [more ...] \
         --output out/ [--prototypes protos.pt] [--threshold-file threshold.json] [--device cpu|cuda] \
-        [--batch-size 8] [--amp bfloat16] [--channels-last] [--prefetch 2]
+        [--batch-size 8] [--amp bfloat16] [--channels-last] [--prefetch 2] [--masks]
 
 Inputs: image files, folders (searched recursively) and glob patterns; grayscale or RGB, any size (strips
 such as Severstal's 1600x256 are tiled as in training and merged back). The training harmonization (CLAHE,
@@ -11,7 +11,10 @@ resize, the training run's pixel statistics, read from ``pixel_stats.json`` next
 Writes, under ``--output``:
   predictions.json   COCO results (image_id = the row of predictions.csv, file_name, category_id, bbox xywh, score)
   predictions.csv    one row per image: file, size, detections, defect (0/1), worst class, max score, decision
-  overlays/*.png     the image with boxes, class and score (scores >= --overlay-score)
+  detections.csv     one row per detection: image, class, score, box (x1 y1 x2 y2), mask area in pixels (--masks)
+  overlays/*.png     the image with boxes, class and score (scores >= --overlay-score), and masks (--masks)
+With ``--masks`` (a mask model, e.g. configs/masks/): each detection's mask in image pixels, as COCO RLE
+(``segmentation``) and its pixel count (``area``) in predictions.json, its area in detections.csv.
   summary.json       counts, threshold and its source, skipped images, images/s
 An unreadable image is reported, skipped and counted; the run then exits 1 unless ``--allow-skips``.
 """
@@ -34,6 +37,15 @@ from steel_fsd.utils.io import atomic_open, read_json, write_image, write_json
 
 CSV_HEADER = ["image_id", "file", "width", "height", "detections", "defect", "worst_class", "max_score", "decision",
               "error"]
+DETECTIONS_HEADER = ["image_id", "file", "class", "score", "x1", "y1", "x2", "y2", "mask_area"]
+
+
+def mask_rle(mask) -> dict:
+    """HxW bool mask -> COCO RLE with ``counts`` as text (JSON-ready; pycocotools decodes it back)."""
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def load_threshold(path: str | None, default: float) -> tuple[float, str]:
@@ -62,6 +74,9 @@ def overlay(image_rgb: np.ndarray, instances, class_names: list[str], min_score:
     vis = Visualizer(image_rgb, metadata=None, scale=max(1.0, 400 / max(image_rgb.shape[:2])),
                      instance_mode=ColorMode.IMAGE)
     keep = instances[instances.scores >= min_score]
+    if keep.has("pred_masks"):
+        for mask in keep.pred_masks.numpy():
+            vis.draw_binary_mask(mask, color="yellow", alpha=0.35)
     for box, score, cls in zip(keep.pred_boxes.tensor.tolist(), keep.scores.tolist(), keep.pred_classes.tolist()):
         vis.draw_box(box, edge_color="red", alpha=1.0)
         vis.draw_text(f"{class_names[cls]} {score:.2f}", (box[0], box[1]), color="white", horizontal_alignment="left",
@@ -92,6 +107,8 @@ def parse_args(argv):
     ap.add_argument("--channels-last", action="store_true", help="NHWC convolution weights (faster on GPUs)")
     ap.add_argument("--prefetch", type=int, default=0, metavar="N",
                     help="threads reading and harmonizing the next N batches during the forward pass (same results)")
+    ap.add_argument("--masks", action="store_true", help="a mask model's masks: RLE and area in predictions.json, "
+                    "area in detections.csv, drawn on the overlays")
     ap.add_argument("--no-overlays", action="store_true")
     ap.add_argument("--allow-skips", action="store_true", help="exit 0 even if unreadable images were skipped")
     args = add_config_overrides(ap).parse_args(argv)
@@ -111,6 +128,9 @@ def predict(args) -> int:
     # the training run's pixel statistics (and class count, for a prototype swap)
     finalize_config(cfg, datasets=(), weights=args.weights, swap=bool(args.prototypes))
     threshold, source = load_threshold(args.threshold_file, cfg.TEST.PRF_SCORE_THRESH)
+    if args.masks and not cfg.MODEL.MASK_ON:
+        raise UserError(f"--masks: {args.config_file} has no mask branch (MODEL.MASK_ON is False)", "",
+                        "use a mask model's config and weights (configs/masks/), or leave out --masks")
     tile = args.tile if args.tile == "auto" else int(args.tile)
     predictor = Predictor.from_files(cfg, args.weights, args.prototypes, tile=tile, batch_size=args.batch_size,
                                      amp=args.amp, channels_last=args.channels_last, prefetch=args.prefetch)
@@ -119,7 +139,7 @@ def predict(args) -> int:
     if not args.no_overlays:
         os.makedirs(os.path.join(args.output, "overlays"), exist_ok=True)
 
-    results, rows, skipped = [], [], []
+    results, rows, det_rows, skipped = [], [], [], []
     start, n_done = time.perf_counter(), 0
     for image_id, path, img, inst, error in predict_paths(predictor, files):
         if error is not None:
@@ -129,10 +149,19 @@ def predict(args) -> int:
         n_done += 1
         d = image_decision(inst, names, threshold)
         h, w = img.shape[:2]
-        for box, score, cls in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist()):
-            results.append({"image_id": image_id, "file_name": path, "category_id": cls,
-                            "category_name": names[cls], "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                            "score": score})
+        if not args.masks and inst.has("pred_masks"):
+            inst.remove("pred_masks")
+        masks = inst.pred_masks if args.masks else [None] * len(inst)
+        for box, score, cls, mask in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(),
+                                         inst.pred_classes.tolist(), masks):
+            result = {"image_id": image_id, "file_name": path, "category_id": cls, "category_name": names[cls],
+                      "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score}
+            area = ""
+            if mask is not None:
+                area = int(mask.sum())
+                result.update(segmentation=mask_rle(mask), area=area)
+            results.append(result)
+            det_rows.append([image_id, path, names[cls], round(score, 4), *(round(v, 1) for v in box), area])
         rows.append([image_id, path, w, h, len(inst), int(d.defect), d.worst_class, round(d.max_score, 4),
                      "reject" if d.defect else "pass", ""])
         if not args.no_overlays:
@@ -144,6 +173,10 @@ def predict(args) -> int:
         writer = csv.writer(f)
         writer.writerow(CSV_HEADER)
         writer.writerows(rows)
+    with atomic_open(os.path.join(args.output, "detections.csv")) as f:
+        writer = csv.writer(f)
+        writer.writerow(DETECTIONS_HEADER)
+        writer.writerows(det_rows)
     write_json(os.path.join(args.output, "predictions.json"), results)
     rejected = sum(1 for r in rows if r[8] == "reject")
     summary = {"images": len(files), "predicted": n_done, "skipped": len(skipped), "skipped_files": skipped,
@@ -151,7 +184,7 @@ def predict(args) -> int:
                "threshold_source": source, "classes": names, "seconds": round(seconds, 2),
                "images_per_s": round(n_done / max(seconds, 1e-9), 2), "weights": args.weights,
                "prototypes": args.prototypes or None, "device": cfg.MODEL.DEVICE, "batch_size": args.batch_size,
-               "amp": args.amp, "channels_last": args.channels_last, "prefetch": args.prefetch}
+               "amp": args.amp, "channels_last": args.channels_last, "prefetch": args.prefetch, "masks": args.masks}
     write_json(os.path.join(args.output, "summary.json"), summary, indent=2, sort_keys=False)
     print(f"[predict] {n_done} images ({rejected} rejected at score >= {threshold:g}, {len(skipped)} skipped) "
           f"in {seconds:.1f} s -> {args.output}")

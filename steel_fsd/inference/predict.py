@@ -34,7 +34,7 @@ from ..fewshot.prototypes import PrototypeFileError, PrototypeSet, check_prototy
 from ..utils.amp import amp_dtype, autocast, to_float32
 from ..utils.errors import UserError
 
-__all__ = ["IMAGE_EXTENSIONS", "find_images", "tile_windows", "merge_tile_detections", "Predictor",
+__all__ = ["IMAGE_EXTENSIONS", "find_images", "tile_windows", "merge_tile_detections", "tile_merge_groups", "Predictor",
            "image_decision", "prefetched", "predict_paths", "top_scores"]
 
 logger = logging.getLogger(__name__)
@@ -85,17 +85,38 @@ def merge_tile_detections(boxes: torch.Tensor, scores: torch.Tensor, classes: to
     every detection of the same class from *another* tile whose intersection with it covers at least
     ``merge_thresh`` of the smaller box: a defect cut by a tile border is seen as a truncated box in one tile
     and a larger (or also truncated) box in the next, and their union is the defect. The kept detection takes
-    the union box and the highest score. Returns ``(boxes, scores, classes)``.
+    the union box and the highest score. Returns ``(boxes, scores, classes)``; :func:`tile_merge_groups` also
+    names the input detections each kept one absorbed (to merge their masks).
     """
     if len(boxes) == 0:
         return boxes, scores, classes
+    return apply_merge_groups(tile_merge_groups(boxes, scores, classes, tiles, nms_thresh, merge_thresh),
+                              boxes, scores, classes)
+
+
+def apply_merge_groups(groups: list[list[int]], boxes: torch.Tensor, scores: torch.Tensor,
+                       classes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per group of :func:`tile_merge_groups`: the union box, and the score and class of its first member."""
+    merged = torch.stack([torch.cat([boxes[g, :2].min(0).values, boxes[g, 2:].max(0).values]) for g in groups])
+    first = torch.tensor([g[0] for g in groups])
+    return merged, scores[first], classes[first]
+
+
+def tile_merge_groups(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, tiles: torch.Tensor,
+                      nms_thresh: float = 0.5, merge_thresh: float = 0.5) -> list[list[int]]:
+    """The merge of :func:`merge_tile_detections` as index lists into the inputs, one per kept detection in
+    decreasing score: its own index first, then those it absorbed (NMS-suppressed detections are in none)."""
+    if len(boxes) == 0:
+        return []
     keep = batched_nms(boxes, scores, classes, nms_thresh)
-    boxes, scores, classes, tiles = boxes[keep].clone(), scores[keep], classes[keep], tiles[keep]
+    boxes, classes, tiles = boxes[keep].clone(), classes[keep], tiles[keep]
     alive = torch.ones(len(boxes), dtype=torch.bool)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    groups = []
     for i in range(len(boxes)):  # keep is sorted by decreasing score
         if not alive[i]:
             continue
+        group = [i]
         members = torch.zeros(int(tiles.max()) + 1, dtype=torch.bool)
         members[tiles[i]] = True
         while True:  # absorb, grow the box, and look again (a defect may span several tiles)
@@ -111,12 +132,14 @@ def merge_tile_detections(boxes: torch.Tensor, scores: torch.Tensor, classes: to
             if not hit.any():
                 break
             idx = cand.nonzero().flatten()[hit]
-            group = torch.cat([boxes[i:i + 1], boxes[idx]])
-            boxes[i] = torch.cat([group[:, :2].min(0).values, group[:, 2:].max(0).values])
+            both = torch.cat([boxes[i:i + 1], boxes[idx]])
+            boxes[i] = torch.cat([both[:, :2].min(0).values, both[:, 2:].max(0).values])
             area[i] = (boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1])
             alive[idx] = False
             members[tiles[idx]] = True
-    return boxes[alive], scores[alive], classes[alive]
+            group += idx.tolist()
+        groups.append([int(keep[j]) for j in group])
+    return groups
 
 
 @dataclass
@@ -246,17 +269,31 @@ class Predictor:
         return self.run(images, (self._prepare_chunk(images, c) for c in chunks))
 
     def _merge(self, shape, parts) -> Instances:
-        boxes, scores, classes, tiles = [], [], [], []
-        for t, (x0, y0, _, _), inst in parts:
+        """One image's tile detections in image pixels; with a mask model, each detection's mask is pasted into
+        the full image (HxW bool) and a defect merged across tiles gets the union of its pieces' masks."""
+        boxes, scores, classes, tiles, masks = [], [], [], [], []
+        with_masks = all(inst.has("pred_masks") for _, _, inst in parts)
+        for t, (x0, y0, x1, y1), inst in parts:
             boxes.append(inst.pred_boxes.tensor + torch.tensor([x0, y0, x0, y0], dtype=torch.float32))
             scores.append(inst.scores)
             classes.append(inst.pred_classes)
             tiles.append(torch.full((len(inst),), t, dtype=torch.long))
+            if with_masks:
+                full = torch.zeros((len(inst), *shape), dtype=torch.bool)
+                full[:, y0:y1, x0:x1] = inst.pred_masks.bool()
+                masks.append(full)
         b, s, c, t = (torch.cat(x) for x in (boxes, scores, classes, tiles))
-        if len(parts) > 1:
-            b, s, c = merge_tile_detections(b, s, c, t, self.nms_thresh)
+        m = torch.cat(masks) if with_masks else None
+        if len(parts) > 1 and len(b):
+            groups = tile_merge_groups(b, s, c, t, self.nms_thresh)
+            b, s, c = apply_merge_groups(groups, b, s, c)
+            if m is not None:
+                m = torch.stack([m[g].any(0) for g in groups])
         order = s.argsort(descending=True)[: self.max_dets]
-        return Instances(tuple(shape), pred_boxes=Boxes(b[order]), scores=s[order], pred_classes=c[order])
+        out = Instances(tuple(shape), pred_boxes=Boxes(b[order]), scores=s[order], pred_classes=c[order])
+        if m is not None:
+            out.pred_masks = m[order]
+        return out
 
 
 def prefetched(fn, items: list, ahead: int):
