@@ -95,7 +95,7 @@ ROWS: dict[str, tuple[str, list[str], float]] = {
     "default_cascade": (STOCK, ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
                                 "True"], 1.0),
 }
-METRICS = ("AP", "AP50", "AP75", "P", "R", "F1")
+METRICS = ("AP", "AP50", "AP75", "P", "R", "F1", "F1_valthr")  # F1_valthr: at the threshold best on neu_val
 
 
 def row_name(row: str, weights: str = "") -> str:
@@ -133,6 +133,7 @@ def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0, 
     from steel_fsd.data import register_all
     from steel_fsd.engine.setup import build_config, finalize_config
     from steel_fsd.engine.trainer import Trainer, evaluate
+    from steel_fsd.evaluation.prf import f1_at_chosen_threshold
     from steel_fsd.evaluation.report import per_class_rows
 
     register_all(data)
@@ -158,9 +159,12 @@ def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0, 
         test_cfg.DATASETS.TEST = ("neu_test",)
         results.update(evaluate(test_cfg, trainer.model))
     rows = {d: per_class_rows(results[d], MetadataCatalog.get(d).thing_classes) for d in ("neu_val", "neu_test")}
+    threshold, f1 = f1_at_chosen_threshold(results["neu_val"]["prf"], results["neu_test"]["prf"])
+    rows["neu_test"][-1]["F1_valthr"] = round(f1, 2)
     result = {"row": row_name(row, weights), "config": config, "opts": opts, "seed": seed, "iterations": n,
               "batch": cfg.SOLVER.IMS_PER_BATCH, "threads": torch.get_num_threads(),
               "wall_s": round(time.time() - start), "val": rows["neu_val"][-1], "test": rows["neu_test"][-1],
+              "val_threshold": threshold,
               "test_per_class": rows["neu_test"][:-1], "curve": curve(out, n) if eval_period else None}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -222,7 +226,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         entry = {"row": row, "config": rs[0]["config"], "opts": rs[0]["opts"], "iterations": rs[0]["iterations"],
                  "seeds": [r["seed"] for r in rs], "wall_s": mean_ci([r["wall_s"] for r in rs])}
         for split in ("val", "test"):
-            entry[split] = {m: mean_ci([r[split][m] for r in rs]) for m in METRICS}
+            entry[split] = {m: mean_ci([r[split].get(m) for r in rs]) for m in METRICS}  # older runs: no F1_valthr
         out.append(entry)
     return out
 
@@ -237,9 +241,10 @@ def table(summary: list[dict]) -> str:
         return f"{ci['mean']:.1f}" + (f" +- {half:.1f}" if half is not None else "")
 
     rows = [[s["row"], len(s["seeds"]), s["iterations"], fmt(s["val"]["AP50"]), fmt(s["test"]["AP50"]),
-             fmt(s["test"]["AP"]), fmt(s["test"]["F1"]), fmt(s["wall_s"])] for s in summary]
+             fmt(s["test"]["AP"]), fmt(s["test"]["F1"]), fmt(s["test"]["F1_valthr"]), fmt(s["wall_s"])]
+            for s in summary]
     return tabulate(rows, headers=["row", "seeds", "iters", "val AP50", "test AP50", "test AP", "test F1",
-                                   "wall s"], tablefmt="github")
+                                   "test F1 (val thr)", "wall s"], tablefmt="github")
 
 
 def finished(iters: int, name: str) -> list[dict]:

@@ -176,6 +176,7 @@ def _round(m: dict) -> dict:
 def in_domain(args) -> dict:
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
+    from steel_fsd.evaluation.prf import f1_at_chosen_threshold
     from yolo_export import write_data_yaml
 
     names = list(MetadataCatalog.get(args.train).thing_classes)
@@ -183,14 +184,18 @@ def in_domain(args) -> dict:
     data_root = Path(args.work) / "data" / args.train
     t0 = time.perf_counter()
     export(DatasetCatalog.get(args.train), names, data_root, "train")
-    export(DatasetCatalog.get(args.val), names, data_root, "val")
+    val_index = export(DatasetCatalog.get(args.val), names, data_root, "val")
     index = export(DatasetCatalog.get(args.test), names, data_root, "test")
     export_s = time.perf_counter() - t0
     data_yaml = write_data_yaml(data_root, names, "train", "val", file_name="data.yaml")
     weights, train_s, steps, epochs = train_yolo(args, data_yaml, work / f"run_{args.train}", args.seed)
     results, predict_s = predict_and_evaluate(args, weights, args.test, index, work)
     mean, per_class, empty = rows_of(results, names)
+    # F1 at the score threshold best on the validation split (as for the Detectron2 rows of bench_recipe.py)
+    val_results, _ = predict_and_evaluate(args, weights, args.val, val_index, work)
+    threshold, mean["F1_valthr"] = f1_at_chosen_threshold(val_results["prf"], results["prf"])
     return {"train": args.train, "val": args.val, "test": args.test, "seed": args.seed, "epochs": epochs,
+            "val_threshold": threshold, "val_mean": _round(rows_of(val_results, names)[0]),
             "optimizer_steps": steps, "train_images": len(DatasetCatalog.get(args.train)), "export_s": round(export_s, 1),
             "train_s": round(train_s, 1), "predict_s": round(predict_s, 1), "weights": str(weights),
             "mean": _round(mean), "per_class": {c: _round(v) for c, v in per_class.items()}, "no_predictions": empty}

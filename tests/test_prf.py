@@ -16,7 +16,8 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from detectron2.utils import comm
 
 from steel_fsd.engine.launch import launch
-from steel_fsd.evaluation.prf import PRFEvaluator, build_prf_evaluator, match_detections, prf_from_counts
+from steel_fsd.evaluation.prf import (SWEEP_THRESHOLDS, PRFEvaluator, build_prf_evaluator, f1_at_chosen_threshold,
+                                     match_detections, prf_from_counts, sweep_key)
 
 NAN = math.nan
 
@@ -277,6 +278,30 @@ def test_evaluator_thresholds_change_counts(toy_name):
     assert (res["TP"], res["FP"], res["FN"]) == (1, 3, 3)  # "b" det (IoU 0.9) now FP, its gt FN
 
 
+def test_f1_sweep_equals_an_evaluator_at_each_threshold(toy_name):
+    """The sweep's macro F1 at each threshold is what an evaluator built with that threshold reports; the best
+    is the first maximum; at 0.25 the toy's hand counts give scratch F1 80 and inclusion F1 66.7."""
+    res = run_evaluator(PRFEvaluator(toy_name, 0.5, 0.5, distributed=False), ["a", "b", "c"])["prf"]
+    sweep = []
+    for t in SWEEP_THRESHOLDS:
+        ref = run_evaluator(PRFEvaluator(toy_name, t, 0.5, distributed=False), ["a", "b", "c"])["prf"]["f1"]
+        assert res[sweep_key(t)] == pytest.approx(ref, nan_ok=True), t
+        sweep.append(ref)
+    assert res[sweep_key(0.25)] == pytest.approx((100 * 2 * 2 / (2 * 2 + 1 + 0) + 100 * 2 / 3) / 2)
+    assert len(set(sweep)) > 1  # the toy's scores (0.3, 0.49, 0.6, ...) move F1 along the sweep
+    assert res["f1_best"] == pytest.approx(max(sweep)) and res["thresh_best"] == SWEEP_THRESHOLDS[sweep.index(max(sweep))]
+
+
+def test_f1_at_a_threshold_chosen_on_another_split():
+    val = {sweep_key(t): v for t, v in zip(SWEEP_THRESHOLDS, [10, 20, 50, 50] + [5] * 15)}
+    test = {sweep_key(t): 100 * t for t in SWEEP_THRESHOLDS}
+    assert f1_at_chosen_threshold(val, test) == (0.15, pytest.approx(15.0))  # ties: the lower threshold
+    nan_val = dict(val, **{sweep_key(0.15): math.nan})
+    assert f1_at_chosen_threshold(nan_val, test)[0] == 0.20
+    with pytest.raises(KeyError, match="without an F1 sweep"):
+        f1_at_chosen_threshold({"f1": 50.0}, test)
+
+
 def test_evaluator_from_cfg_and_errors(toy_name):
     from detectron2.config import get_cfg
 
@@ -300,10 +325,13 @@ def test_evaluator_gathers_counts_across_ranks(toy_name, monkeypatch):
 
     def fake_gather(data, dst=0, group=None):
         sent.append(data)
-        return [data, (ev1._counts, ev1._num_images)] if comm.is_main_process() else []
+        return [data, (ev1._counts, ev1._num_images, ev1._sweep)] if comm.is_main_process() else []
 
     monkeypatch.setattr(comm, "gather", fake_gather)
-    check_toy_results(ev0.evaluate()["prf"])
+    res = ev0.evaluate()["prf"]
+    check_toy_results(res)
+    one = run_evaluator(PRFEvaluator(toy_name, distributed=False), ["a", "b", "c"])["prf"]
+    assert all(res[sweep_key(t)] == pytest.approx(one[sweep_key(t)], nan_ok=True) for t in SWEEP_THRESHOLDS)
     monkeypatch.setattr(comm, "is_main_process", lambda: False)
     assert ev1.evaluate() == {} and len(sent) == 2
 

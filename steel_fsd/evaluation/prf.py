@@ -120,13 +120,35 @@ def prf_from_counts(tp: int, fp: int, n_gt: int) -> tuple[float, float, float]:
             _ratio(2 * tp, 2 * tp + fp + fn, 0.0))
 
 
+SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05, 0.10, ..., 0.95
+
+
+def sweep_key(threshold: float) -> str:
+    """The results key of the macro F1 at a score threshold of :data:`SWEEP_THRESHOLDS` (``f1@0.30``)."""
+    return f"f1@{threshold:.2f}"
+
+
+def f1_at_chosen_threshold(choose_on: dict, apply_to: dict) -> tuple[float, float]:
+    """``(threshold, F1)``: the score threshold with the best macro F1 in ``choose_on`` (a validation split's
+    ``prf`` results; ties: the lowest threshold) and the macro F1 of ``apply_to`` (the test split's) at it."""
+    thresholds = [t for t in SWEEP_THRESHOLDS if sweep_key(t) in choose_on and sweep_key(t) in apply_to]
+    if not thresholds:
+        raise KeyError("prf results without an F1 sweep (f1@0.05 ... f1@0.95): evaluated before the sweep existed?")
+    values = [choose_on[sweep_key(t)] for t in thresholds]
+    best = thresholds[int(np.nanargmax(values))] if not all(map(math.isnan, values)) else thresholds[0]
+    return best, float(apply_to[sweep_key(best)])
+
+
 class PRFEvaluator(DatasetEvaluator):
     """Precision, recall and F1 (percent) per class, macro-averaged and micro-averaged.
 
     ``evaluate()`` returns ``{"prf": {...}}`` with ``precision``/``recall``/``f1`` (macro: means of the
     per-class values over classes with ground truth), ``precision_micro``/``recall_micro``/
     ``f1_micro`` (from total counts), ``TP``/``FP``/``FN`` totals and ``P-<class>``/``R-<class>``/
-    ``F1-<class>`` (see :func:`prf_from_counts` for the NaN conventions). Ground truth is read from
+    ``F1-<class>`` (see :func:`prf_from_counts` for the NaN conventions), and the macro F1 at each score
+    threshold of :data:`SWEEP_THRESHOLDS` (``f1@0.05`` ... ``f1@0.95``) with the best of them (``f1_best`` at
+    ``thresh_best``): a threshold chosen on a validation split is applied to a test split with
+    :func:`f1_at_chosen_threshold`. Ground truth is read from
     ``DatasetCatalog`` by ``image_id``, in the same coordinates as the model outputs (original image, or
     tile for tiled dicts).
     """
@@ -145,6 +167,7 @@ class PRFEvaluator(DatasetEvaluator):
 
     def reset(self) -> None:
         self._counts: dict[str, np.ndarray] = {}
+        self._sweep: dict[float, dict[str, np.ndarray]] = {t: {} for t in SWEEP_THRESHOLDS}
         self._num_images = 0
 
     def _ground_truth(self) -> dict[Any, dict]:
@@ -161,9 +184,10 @@ class PRFEvaluator(DatasetEvaluator):
                 self._class_names = [str(i) for i in range(n)]
         return self._gt
 
-    def _accumulate(self, tp: np.ndarray, fp: np.ndarray, n_gt: np.ndarray) -> None:
+    @staticmethod
+    def _accumulate(counts: dict, tp: np.ndarray, fp: np.ndarray, n_gt: np.ndarray) -> None:
         for key, value in (("tp", tp), ("fp", fp), ("n_gt", n_gt)):
-            self._counts[key] = self._counts.get(key, 0) + value
+            counts[key] = counts.get(key, 0) + value
 
     def process(self, inputs: list[dict], outputs: list[dict]) -> None:
         gt_by_id = self._ground_truth()
@@ -175,16 +199,17 @@ class PRFEvaluator(DatasetEvaluator):
             anns = record.get("annotations", [])
             gt_boxes = [BoxMode.convert(list(a["bbox"]), a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
             inst = out["instances"].to("cpu")
-            keep = inst.scores >= self._score_thresh
-            self._accumulate(*match_detections(
-                gt_boxes, [a["category_id"] for a in anns],
-                inst.pred_boxes.tensor[keep], inst.scores[keep], inst.pred_classes[keep],
-                self._iou_thresh, num_classes=num_classes,
-                gt_iscrowd=[a.get("iscrowd", 0) for a in anns]))
+            for counts, thresh in [(self._counts, self._score_thresh), *((self._sweep[t], t) for t in self._sweep)]:
+                keep = inst.scores >= thresh
+                self._accumulate(counts, *match_detections(
+                    gt_boxes, [a["category_id"] for a in anns],
+                    inst.pred_boxes.tensor[keep], inst.scores[keep], inst.pred_classes[keep],
+                    self._iou_thresh, num_classes=num_classes,
+                    gt_iscrowd=[a.get("iscrowd", 0) for a in anns]))
             self._num_images += 1
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        states = [(self._counts, self._num_images)]
+        states = [(self._counts, self._num_images, self._sweep)]
         if self._distributed:
             comm.synchronize()
             states = comm.gather(states[0], dst=0)
@@ -196,16 +221,31 @@ class PRFEvaluator(DatasetEvaluator):
             return {}
         tp, fp, n_gt = (sum(s[0][k] for s in states) for k in ("tp", "fp", "n_gt"))
         results = self._summarize(tp, fp, n_gt)
+        for t in SWEEP_THRESHOLDS:
+            counts = [(s[2][t]["tp"], s[2][t]["fp"], s[2][t]["n_gt"]) for s in states]
+            results[sweep_key(t)] = self._macro_f1(*(sum(c[i] for c in counts) for i in range(3)))
+        sweep = [results[sweep_key(t)] for t in SWEEP_THRESHOLDS]
+        if not all(map(math.isnan, sweep)):
+            best = int(np.nanargmax(sweep))
+            results.update(f1_best=sweep[best], thresh_best=SWEEP_THRESHOLDS[best])
         if self._output_dir:
             write_json(os.path.join(self._output_dir, "prf_results.json"), results, indent=2, sort_keys=False)
         return {"prf": results}
 
-    def _summarize(self, tp: np.ndarray, fp: np.ndarray, n_gt: np.ndarray) -> dict[str, float]:
-        names = self._class_names or [str(i) for i in range(len(tp))]
+    @staticmethod
+    def _per_class_and_macro(tp: np.ndarray, fp: np.ndarray, n_gt: np.ndarray) -> tuple[list, list[float]]:
+        """Per-class (P, R, F1) in percent and their means over the classes with ground truth."""
         per_class = [tuple(100.0 * v for v in prf_from_counts(int(t), int(f), int(g)))
                      for t, f, g in zip(tp, fp, n_gt)]
         with_gt = [pc for pc, g in zip(per_class, n_gt) if g > 0]
-        macro = [float(np.mean(col)) for col in zip(*with_gt)] if with_gt else [math.nan] * 3
+        return per_class, [float(np.mean(col)) for col in zip(*with_gt)] if with_gt else [math.nan] * 3
+
+    def _macro_f1(self, tp: np.ndarray, fp: np.ndarray, n_gt: np.ndarray) -> float:
+        return self._per_class_and_macro(tp, fp, n_gt)[1][2]
+
+    def _summarize(self, tp: np.ndarray, fp: np.ndarray, n_gt: np.ndarray) -> dict[str, float]:
+        names = self._class_names or [str(i) for i in range(len(tp))]
+        per_class, macro = self._per_class_and_macro(tp, fp, n_gt)
         micro = [100.0 * v for v in prf_from_counts(int(tp.sum()), int(fp.sum()), int(n_gt.sum()))]
         results: dict[str, float] = {
             "precision": macro[0], "recall": macro[1], "f1": macro[2],

@@ -1,0 +1,197 @@
+"""Few-shot segmentation of unseen defect classes: episodic training on base classes and fold evaluation.
+
+:func:`load_examples` harmonizes every image once (CLAHE, resize to the config's size, per-image
+standardization) with its per-class masks. :func:`train_episodes` trains a
+:class:`~steel_fsd.modeling.fewshot_seg.FewShotSegmenter` on episodes of the base classes (K support images and
+one query of a class, random flips). :func:`evaluate_fold` segments each query image of the novel class from K
+support images drawn, per query and seed, from the training split's images of that class, with four methods:
+
+* ``response``: the trained decoder on response-weighted prototypes (the model as trained);
+* ``average``: the same decoder on plain masked-average prototypes (no response weighting);
+* ``panet``: PANet-style non-parametric prediction (scaled cosine similarity to the masked-average prototypes);
+* ``finetune``: a 1x1 segmentation head on the same (frozen) backbone's ``p2`` features, fine-tuned on the K
+  support masks (the "fine-tuned head" baseline).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.data import transforms as T
+
+from ..data.images import read_dataset_image
+from ..data.segmentation import class_masks, sample_supports
+from ..data.transforms import build_harmonization
+from ..evaluation.segmentation import SegmentationScores
+from ..modeling.fewshot_seg import FewShotSegmenter
+
+__all__ = ["METHODS", "load_examples", "train_episodes", "evaluate_fold", "finetune_head", "segment",
+           "save_segmenter", "load_segmenter", "harmonize"]
+
+logger = logging.getLogger(__name__)
+METHODS = ("response", "average", "panet", "finetune")
+
+
+def standardize(image: np.ndarray) -> torch.Tensor:
+    """HxWxC uint8 -> CxHxW float, zero mean and unit variance per image (lines differ in exposure)."""
+    x = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
+    return (x - x.mean()) / (x.std() + 1e-6)
+
+
+def harmonize(cfg, image: np.ndarray, masks: dict[int, np.ndarray] | None = None) -> tuple[torch.Tensor, dict]:
+    """The training harmonization (CLAHE, resize) of an image and its masks (nearest), standardized."""
+    augs = T.AugmentationList(build_harmonization(cfg))
+    aug = T.AugInput(np.ascontiguousarray(image))
+    tfm = augs(aug)
+    out = {c: torch.as_tensor(tfm.apply_segmentation(m.astype(np.uint8)) > 0) for c, m in (masks or {}).items()}
+    img = aug.image if aug.image.ndim == 3 else aug.image[:, :, None]
+    return standardize(img), out
+
+
+def load_examples(cfg, dicts: list[dict]) -> list[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+    """(image tensor, {class: mask}) of every dict, harmonized once."""
+    return [harmonize(cfg, read_dataset_image(r, cfg.INPUT.FORMAT), class_masks(r)) for r in dicts]
+
+
+def _flip(x: torch.Tensor, h: bool, v: bool) -> torch.Tensor:
+    dims = [d for d, on in ((-1, h), (-2, v)) if on]
+    return x.flip(dims) if dims else x
+
+
+def _episode(examples, base: dict[int, list[int]], shots: int, rng: np.random.Generator):
+    c = int(rng.choice(sorted(base)))
+    q = int(rng.choice(base[c]))
+    sup = sample_supports(base[c], shots, rng, exclude=q)
+    flips = rng.random((shots + 1, 2)) < 0.5
+    imgs = [_flip(examples[i][0], *f) for i, f in zip(sup + [q], flips)]
+    masks = [_flip(examples[i][1][c].float(), *f) for i, f in zip(sup + [q], flips)]
+    return torch.stack(imgs[:-1]), torch.stack(masks[:-1]), imgs[-1], masks[-1]
+
+
+def seg_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus soft Dice of the defect channel (defects cover a few percent of an image)."""
+    ce = F.cross_entropy(logits, truth.long())
+    p = logits.softmax(1)[:, 1]
+    dice = 1 - (2 * (p * truth).sum((1, 2)) + 1) / (p.sum((1, 2)) + truth.sum((1, 2)) + 1)
+    return ce + dice.mean()
+
+
+def train_episodes(model: FewShotSegmenter, examples, base: dict[int, list[int]], steps: int, batch: int = 4,
+                   shots: int = 1, lr: float = 1e-3, seed: int = 0, log_every: int = 50) -> list[float]:
+    """AdamW on ``steps`` batches of ``batch`` episodes of the base classes; returns the loss per step.
+    Progress, the smoothed loss and an ETA are logged every ``log_every`` steps."""
+    if not base:
+        raise ValueError("no base class with images to train on")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    model.train()
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        eps = [_episode(examples, base, shots, rng) for _ in range(batch)]
+        s, sm, q, qm = (torch.stack(x) for x in zip(*eps))
+        loss = seg_loss(model(s, sm, q), qm)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+            el = time.perf_counter() - start
+            logger.info("[fewshot-seg] step %d/%d loss %.3f (last %d), %.2f s/step, ETA %.0f s", step + 1, steps,
+                        float(np.mean(losses[-log_every:])), min(log_every, len(losses)), el / (step + 1),
+                        el / (step + 1) * (steps - step - 1))
+    model.eval()
+    return losses
+
+
+def finetune_head(model: FewShotSegmenter, support: torch.Tensor, masks: torch.Tensor, steps: int = 50,
+                  lr: float = 0.01) -> torch.nn.Module:
+    """A 1x1 convolution on the frozen backbone's first level, trained on the K support masks (Adam)."""
+    with torch.no_grad():
+        feat = model.features(support)[model.levels[0]]
+    head = torch.nn.Conv2d(feat.shape[1], 2, 1)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    for _ in range(steps):
+        logits = model.to_input_size(head(feat), masks.shape[-2:])
+        loss = seg_loss(logits, masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head
+
+
+@torch.no_grad()
+def segment(model: FewShotSegmenter, method: str, support: torch.Tensor, masks: torch.Tensor,
+            query: torch.Tensor) -> torch.Tensor:
+    """(K, C, H, W) support, (K, H, W) masks, (N, C, H, W) queries -> (N, H, W) defect probability."""
+    if method == "finetune":
+        with torch.enable_grad():
+            head = finetune_head(model, support, masks.float())
+        logits = model.to_input_size(head(model.features(query)[model.levels[0]]), query.shape[-2:])
+    else:
+        n = len(query)
+        expand = (lambda x: x[None].expand(n, *x.shape))
+        logits = model(expand(support), expand(masks.float()), query, decoder=method != "panet",
+                       pooling="response" if method == "response" else "average")
+    return logits.softmax(1)[:, 1]
+
+
+def evaluate_fold(model: FewShotSegmenter, train_examples, test_examples, novel: int, class_name: str,
+                  shots: int, seeds: list[int], methods=METHODS, scores: dict | None = None) -> dict:
+    """Segment every test image holding class ``novel`` from ``shots`` support images of it drawn from the
+    training examples (per query and seed); accumulate into ``scores[(method, seed)]`` (created if None) and
+    return it. Predictions are thresholded at probability 0.5 and compared in the harmonized (resized) frame."""
+    scores = {} if scores is None else scores
+    pool = [i for i, (_, m) in enumerate(train_examples) if novel in m]
+    queries = [i for i, (_, m) in enumerate(test_examples) if novel in m]
+    model.eval()
+    for seed in seeds:
+        rng = np.random.default_rng([seed, novel, shots])
+        for q in queries:
+            sup = sample_supports(pool, shots, rng)
+            s = torch.stack([train_examples[i][0] for i in sup])
+            sm = torch.stack([train_examples[i][1][novel] for i in sup])
+            img, truth = test_examples[q][0][None], test_examples[q][1][novel]
+            for method in methods:
+                prob = segment(model, method, s, sm, img)[0]
+                scores.setdefault((method, seed), SegmentationScores()).add(class_name, (prob >= 0.5).numpy(),
+                                                                            truth.numpy())
+    return scores
+
+
+def save_segmenter(path: str, model: FewShotSegmenter, **meta) -> None:
+    """Write the segmenter's weights with what rebuilds it (levels, pooling) and ``meta`` (e.g. the classes
+    it was trained on), atomically."""
+    from ..utils.io import atomic_open
+
+    payload = {"segmenter": model.state_dict(), "levels": list(model.levels), "pooling": model.pooling, **meta}
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
+
+
+def load_segmenter(cfg, path: str) -> tuple[FewShotSegmenter, dict]:
+    """(model in eval mode, the file's metadata) from :func:`save_segmenter`'s file, built with ``cfg``'s
+    backbone; a file that is not a segmenter file or does not fit the config raises ``ValueError`` naming it."""
+    import os
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: segmenter file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable payload is the same user error
+        raise ValueError(f"{path}: not a readable segmenter file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or "segmenter" not in data:
+        raise ValueError(f"{path}: not a segmenter file (no 'segmenter' weights); write one with "
+                         "tools/segment_fewshot.py --train-dataset")
+    model = FewShotSegmenter(cfg, levels=tuple(data["levels"]), pooling=data["pooling"])
+    try:
+        model.load_state_dict(data["segmenter"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit {cfg.MODEL.BACKBONE.NAME} of this config "
+                         f"({str(e).splitlines()[0]}); give the config it was trained with") from None
+    return model.eval(), {k: v for k, v in data.items() if k != "segmenter"}
