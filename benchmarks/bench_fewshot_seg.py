@@ -6,7 +6,8 @@
 
 Per fold (novel class): a FewShotSegmenter (the detector's R18-FPN GroupNorm backbone from scratch, 200 px) is
 trained on episodes of the other classes of ``<dataset>_train`` (every image holding the novel class left out),
-saved, and evaluated on every ``<dataset>_test`` image of the novel class with K support images drawn per query
+saved, and evaluated on every ``<dataset>_val`` and ``<dataset>_test`` image of the novel class (choose on val,
+report test) with K support images drawn per query
 and seed from ``<dataset>_train``: the response-weighted decoder (the model), the same decoder on plain
 masked-average prototypes, PANet-style non-parametric prediction, and a 1x1 head fine-tuned on the K support
 masks on the same backbone. Folds are resumable (``OUT/fold_<class>/``); ``--fold`` runs one (two processes can
@@ -45,9 +46,9 @@ def run_fold(args, novel_name: str, out: Path) -> dict:
         return json.loads(record.read_text())
     cfg = build_config(str(REPO / CONFIG), ["MODEL.DEVICE", "cpu", "INPUT.HARMONIZE.RESIZE", str(args.size)])
     train_dicts = DatasetCatalog.get(f"{args.dataset}_train")
-    test_dicts = DatasetCatalog.get(f"{args.dataset}_test")
     t0 = time.perf_counter()
-    train_ex, test_ex = load_examples(cfg, train_dicts), load_examples(cfg, test_dicts)
+    train_ex = load_examples(cfg, train_dicts)
+    evals = {split: load_examples(cfg, DatasetCatalog.get(f"{args.dataset}_{split}")) for split in ("val", "test")}
     load_s = time.perf_counter() - t0
     base, excluded = fold_split(train_dicts, novel)
     torch.manual_seed(args.train_seed)
@@ -67,28 +68,31 @@ def run_fold(args, novel_name: str, out: Path) -> dict:
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = {}
-    for k in args.shots:
-        scores = evaluate_fold(model, train_ex, test_ex, novel, novel_name, k, args.seeds)
-        results[str(k)] = {f"{m}/{s}": sc.state() for (m, s), sc in scores.items()}
+    for split, examples in evals.items():  # choices on val, numbers reported on test
+        for k in args.shots:
+            scores = evaluate_fold(model, train_ex, examples, novel, novel_name, k, args.seeds)
+            results.setdefault(split, {})[str(k)] = {f"{m}/{s}": sc.state() for (m, s), sc in scores.items()}
     rec = {"novel": novel_name, "base_images": {names[c]: len(v) for c, v in base.items()},
            "excluded_train_images": len(excluded), "steps": args.steps, "batch": args.batch, "lr": args.lr,
            "size": args.size, "train_seed": args.train_seed, "backbone": args.backbone, "load_s": round(load_s, 1), "train_s": round(train_s, 1),
            "eval_s": round(time.perf_counter() - t0, 1), "final_loss": round(float(sum(losses[-50:]) / max(len(losses[-50:]), 1)), 4),
-           "queries": sum(novel in m for _, m in test_ex), "support_pool": sum(novel in m for _, m in train_ex),
+           "queries": {split: sum(novel in m for _, m in ex) for split, ex in evals.items()},
+           "support_pool": sum(novel in m for _, m in train_ex),
            "scores": results}
     record.write_text(json.dumps(rec, indent=1) + "\n")
     return rec
 
 
-def report(records: list[dict], classes: list[str]) -> dict:
-    """Per method and K: per-class IoU, mIoU and FB-IoU, mean +- 95% CI over seeds (folds pooled per seed)."""
+def report(records: list[dict], classes: list[str], split: str) -> dict:
+    """Per method and K on ``split``: per-class IoU, mIoU and FB-IoU, mean +- 95% CI over seeds (folds pooled per
+    seed)."""
     from steel_fsd.evaluation.aggregate import mean_ci
     from steel_fsd.evaluation.segmentation import SegmentationScores
 
     out = {}
-    shots = sorted({k for r in records for k in r["scores"]}, key=int)
+    shots = sorted({k for r in records for k in r["scores"][split]}, key=int)
     for k in shots:
-        keys = sorted({key for r in records for key in r["scores"].get(k, {})})
+        keys = sorted({key for r in records for key in r["scores"][split].get(k, {})})
         methods = list(dict.fromkeys(key.split("/")[0] for key in keys))
         seeds = sorted({int(key.split("/")[1]) for key in keys})
         for m in methods:
@@ -96,7 +100,7 @@ def report(records: list[dict], classes: list[str]) -> dict:
             for s in seeds:
                 sc = SegmentationScores()
                 for r in records:
-                    sc.merge(r["scores"][k][f"{m}/{s}"])
+                    sc.merge(r["scores"][split][k][f"{m}/{s}"])
                 per_seed.append(sc.summary())
             out[f"{m}, K={k}"] = {
                 "method": m, "K": int(k), "seeds": seeds, "folds": [r["novel"] for r in records],
@@ -154,9 +158,10 @@ def main(argv=None) -> int:
     if not records:
         print("[bench_fewshot_seg] no finished fold", file=sys.stderr)
         return 1
-    rows = report(records, classes)
-    md = table(rows)
-    print(md)
+    rows = {split: report(records, classes, split) for split in ("val", "test")}
+    md = {split: table(r) for split, r in rows.items()}
+    for split in md:
+        print(f"\n{args.dataset}_{split}:\n{md[split]}")
     if len(records) == len(classes):
         save(args.save_as or f"fewshot_seg_{args.dataset}",
              {"dataset": args.dataset, "data": args.data, "command": " ".join(sys.argv), "rows": rows,
