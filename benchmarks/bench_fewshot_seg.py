@@ -99,8 +99,9 @@ def report(records: list[dict], classes: list[str], split: str) -> dict:
             per_seed = []
             for s in seeds:
                 sc = SegmentationScores()
-                for r in records:
-                    sc.merge(r["scores"][split][k][f"{m}/{s}"])
+                for r in records:  # a fold without queries of its class in this split adds nothing
+                    if f"{m}/{s}" in r["scores"][split].get(k, {}):
+                        sc.merge(r["scores"][split][k][f"{m}/{s}"])
                 per_seed.append(sc.summary())
             out[f"{m}, K={k}"] = {
                 "method": m, "K": int(k), "seeds": seeds, "folds": [r["novel"] for r in records],
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="mt", help="registered <dataset>_train / _test with masks")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="datasets root")
-    ap.add_argument("--fold", nargs="+", help="novel classes to run (default: every class)")
+    ap.add_argument("--fold", nargs="+", help="novel classes to run and report (default: every class)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=4, help="episodes per step")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
         for i, f in enumerate(folds, 1):
             print(f"[bench_fewshot_seg] fold {i}/{len(folds)}: novel class {f}", flush=True)
             run_fold(args, f, out)
-    records = [json.loads(p.read_text()) for c in classes if (p := out / f"fold_{c}" / "scores.json").is_file()]
+    records = [json.loads(p.read_text()) for c in folds if (p := out / f"fold_{c}" / "scores.json").is_file()]
     if not records:
         print("[bench_fewshot_seg] no finished fold", file=sys.stderr)
         return 1
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     md = {split: table(r) for split, r in rows.items()}
     for split in md:
         print(f"\n{args.dataset}_{split}:\n{md[split]}")
-    if len(records) == len(classes):
+    if len(records) == len(folds):
         save(args.save_as or f"fewshot_seg_{args.dataset}",
              {"dataset": args.dataset, "data": args.data, "command": " ".join(sys.argv), "rows": rows,
               "folds": [{k: v for k, v in r.items() if k != "scores"} for r in records], "markdown": md})

@@ -6,6 +6,8 @@ choice on its own, at one training budget, several seeds per row, chosen on neu_
     python benchmarks/bench_recipe.py --report-only     # the table from the finished runs
     python benchmarks/bench_recipe.py --rows default proto_default --weights output/pretrain/r18_simclr.pth
                                                         # rows "default+r18_simclr": from a pretrained backbone
+    python benchmarks/bench_recipe.py --rows default --seeds 0 --folds 3 --iters 2500
+                                                        # k-fold: every image tested once, mean over folds
 
 Each row is a config (the stock or prototype CPU config) plus overrides, trained from scratch on neu_train
 with Detectron2's SEED set to the run's seed, for ``--iters`` iterations at batch 4 (rows with another
@@ -15,6 +17,11 @@ first, so every row started gets its seeds before the next row starts. Resumable
 ``result.json`` is reused and an interrupted one resumes from its checkpoint. Writes
 ``benchmarks/results/recipe_neu.json``: every run (row, config, overrides, seed, iterations, wall time,
 val and test rows) and per row the mean +- 95% CI over seeds.
+
+``--folds K`` replaces the fixed split by the K folds of a seeded, class-stratified K-fold split of all NEU-DET
+images (``neu_k<K>f<i>_{train,val,test}``: each image is in one fold's test split; each fold's validation split
+is 15% of its other images): every (row, seed, fold) is one run, and a row's numbers are the mean +- 95% CI over
+seeds and folds, recorded in ``recipe_neu_k<K>_it<iters>.json``. Choices are read on the validation splits.
 """
 from __future__ import annotations
 
@@ -108,8 +115,16 @@ def base_row(name: str) -> str:
     return name if name in ROWS else name.rsplit("+", 1)[0]
 
 
-def run_dir(row: str, seed: int, iters: int, weights: str = "") -> Path:
-    return OUT / f"it{iters}" / row_name(row, weights) / f"seed{seed}"
+def run_dir(row: str, seed: int, iters: int, weights: str = "", folds: int = 0, fold: int = 0) -> Path:
+    leaf = f"seed{seed}" + (f"_fold{fold}of{folds}" if folds else "")
+    return OUT / f"it{iters}" / row_name(row, weights) / leaf
+
+
+def split_names(folds: int = 0, fold: int = 0) -> dict[str, str]:
+    """The dataset names of a run: the fixed split, or fold ``fold`` of the ``folds``-fold split."""
+    from steel_fsd.data.catalog import neu_fold_names
+
+    return neu_fold_names(folds, fold) if folds else {s: f"neu_{s}" for s in ("train", "val", "test")}
 
 
 def schedule(iters: int) -> list[str]:
@@ -118,7 +133,8 @@ def schedule(iters: int) -> list[str]:
             "SOLVER.WARMUP_ITERS", str(min(50, iters // 10)), "SOLVER.CHECKPOINT_PERIOD", str(max(50, iters // 4))]
 
 
-def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0, weights: str = "") -> dict:
+def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0, weights: str = "", folds: int = 0,
+              fold: int = 0) -> dict:
     """Train and evaluate one (row, seed) in this process; the result is also written to its folder.
 
     With ``eval_period`` the model is evaluated on neu_val every that many iterations at batch 4 (the
@@ -137,12 +153,19 @@ def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0, 
     from steel_fsd.evaluation.report import per_class_rows
 
     register_all(data)
+    if folds:
+        from steel_fsd.data.catalog import register_neu_folds
+
+        register_neu_folds(Path(data) / "neu-det", folds)
+    names = split_names(folds, fold)
     config, opts, factor = ROWS[row]
-    out = run_dir(row, seed, iters, weights)
+    out = run_dir(row, seed, iters, weights, folds, fold)
     n = int(round(iters * factor))
     opts = opts + (["MODEL.WEIGHTS", str(Path(weights).resolve())] if weights else [])
     full = opts + schedule(n) + ["SEED", str(seed), "OUTPUT_DIR", str(out), "DATALOADER.NUM_WORKERS", "0",
-                                 "DATASETS.TEST", "('neu_val',)" if eval_period else "('neu_val', 'neu_test')",
+                                 "DATASETS.TRAIN", f"('{names['train']}',)",
+                                 "DATASETS.TEST", f"('{names['val']}',)" if eval_period
+                                 else f"('{names['val']}', '{names['test']}')",
                                  "TEST.EVAL_PERIOD", str(int(round(eval_period * factor)))]
     cfg = build_config(str(REPO / config), full)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,16 +179,16 @@ def train_one(row: str, seed: int, iters: int, data: str, eval_period: int = 0, 
     if eval_period:
         test_cfg = cfg.clone()
         test_cfg.defrost()
-        test_cfg.DATASETS.TEST = ("neu_test",)
+        test_cfg.DATASETS.TEST = (names["test"],)
         results.update(evaluate(test_cfg, trainer.model))
-    rows = {d: per_class_rows(results[d], MetadataCatalog.get(d).thing_classes) for d in ("neu_val", "neu_test")}
-    threshold, f1 = f1_at_chosen_threshold(results["neu_val"]["prf"], results["neu_test"]["prf"])
-    rows["neu_test"][-1]["F1_valthr"] = round(f1, 2)
+    rows = {s: per_class_rows(results[names[s]], MetadataCatalog.get(names[s]).thing_classes) for s in ("val", "test")}
+    threshold, f1 = f1_at_chosen_threshold(results[names["val"]]["prf"], results[names["test"]]["prf"])
+    rows["test"][-1]["F1_valthr"] = round(f1, 2)
     result = {"row": row_name(row, weights), "config": config, "opts": opts, "seed": seed, "iterations": n,
               "batch": cfg.SOLVER.IMS_PER_BATCH, "threads": torch.get_num_threads(),
-              "wall_s": round(time.time() - start), "val": rows["neu_val"][-1], "test": rows["neu_test"][-1],
-              "val_threshold": threshold,
-              "test_per_class": rows["neu_test"][:-1], "curve": curve(out, n) if eval_period else None}
+              "wall_s": round(time.time() - start), "val": rows["val"][-1], "test": rows["test"][-1],
+              "val_threshold": threshold, **({"folds": folds, "fold": fold} if folds else {}),
+              "test_per_class": rows["test"][:-1], "curve": curve(out, n) if eval_period else None}
     (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -220,11 +243,13 @@ def summarize(runs: list[dict]) -> list[dict]:
 
     out = []
     order = {name: i for i, name in enumerate(ROWS)}  # recorded rows whose option was removed go last
-    for row, iters in sorted({(r["row"], r["iterations"]) for r in runs},
-                             key=lambda k: (k[1], order.get(base_row(k[0]), len(order)), k[0])):
-        rs = [r for r in runs if r["row"] == row and r["iterations"] == iters]
+    for row, iters, folds in sorted({(r["row"], r["iterations"], r.get("folds", 0)) for r in runs},
+                                    key=lambda k: (k[2], k[1], order.get(base_row(k[0]), len(order)), k[0])):
+        rs = [r for r in runs if r["row"] == row and r["iterations"] == iters and r.get("folds", 0) == folds]
         entry = {"row": row, "config": rs[0]["config"], "opts": rs[0]["opts"], "iterations": rs[0]["iterations"],
                  "seeds": [r["seed"] for r in rs], "wall_s": mean_ci([r["wall_s"] for r in rs])}
+        if folds:  # one value per (seed, fold) run
+            entry.update(folds=folds, fold_of_run=[r["fold"] for r in rs])
         for split in ("val", "test"):
             entry[split] = {m: mean_ci([r[split].get(m) for r in rs]) for m in METRICS}  # older runs: no F1_valthr
         out.append(entry)
@@ -243,18 +268,23 @@ def table(summary: list[dict]) -> str:
     rows = [[s["row"], len(s["seeds"]), s["iterations"], fmt(s["val"]["AP50"]), fmt(s["test"]["AP50"]),
              fmt(s["test"]["AP"]), fmt(s["test"]["F1"]), fmt(s["test"]["F1_valthr"]), fmt(s["wall_s"])]
             for s in summary]
-    return tabulate(rows, headers=["row", "seeds", "iters", "val AP50", "test AP50", "test AP", "test F1",
+    return tabulate(rows, headers=["row", "runs (seeds x folds)", "iters", "val AP50", "test AP50", "test AP", "test F1",
                                    "test F1 (val thr)", "wall s"], tablefmt="github")
 
 
-def finished(iters: int, name: str) -> list[dict]:
+def finished(iters: int, name: str, folds: int = 0) -> list[dict]:
     """The runs finished under output/ plus those recorded in ``benchmarks/results/<name>.json`` that were
-    not re-run (the output folder can be gone while the record stays)."""
-    fresh = [json.loads(p.read_text()) for p in sorted((OUT / f"it{iters}").glob("*/seed*/result.json"))]
+    not re-run (the output folder can be gone while the record stays); only runs of the fixed split, or of
+    the ``folds``-fold split."""
+    def key(r: dict) -> tuple:
+        return r["row"], r["seed"], r["iterations"], r.get("fold")
+
+    fresh = [r for p in sorted((OUT / f"it{iters}").glob("*/seed*/result.json"))
+             if (r := json.loads(p.read_text())).get("folds", 0) == folds]
     record = REPO / "benchmarks" / "results" / f"{name}.json"
-    done = {(r["row"], r["seed"], r["iterations"]) for r in fresh}
+    done = {key(r) for r in fresh}
     old = json.loads(record.read_text()).get("runs", []) if record.is_file() else []
-    return [r for r in old if (r["row"], r["seed"], r["iterations"]) not in done] + fresh
+    return [r for r in old if key(r) not in done] + fresh
 
 
 def main() -> None:
@@ -268,42 +298,49 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder holding neu-det/")
     ap.add_argument("--weights", default="", help="start every row from these weights (e.g. a pretrained backbone "
                                                   "from tools/pretrain_backbone.py): rows named <row>+<file stem>")
+    ap.add_argument("--folds", type=int, default=0, help="K-fold mode: every (row, seed) on each of K folds")
+    ap.add_argument("--fold", type=int, default=0, help=argparse.SUPPRESS)  # the fold of --run
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--run", nargs=2, metavar=("ROW", "SEED"), help=argparse.SUPPRESS)  # one run (subprocess)
     args = ap.parse_args()
+    if args.folds == 1 or args.folds < 0:
+        ap.error(f"--folds {args.folds}: give 0 (the fixed split) or at least 2")
     if args.list:
         for name, (config, opts, factor) in ROWS.items():
             print(f"{name}: {config} {' '.join(opts)}" + (f" (x{factor} iterations)" if factor != 1 else ""))
         return
     if args.run:
-        train_one(args.run[0], int(args.run[1]), args.iters, args.data, args.eval_period, args.weights)
+        train_one(args.run[0], int(args.run[1]), args.iters, args.data, args.eval_period, args.weights,
+                  args.folds, args.fold)
         return
     if not args.report_only:
-        todo = [(r, s) for s in args.seeds for r in args.rows  # seed-major: each pair of jobs compares rows
-                if not (run_dir(r, s, args.iters, args.weights) / "result.json").is_file()]
+        todo = [(r, s, f) for s in args.seeds for f in range(max(args.folds, 1)) for r in args.rows  # seed-major
+                if not (run_dir(r, s, args.iters, args.weights, args.folds, f) / "result.json").is_file()]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         start = time.time()
 
-        def launch(row: str, seed: int) -> tuple[str, int, int]:
-            log = run_dir(row, seed, args.iters, args.weights)
+        def launch(row: str, seed: int, fold: int) -> tuple[str, int, int]:
+            log = run_dir(row, seed, args.iters, args.weights, args.folds, fold)
             log.mkdir(parents=True, exist_ok=True)
             with open(log / "stdout.log", "a") as f:
                 rc = subprocess.run([sys.executable, __file__, "--run", row, str(seed), "--iters", str(args.iters),
                                      "--data", args.data, "--eval-period", str(args.eval_period),
+                                     "--folds", str(args.folds), "--fold", str(fold),
                                      *(["--weights", args.weights] if args.weights else [])], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-            return row, seed, rc
+            return f"{row}" + (f" fold {fold}" if args.folds else ""), seed, rc
 
         print(f"[bench_recipe] {len(todo)} runs to do ({args.jobs} at a time), output under {OUT}", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(launch, r, s) for r, s in todo]
+            futures = [pool.submit(launch, r, s, f) for r, s, f in todo]
             for i, fut in enumerate(as_completed(futures), 1):
                 row, seed, rc = fut.result()
                 el = time.time() - start
                 print(f"[bench_recipe] {i}/{len(todo)} {row} seed {seed}: {'ok' if rc == 0 else f'FAILED rc={rc}'}"
                       f" (elapsed {el / 60:.0f} min, ETA {el / i * (len(todo) - i) / 60:.0f} min)", flush=True)
-    name = "recipe_neu" if args.iters == 300 else f"recipe_neu_it{args.iters}"
-    runs = finished(args.iters, name)
+    name = "recipe_neu" + (f"_k{args.folds}" if args.folds else "") + ("" if args.iters == 300 and not args.folds
+                                                                        else f"_it{args.iters}")
+    runs = finished(args.iters, name, args.folds)
     summary = summarize(runs)
     best = max((s for s in summary if s["val"]["AP50"]["mean"] is not None),
                key=lambda s: s["val"]["AP50"]["mean"], default=None)
@@ -312,13 +349,15 @@ def main() -> None:
 
     png = plot_curves(runs, REPO / "benchmarks" / "results" / f"{name}_curves.png")
     save(name, {"iterations_at_batch4": args.iters, "curves_png": str(png.relative_to(REPO)) if png else None,
-                "data": args.data, "split": "neu_train -> neu_val / neu_test",
+                "data": args.data, "split": (f"{args.folds}-fold stratified split of all images (seed 0): "
+                                             "neu_k<K>f<i>_train -> _val / _test" if args.folds
+                                             else "neu_train -> neu_val / neu_test"),
                 "chosen_on_val": best["row"] if best else None, "rows": summary, "runs": runs})
     every = [r for p in sorted((REPO / "benchmarks" / "results").glob("recipe_neu*.json"))
              for r in json.loads(p.read_text()).get("runs", [])]
     save("real_neu", {"data": args.data, "split": "neu_train -> neu_val / neu_test",
                       "note": "every finished run of benchmarks/bench_recipe.py, all budgets (iterations at batch 4); "
-                              "rows: mean +- 95% CI over seeds per (row, iterations)",
+                              "rows: mean +- 95% CI over seeds (and folds) per (row, iterations, folds)",
                       "rows": summarize(every), "runs": every})
     print(table(summary))
 

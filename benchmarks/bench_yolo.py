@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--seed", type=int, default=0, help="training seed of --in-domain")
+    ap.add_argument("--neu-folds", type=int, default=0, metavar="K", help="register NEU-DET's K-fold splits "
+                    "(neu_k<K>f<i>_{train,val,test}, as benchmarks/bench_recipe.py --folds K) to name them")
     ap.add_argument("--train", default="neu_synth_train")
     ap.add_argument("--val", default="neu_synth_val", help="split for Ultralytics' final validation (no selection)")
     ap.add_argument("--test", default="neu_synth_test")
@@ -385,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:
         from steel_fsd.data import register_all
         register_all(args.data)
+        if args.neu_folds:  # --train neu_k3f0_train --val neu_k3f0_val --test neu_k3f0_test: bench_recipe's folds
+            from steel_fsd.data.catalog import register_neu_folds
+            register_neu_folds(Path(args.data) / "neu-det", args.neu_folds)
 
     previous = RESULTS / f"{args.save_as}.json"
     result = {k: v for k, v in json.loads(previous.read_text()).items() if k in ("in_domain", "kshot", "cross")} \

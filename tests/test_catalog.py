@@ -166,3 +166,21 @@ def test_import_registers_model_components_only(tmp_path, neu_real_root, root):
     assert (second == "[]") == (root == "missing")
     if root == "real":
         assert "'neu_train'" in second
+
+
+def test_neu_folds_register_three_splits_per_fold_whose_tests_partition_the_images(neu_real_root):
+    from steel_fsd.data.catalog import neu_fold_names, register_neu_folds
+
+    new = register_neu_folds(neu_real_root, 3)
+    assert sorted(new) == sorted(n for f in range(3) for n in neu_fold_names(3, f).values())
+    assert register_neu_folds(neu_real_root, 3) == []  # idempotent
+    tested = []
+    for f in range(3):
+        names = neu_fold_names(3, f)
+        parts = {s: {d["image_key"] for d in DatasetCatalog.get(n)} for s, n in names.items()}
+        assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"]) \
+            and not (parts["val"] & parts["test"])
+        assert MetadataCatalog.get(names["test"]).fold == [f, 3]
+        tested += sorted(parts["test"])
+        every = parts["train"] | parts["val"] | parts["test"]  # the same images in every fold
+    assert sorted(tested) == sorted(every) and len(every) > 10  # each image tested once

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from steel_fsd.data.splits import (NEGATIVE, SPLITS, largest_remainder, sha256_files, split_manifest,
-                                   stratified_split, stratum_keys, verify_manifest)
+                                   stratified_kfold, stratified_split, stratum_keys, verify_manifest)
 
 NEU_ROOT = Path("/work/shared/data/neu-det")
 
@@ -76,6 +76,28 @@ def test_partition_and_per_stratum_ratios():
         for s, r in zip(SPLITS, ratios):
             got = sum(1 for d in splits[s] if strata[d["image_key"]] == k)
             assert abs(got - n * r) < 1, (k, s, got, n * r)
+
+
+def test_kfold_test_splits_partition_the_data_and_each_fold_is_stratified():
+    dicts = make_dicts()
+    strata = brute_force_strata(dicts)
+    sizes = Counter(strata.values())
+    tests = []
+    for fold in range(3):
+        sp = stratified_kfold(dicts, 3, fold, seed=5)
+        k = keys(sp)
+        assert sorted(k["train"] + k["val"] + k["test"]) == sorted(d["image_key"] for d in dicts)  # a partition
+        tests += k["test"]
+        for stratum, n in sizes.items():
+            got = {s: sum(strata[x] == stratum for x in k[s]) for s in SPLITS}
+            assert abs(got["test"] - n / 3) < 1, (fold, stratum, got)
+            assert abs(got["val"] - (n - got["test"]) * 0.15) < 1, (fold, stratum, got)
+    assert sorted(tests) == sorted(d["image_key"] for d in dicts)  # every image is tested exactly once
+    assert keys(stratified_kfold(list(reversed(dicts)), 3, 1, seed=5)) == keys(stratified_kfold(dicts, 3, 1, seed=5))
+    assert keys(stratified_kfold(dicts, 3, 1, seed=6)) != keys(stratified_kfold(dicts, 3, 1, seed=5))
+    for bad in ((1, 0), (3, 3), (3, -1)):
+        with pytest.raises(ValueError, match="fold"):
+            stratified_kfold(dicts, *bad)
 
 
 def test_rarest_class_is_the_stratum():

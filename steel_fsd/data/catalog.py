@@ -32,7 +32,8 @@ VERIFY_ENV = "STEEL_FSD_VERIFY_IMAGES"
 NEU_FOLDERS = (("neu-det", "neu"), ("neu-synth", "neu_synth"))
 SEVERSTAL_FOLDERS = (("severstal", "severstal"), ("severstal-synth", "severstal_synth"))
 MT_FOLDERS = (("magnetic-tile", "mt"),)
-UNIONS = (("steel_mixed", ("neu", "severstal")), ("steel_mixed_synth", ("neu_synth", "severstal_synth")))
+UNIONS = (("steel_mixed", ("neu", "severstal")), ("steel_mixed_synth", ("neu_synth", "severstal_synth")),
+          ("steel_neu_mt", ("neu", "mt")))  # box-only NEU-DET beside the magnetic tiles' masks
 
 logger = logging.getLogger("steel_fsd")
 
@@ -57,21 +58,23 @@ def _load(kind: str, root: str, class_names: tuple[str, ...], strict: bool) -> t
 
 
 @functools.lru_cache(maxsize=None)
-def _split(kind: str, root: str, class_names: tuple[str, ...], strict: bool, seed: int) -> dict[str, list[dict]]:
-    from .splits import stratified_split
+def _split(kind: str, root: str, class_names: tuple[str, ...], strict: bool, seed: int,
+           fold: tuple[int, int] | None = None) -> dict[str, list[dict]]:
+    from .splits import stratified_kfold, stratified_split
 
-    return stratified_split(_load(kind, root, class_names, strict)[0], seed=seed)
+    dicts = _load(kind, root, class_names, strict)[0]
+    return stratified_split(dicts, seed=seed) if fold is None else stratified_kfold(dicts, fold[1], fold[0], seed)
 
 
 @functools.lru_cache(maxsize=None)
 def _pickled(kind: str, root: str, class_names: tuple[str, ...], strict: bool, split: str | None, seed: int,
-             tile: int | None) -> bytes:
+             tile: int | None, fold: tuple[int, int] | None = None) -> bytes:
     """One split's final dicts (tiled, or without the private ``_rles``), pickled for cheap fresh copies.
 
     Severstal is split by whole images first, then tiled, so no strip has tiles in two splits.
     """
     dicts = _load(kind, root, class_names, strict)[0] if split is None else \
-        _split(kind, root, class_names, strict, seed)[split]
+        _split(kind, root, class_names, strict, seed, fold)[split]
     if tile:
         dicts = tile_dataset_dicts(dicts, tile=tile)
     else:
@@ -89,8 +92,8 @@ def summary_line(name: str, dicts: list[dict], class_names: Sequence[str], skips
 
 
 def _get(name: str, kind: str, root: str, class_names: tuple[str, ...], strict: bool, split: str | None,
-         seed: int, tile: int | None) -> list[dict]:
-    dicts = pickle.loads(_pickled(kind, root, class_names, strict, split, seed, tile))
+         seed: int, tile: int | None, fold: tuple[int, int] | None = None) -> list[dict]:
+    dicts = pickle.loads(_pickled(kind, root, class_names, strict, split, seed, tile, fold))
     line = summary_line(name, dicts, class_names, _load(kind, root, class_names, strict)[1])
     if split is not None:  # skips are counted while loading the folder, before it is split
         line = line.replace(", skips: ", f", skips in {os.path.basename(root)} (all splits): ")
@@ -99,26 +102,49 @@ def _get(name: str, kind: str, root: str, class_names: tuple[str, ...], strict: 
 
 
 def _register(name: str, kind: str, root: str | os.PathLike, class_names: Sequence[str], split: str | None,
-              seed: int, tile: int | None, strict: bool) -> None:
+              seed: int, tile: int | None, strict: bool, fold: tuple[int, int] | None = None) -> None:
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: dataset folder not found (registering {name!r})")
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    if fold is not None and (split is None or len(fold) != 2 or not 0 <= fold[0] < fold[1]):
+        raise ValueError(f"fold must be (index, folds) with a split, got {fold!r} for split {split!r}")
     classes = tuple(class_names)
-    DatasetCatalog.register(name, functools.partial(_get, name, kind, root, classes, strict, split, seed, tile))
+    fold = tuple(fold) if fold is not None else None
+    DatasetCatalog.register(name, functools.partial(_get, name, kind, root, classes, strict, split, seed, tile, fold))
     MetadataCatalog.get(name).set(thing_classes=list(classes), evaluator_type="coco", dataset_root=root,
-                                  split=split or "all", seed=seed)
+                                  split=split or "all", seed=seed, fold=list(fold) if fold else None)
 
 
 def register_neu(name: str, root: str | os.PathLike, class_names: Sequence[str] = NEU_CLASSES,
-                 split: str | None = None, seed: int = 0, strict: bool = True) -> None:
+                 split: str | None = None, seed: int = 0, strict: bool = True,
+                 fold: tuple[int, int] | None = None) -> None:
     """Register NEU-DET at ``root`` (see :func:`~steel_fsd.data.neu.load_neu_voc`) as ``name``.
 
     ``split`` is ``"train"``, ``"val"``, ``"test"`` (seeded stratified 70/15/15 split) or None (all
-    images). Raises FileNotFoundError when ``root`` is not a folder, AssertionError if ``name`` is taken.
+    images); with ``fold=(i, k)`` the split is fold ``i`` of the seeded stratified ``k``-fold split
+    (:func:`~steel_fsd.data.splits.stratified_kfold`: the k test splits partition the images). Raises
+    FileNotFoundError when ``root`` is not a folder, AssertionError if ``name`` is taken.
     """
-    _register(name, "neu", root, class_names, split, seed, None, strict)
+    _register(name, "neu", root, class_names, split, seed, None, strict, fold)
+
+
+def neu_fold_names(folds: int, fold: int) -> dict[str, str]:
+    """``{"train": "neu_k<folds>f<fold>_train", ...}``: the names :func:`register_neu_folds` registers."""
+    return {s: f"neu_k{folds}f{fold}_{s}" for s in SPLITS}
+
+
+def register_neu_folds(root: str | os.PathLike, folds: int, seed: int = 0) -> list[str]:
+    """Register the ``folds`` folds of NEU-DET at ``root`` (:func:`register_neu` with ``fold``) under
+    :func:`neu_fold_names`; names already registered are kept. Returns the names registered by this call."""
+    new = []
+    for fold in range(folds):
+        for split, name in neu_fold_names(folds, fold).items():
+            if name not in DatasetCatalog.list():
+                register_neu(name, root, split=split, seed=seed, fold=(fold, folds))
+                new.append(name)
+    return new
 
 
 def register_severstal(name: str, root: str | os.PathLike, split: str | None = None, seed: int = 0,
@@ -232,8 +258,8 @@ def register_all(root: str | os.PathLike | None = None) -> list[str]:
     ``neu-synth/`` (NEU layout), ``severstal/``, ``severstal-synth/`` (Severstal layout), ``magnetic-tile/``
     (``MT_<Class>/Imgs``, registered as ``mt_{train,val,test}``). Names:
     ``{neu,neu_synth,severstal,severstal_synth}_{train,val,test}``, ``severstal[_synth]_tiled_{split}``
-    (256-pixel tiles) and the unions ``steel_mixed_{split}`` (neu + severstal strips) and
-    ``steel_mixed_synth_{split}``. Absent folders are skipped; names already registered are kept as
+    (256-pixel tiles) and the unions ``steel_mixed_{split}`` (neu + severstal strips),
+    ``steel_mixed_synth_{split}`` and ``steel_neu_mt_{split}`` (neu + magnetic tile). Absent folders are skipped; names already registered are kept as
     they are (so calling it twice is harmless).
     """
     root = os.path.abspath(os.fspath(root)) if root is not None else datasets_root()

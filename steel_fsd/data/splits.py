@@ -105,6 +105,39 @@ def stratified_split(dicts: list[dict], seed: int = 0,
     return out
 
 
+def stratified_kfold(dicts: list[dict], folds: int, fold: int, seed: int = 0,
+                     val_share: float = 0.15) -> dict[str, list[dict]]:
+    """Fold ``fold`` of a seeded, class-stratified ``folds``-fold split: ``{"train", "val", "test"}``.
+
+    Strata and their shuffles are those of :func:`stratified_split` (rarest class; ``default_rng([seed, k + 1])``).
+    Each stratum is cut into ``folds`` parts with :func:`largest_remainder`; part ``fold`` is the test split, so
+    the test splits of the ``folds`` folds partition the data. The other parts, in shuffled order, give the
+    validation split (``val_share`` of them, within one image per stratum) and the training split.
+    """
+    if folds < 2 or not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: need folds >= 2 and 0 <= fold < folds")
+    if not 0.0 <= val_share < 1.0:
+        raise ValueError(f"val_share must be in [0, 1), got {val_share}")
+    ordered = _sorted_by_key(dicts)
+    strata = stratum_keys(ordered)
+    by_stratum: dict[int, list[dict]] = {}
+    for d in ordered:
+        by_stratum.setdefault(strata[d["image_key"]], []).append(d)
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for k, members in sorted(by_stratum.items()):
+        perm = np.random.default_rng([int(seed), k + 1]).permutation(len(members))
+        bounds = np.cumsum([0] + largest_remainder(len(members), [1.0] * folds))
+        test = perm[bounds[fold]:bounds[fold + 1]]
+        rest = np.concatenate([perm[bounds[fold + 1]:], perm[:bounds[fold]]])
+        n_train, n_val, _ = largest_remainder(len(rest), (1.0 - val_share, val_share, 0.0))
+        out["test"].extend(members[i] for i in test)
+        out["val"].extend(members[i] for i in rest[n_train:n_train + n_val])
+        out["train"].extend(members[i] for i in rest[:n_train])
+    for name in SPLITS:
+        out[name].sort(key=lambda d: d["image_key"])
+    return out
+
+
 def sha256_files(paths: Iterable[str | os.PathLike]) -> dict:
     """One digest for a set of files: ``{"sha256": hex, "files": count}``.
 
