@@ -76,6 +76,7 @@ def record(run: str) -> dict:
 
 
 def main(argv=None) -> int:
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
@@ -83,7 +84,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT), help="runs' folder (default output/masks)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    global OUT
     OUT = Path(args.out)
     if not args.report_only:
         todo = [r for r in args.runs if not (run_dir(r) / "model_final.pth").is_file()]
