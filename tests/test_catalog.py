@@ -54,6 +54,7 @@ def test_register_all_names_metadata_and_idempotence(datasets_root):
         assert meta.thing_classes == list(NEU_CLASSES) and meta.evaluator_type == "coco"
         assert (meta.dataset_root, meta.split, meta.seed) == (str(datasets_root / "neu-det"), s, 0)
         assert MetadataCatalog.get(f"severstal_tiled_{s}").thing_classes == list(SEVERSTAL_CLASSES)
+        assert MetadataCatalog.get(f"severstal_tiled_{s}").tile == 256 and meta.tile is None  # what predict tiles
         mixed = MetadataCatalog.get(f"steel_mixed_synth_{s}")
         assert mixed.thing_classes == list(NEU_CLASSES + SEVERSTAL_CLASSES) and mixed.split == s
         assert mixed.dataset_root == str(datasets_root)

@@ -551,3 +551,26 @@ def test_predict_masks_rle_area_and_overlay_follow_the_defect_across_tiles(tmp_p
         inside = ov[int((y0 + 5) * s):int((y1 - 5) * s), int((x0 + 5) * s):int((x1 - 5) * s)]
         assert (inside[:, :, 2] < 200).mean() > 0.9  # white defect tinted yellow: blue drops, red and green stay
         assert (inside[:, :, 0] > 200).mean() > 0.9
+
+
+def test_auto_tiling_follows_how_the_model_was_trained(trained, tmp_path):
+    """A checkpoint records the tile size of its training images: a model trained on whole images is not tiled
+    by "auto" (a 1600x256 image goes in whole), one trained on 256-pixel tiles is, as is one whose checkpoint
+    does not say; an explicit --tile wins."""
+    from steel_fsd.engine.setup import finalize_config
+    from steel_fsd.modeling.checkpoint import META_KEY, checkpoint_train_tile
+
+    payload = torch.load(trained["weights"], map_location="cpu", weights_only=False)
+    assert checkpoint_train_tile(payload) == 0  # the synthetic NEU-DET images are whole images
+    cfg = build_config(PROTO_CFG, TINY + ["DATASETS.TRAIN", "('t_pred_train',)"])
+    finalize_config(cfg, datasets=(), weights=trained["weights"])
+
+    def windows(weights, **kw):
+        return len(Predictor.from_files(cfg, str(weights), **kw).windows(256, 1600))
+
+    assert windows(trained["weights"]) == 1 and windows(trained["weights"], tile=256) == 7
+    for meta, expected in (({"train_tile": 256}, 7), ({}, 7)):
+        payload[META_KEY] = {k: v for k, v in payload[META_KEY].items() if k != "train_tile"} | meta
+        path = tmp_path / f"w{len(meta)}.pth"
+        torch.save(payload, path)
+        assert windows(path) == expected, meta

@@ -400,7 +400,8 @@ def test_trainer_resumes_past_a_torn_checkpoint_and_saves_class_names(data, tmp_
     from detectron2.engine import DefaultTrainer
 
     DefaultTrainer.train(trainer)  # training only (the final evaluation is not under test here)
-    assert read_weights_file(str(tmp_path / "model_final.pth"))["steel_fsd"] == {"thing_classes": list(NEU_CLASSES)}
+    assert read_weights_file(str(tmp_path / "model_final.pth"))["steel_fsd"] == {"thing_classes": list(NEU_CLASSES),
+                                                                             "train_tile": 0}
     final = tmp_path / "model_final.pth"
     final.write_bytes(final.read_bytes()[:1000])
     cfg = finalize_config(config(FASTER, tmp_path, *opts, "SOLVER.MAX_ITER", "3"))

@@ -98,7 +98,7 @@ def parse_args(argv):
     ap.add_argument("--output", required=True, help="output folder")
     ap.add_argument("--threshold-file", help="score threshold from tools/calibrate_threshold.py")
     ap.add_argument("--overlay-score", type=float, help="draw boxes scoring >= this (default: the threshold)")
-    ap.add_argument("--tile", default="auto", help="'auto' (strips into squares of their short side, <= 256), "
+    ap.add_argument("--tile", default="auto", help="'auto' (a model trained on tiles: strips into squares of their short side, <= 256; one trained on whole images: never), "
                                                    "a tile size in pixels, or 0 (never tile)")
     ap.add_argument("--batch-size", type=int, default=8, help="images (tiles) per forward pass")
     ap.add_argument("--device", help="cpu or cuda (default: the config's MODEL.DEVICE)")

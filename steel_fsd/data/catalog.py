@@ -114,7 +114,7 @@ def _register(name: str, kind: str, root: str | os.PathLike, class_names: Sequen
     fold = tuple(fold) if fold is not None else None
     DatasetCatalog.register(name, functools.partial(_get, name, kind, root, classes, strict, split, seed, tile, fold))
     MetadataCatalog.get(name).set(thing_classes=list(classes), evaluator_type="coco", dataset_root=root,
-                                  split=split or "all", seed=seed, fold=list(fold) if fold else None)
+                                  split=split or "all", seed=seed, fold=list(fold) if fold else None, tile=tile)
 
 
 def register_neu(name: str, root: str | os.PathLike, class_names: Sequence[str] = NEU_CLASSES,
@@ -195,6 +195,7 @@ def register_union(name: str, parts: Sequence[str], id_offset: int = UNION_ID_OF
         thing_classes=classes, evaluator_type="coco", parts=list(parts),
         dataset_root=os.path.commonpath(roots) if all(roots) else None,
         split=metas[0].get("split") if len({m.get("split") for m in metas}) == 1 else "mixed",
+        tile=metas[0].get("tile") if len({m.get("tile") for m in metas}) == 1 else "mixed",
         seed=metas[0].get("seed") if len({m.get("seed") for m in metas}) == 1 else None)
 
 

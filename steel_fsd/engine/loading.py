@@ -104,6 +104,13 @@ def train_class_names(cfg: CfgNode) -> list[str] | None:
     return names[0] if names and names[0] and all(n == names[0] for n in names) else None
 
 
+def train_tile(cfg: CfgNode) -> int | None:
+    """The tile size DATASETS.TRAIN was cut into (``tile`` in its metadata, e.g. 256 for Severstal's tiled
+    strips), 0 when every training dataset holds whole images, None when they disagree."""
+    tiles = {MetadataCatalog.get(d).get("tile") or 0 for d in cfg.DATASETS.TRAIN}
+    return tiles.pop() if len(tiles) == 1 and isinstance(next(iter(tiles)), int) else None
+
+
 def test_class_names(cfg: CfgNode) -> list[str]:
     """The class names shared by every DATASETS.TEST dataset (a prototype file must match them)."""
     names = [list(MetadataCatalog.get(d).thing_classes) for d in cfg.DATASETS.TEST]

@@ -25,7 +25,7 @@ from ..utils.amp import AutocastModel, amp_dtype, autocast
 from ..utils.errors import UserError
 from .ema import EMAHook, ModelEMA
 from .launch import cpu_ddp
-from .loading import check_weights, train_class_names
+from .loading import check_weights, train_class_names, train_tile
 
 logger = logging.getLogger("steel_fsd")
 
@@ -147,7 +147,8 @@ class Trainer(DefaultTrainer):
         """
         ck = self.checkpointer
         self.checkpointer = SafeCheckpointer(ck.model, ck.save_dir, class_names=train_class_names(self.cfg),
-                                             save_to_disk=ck.save_to_disk, **ck.checkpointables)
+                                             train_tile=train_tile(self.cfg), save_to_disk=ck.save_to_disk,
+                                             **ck.checkpointables)
         ret = super().build_hooks()
         if self.cfg.MODEL_EMA.ENABLED:
             ema = ModelEMA(ck.model, self.cfg.MODEL_EMA.DECAY)

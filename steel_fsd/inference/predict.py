@@ -28,7 +28,7 @@ from detectron2.structures import Boxes, Instances
 
 from ..data.severstal import tile_positions
 from ..data.transforms import build_harmonization
-from ..modeling.checkpoint import checkpoint_classes, read_weights_file
+from ..modeling.checkpoint import checkpoint_classes, checkpoint_train_tile, read_weights_file
 from ..engine.loading import load_model_for_eval
 from ..fewshot.prototypes import PrototypeFileError, PrototypeSet, check_prototypes, load_prototypes
 from ..utils.amp import amp_dtype, autocast, to_float32
@@ -191,7 +191,10 @@ class Predictor:
 
     @classmethod
     def from_files(cls, cfg: CfgNode, weights: str, prototypes: str | None = None, **kwargs) -> "Predictor":
-        """Load ``weights`` (and the prototype file, checked against the model before any image is read)."""
+        """Load ``weights`` (and the prototype file, checked against the model before any image is read).
+
+        With ``tile="auto"`` (the default), a model whose checkpoint says it was trained on whole images is never
+        tiled: only a model trained on tiles (Severstal's strips) gets its strips cut into squares."""
         cfg = cfg.clone()
         cfg.defrost()
         cfg.MODEL.WEIGHTS, cfg.MODEL.PROTOTYPE.SUPPORT_FILE = weights, ""
@@ -203,12 +206,16 @@ class Predictor:
             ps = load_prototypes(prototypes)
             check_prototypes(ps, prototypes, cfg.MODEL.PROTOTYPE.EMBED_DIM, weights)
         cfg.freeze()
+        payload = read_weights_file(weights)
+        if kwargs.get("tile", "auto") == "auto" and checkpoint_train_tile(payload) == 0:
+            logger.info("%s was trained on whole images: images are not tiled (--tile N to tile anyway)", weights)
+            kwargs["tile"] = 0
         model = load_model_for_eval(cfg, check_classes=False)
         if ps is not None:
             model.roi_heads.box_predictor.set_support(ps.prototypes, ps.class_names)
             names = ps.class_names
         else:
-            names = checkpoint_classes(read_weights_file(weights)) or [
+            names = checkpoint_classes(payload) or [
                 f"class_{i}" for i in range(cfg.MODEL.ROI_HEADS.NUM_CLASSES)]
         return cls(cfg, model, names, **kwargs)
 

@@ -30,7 +30,7 @@ from ..utils.io import atomic_open
 
 logger = logging.getLogger("steel_fsd")
 
-META_KEY = "steel_fsd"  # {"thing_classes": [...]} in checkpoints written by steel-fsd
+META_KEY = "steel_fsd"  # {"thing_classes": [...], "train_tile": 0 | 256 | ...} in checkpoints written by steel-fsd
 
 # (module, name) pairs a model-zoo .pkl may reference: numpy array/scalar reconstruction and the codecs
 # helper that protocol-2 pickles use for bytes. numpy >= 2 moved ``numpy.core`` to ``numpy._core``.
@@ -135,6 +135,13 @@ def checkpoint_classes(checkpoint: dict) -> list[str] | None:
     return list(meta["thing_classes"]) if isinstance(meta, dict) and meta.get("thing_classes") else None
 
 
+def checkpoint_train_tile(checkpoint: dict) -> int | None:
+    """The tile size the model's training images were cut into (0: whole images), or None when unrecorded."""
+    meta = checkpoint.get(META_KEY)
+    tile = meta.get("train_tile") if isinstance(meta, dict) else None
+    return tile if isinstance(tile, int) and not isinstance(tile, bool) else None
+
+
 def _iteration(path: str) -> int:
     m = re.fullmatch(r"model_(\d+)\.pth", os.path.basename(path))
     return int(m.group(1)) if m else -1
@@ -143,14 +150,17 @@ def _iteration(path: str) -> int:
 class SafeCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` reading with :func:`read_weights_file` and writing atomically.
 
-    ``class_names`` (the training classes) are saved in every checkpoint as ``steel_fsd.thing_classes``;
+    ``class_names`` (the training classes) are saved in every checkpoint as ``steel_fsd.thing_classes``, and
+    ``train_tile`` (the tile size of the training images, 0 for whole images) as ``steel_fsd.train_tile``;
     after :meth:`load`, ``last_incompatible`` holds the missing/unexpected/shape-mismatched keys and
     ``last_classes`` the stored class names (None for files from elsewhere).
     """
 
-    def __init__(self, model, save_dir: str = "", *, class_names: list[str] | None = None, **kwargs):
+    def __init__(self, model, save_dir: str = "", *, class_names: list[str] | None = None,
+                 train_tile: int | None = None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.class_names = list(class_names) if class_names else None
+        self.train_tile = train_tile
         self.last_incompatible = None
         self.last_classes: list[str] | None = None
 
@@ -187,8 +197,11 @@ class SafeCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict(), **{k: v.state_dict() for k, v in self.checkpointables.items()}}
-        if self.class_names:
-            data[META_KEY] = {"thing_classes": self.class_names}
+        meta = {"thing_classes": self.class_names} if self.class_names else {}
+        if self.train_tile is not None:
+            meta["train_tile"] = int(self.train_tile)
+        if meta:
+            data[META_KEY] = meta
         data.update(kwargs)
         basename = f"{name}.pth"
         os.makedirs(self.save_dir, exist_ok=True)
