@@ -98,8 +98,8 @@ def parse_args(argv):
     ap.add_argument("--output", required=True, help="output folder")
     ap.add_argument("--threshold-file", help="score threshold from tools/calibrate_threshold.py")
     ap.add_argument("--overlay-score", type=float, help="draw boxes scoring >= this (default: the threshold)")
-    ap.add_argument("--tile", default="auto", help="'auto' (a model trained on tiles: strips into squares of their short side, <= 256; one trained on whole images: never), "
-                                                   "a tile size in pixels, or 0 (never tile)")
+    ap.add_argument("--tile", default="auto", help="'auto' (a model trained on tiles: strips into squares of their "
+                    "short side, <= 256; one trained on whole images: never), a tile size in pixels, or 0 (never)")
     ap.add_argument("--batch-size", type=int, default=8, help="images (tiles) per forward pass")
     ap.add_argument("--device", help="cpu or cuda (default: the config's MODEL.DEVICE)")
     ap.add_argument("--amp", choices=["bfloat16", "float16"], help="mixed precision (autocast) inference; "
