@@ -18,7 +18,6 @@ With ``--masks`` (a mask model, e.g. configs/masks/): each detection's mask in i
   summary.json       counts, threshold and its source, skipped images, images/s
 An unreadable image is reported, skipped and counted; the run then exits 1 unless ``--allow-skips``.
 """
-import csv
 import math
 import os
 import sys
@@ -32,8 +31,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from steel_fsd.inference.predict import Predictor, find_images, image_decision, predict_paths
 from steel_fsd.engine.setup import build_config, finalize_config
 from steel_fsd.utils.cli import (UserError, add_config_overrides, check_output_dir, model_parser, output_lock,
-                                 run_main)
-from steel_fsd.utils.io import atomic_open, read_json, write_image, write_json
+                                 run_main, skips_exit_code)
+from steel_fsd.utils.io import read_json, write_csv, write_image, write_json
 
 CSV_HEADER = ["image_id", "file", "width", "height", "detections", "defect", "worst_class", "max_score", "decision",
               "error"]
@@ -169,14 +168,8 @@ def predict(args) -> int:
             png = os.path.join(args.output, "overlays", f"{image_id:06d}_{os.path.splitext(os.path.basename(path))[0]}.png")
             write_image(png, overlay(np.ascontiguousarray(rgb), inst, names, min_score)[:, :, ::-1])
     seconds = time.perf_counter() - start
-    with atomic_open(os.path.join(args.output, "predictions.csv")) as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_HEADER)
-        writer.writerows(rows)
-    with atomic_open(os.path.join(args.output, "detections.csv")) as f:
-        writer = csv.writer(f)
-        writer.writerow(DETECTIONS_HEADER)
-        writer.writerows(det_rows)
+    write_csv(os.path.join(args.output, "predictions.csv"), CSV_HEADER, rows)
+    write_csv(os.path.join(args.output, "detections.csv"), DETECTIONS_HEADER, det_rows)
     write_json(os.path.join(args.output, "predictions.json"), results)
     rejected = sum(1 for r in rows if r[8] == "reject")
     summary = {"images": len(files), "predicted": n_done, "skipped": len(skipped), "skipped_files": skipped,
@@ -188,11 +181,7 @@ def predict(args) -> int:
     write_json(os.path.join(args.output, "summary.json"), summary, indent=2, sort_keys=False)
     print(f"[predict] {n_done} images ({rejected} rejected at score >= {threshold:g}, {len(skipped)} skipped) "
           f"in {seconds:.1f} s -> {args.output}")
-    if skipped and not args.allow_skips:
-        print(f"[predict] {len(skipped)} unreadable image(s) skipped (listed in predictions.csv); exit code 1 "
-              "(--allow-skips for 0)", file=sys.stderr)
-        return 1
-    return 0
+    return skips_exit_code("predict", skipped, "predictions.csv", args.allow_skips)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ at least 128. Queries: files, folders (recursive) and glob patterns, as for pred
   summary.json            counts, the support files, the method and threshold
 An unreadable query is reported, skipped and counted; the run then exits 1 unless --allow-skips.
 """
-import csv
 import os
 import sys
 import time
@@ -37,8 +36,8 @@ from steel_fsd.fewshot.segmentation import (METHODS, harmonize, load_examples, l
                                             segment, train_episodes)
 from steel_fsd.inference.predict import IMAGE_EXTENSIONS, find_images
 from steel_fsd.utils.cli import (UserError, add_config_overrides, check_output_dir, check_output_file, model_parser,
-                                 output_lock, run_main)
-from steel_fsd.utils.io import atomic_open, write_image, write_json
+                                 output_lock, run_main, skips_exit_code)
+from steel_fsd.utils.io import write_csv, write_image, write_json
 
 MASK_THRESHOLD = 128
 
@@ -154,10 +153,8 @@ def apply(args, cfg) -> int:
         el = time.perf_counter() - start
         print(f"[segment_fewshot] {i + 1}/{len(files)} images, ETA {el / (i + 1) * (len(files) - i - 1):.0f} s",
               file=sys.stderr, flush=True)
-    with atomic_open(os.path.join(args.output, "areas.csv")) as f:
-        writer = csv.writer(f)
-        writer.writerow(["image_id", "file", "width", "height", "defect_pixels", "defect_fraction", "error"])
-        writer.writerows(rows)
+    write_csv(os.path.join(args.output, "areas.csv"),
+              ["image_id", "file", "width", "height", "defect_pixels", "defect_fraction", "error"], rows)
     done = len(files) - len(skipped)
     write_json(os.path.join(args.output, "summary.json"), {
         "images": len(files), "segmented": done, "skipped": len(skipped), "skipped_files": skipped,
@@ -166,11 +163,7 @@ def apply(args, cfg) -> int:
         indent=2, sort_keys=False)
     print(f"[segment_fewshot] {done} images segmented from {len(pairs)} support images ({len(skipped)} skipped) "
           f"-> {args.output}")
-    if skipped and not args.allow_skips:
-        print(f"[segment_fewshot] {len(skipped)} unreadable image(s) skipped (listed in areas.csv); exit code 1 "
-              "(--allow-skips for 0)", file=sys.stderr)
-        return 1
-    return 0
+    return skips_exit_code("segment_fewshot", skipped, "areas.csv", args.allow_skips)
 
 
 def main(argv=None) -> int:

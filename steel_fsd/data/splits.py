@@ -53,6 +53,18 @@ def stratum_keys(dicts: Iterable[dict]) -> dict[str, int]:
     return {k: min(cs, key=lambda c: (freq[c], c)) if cs else NEGATIVE for k, cs in classes.items()}
 
 
+def _shuffled_strata(dicts: list[dict], seed: int) -> list[tuple[int, list[dict], np.ndarray]]:
+    """``(stratum key, its images in image_key order, their seeded permutation)`` per stratum, by key; each
+    stratum is shuffled by its own ``numpy.random.default_rng([seed, key + 1])``."""
+    ordered = _sorted_by_key(dicts)
+    strata = stratum_keys(ordered)
+    by_stratum: dict[int, list[dict]] = {}
+    for d in ordered:
+        by_stratum.setdefault(strata[d["image_key"]], []).append(d)
+    return [(k, members, np.random.default_rng([int(seed), k + 1]).permutation(len(members)))
+            for k, members in sorted(by_stratum.items())]
+
+
 def largest_remainder(n: int, ratios: Sequence[float]) -> list[int]:
     """Split ``n`` items into integer counts proportional to ``ratios``, summing to ``n``.
 
@@ -87,15 +99,8 @@ def stratified_split(dicts: list[dict], seed: int = 0,
        the exact ratios.
     4. Each split is returned in ``image_key`` order. The returned dicts are the input objects.
     """
-    ordered = _sorted_by_key(dicts)
-    strata = stratum_keys(ordered)
-    by_stratum: dict[int, list[dict]] = {}
-    for d in ordered:
-        by_stratum.setdefault(strata[d["image_key"]], []).append(d)
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for k, members in sorted(by_stratum.items()):
-        rng = np.random.default_rng([int(seed), k + 1])
-        perm = rng.permutation(len(members))
+    for k, members, perm in _shuffled_strata(dicts, seed):
         start = 0
         for name, n in zip(SPLITS, largest_remainder(len(members), ratios)):
             out[name].extend(members[i] for i in perm[start:start + n])
@@ -118,14 +123,8 @@ def stratified_kfold(dicts: list[dict], folds: int, fold: int, seed: int = 0,
         raise ValueError(f"fold {fold} of {folds}: need folds >= 2 and 0 <= fold < folds")
     if not 0.0 <= val_share < 1.0:
         raise ValueError(f"val_share must be in [0, 1), got {val_share}")
-    ordered = _sorted_by_key(dicts)
-    strata = stratum_keys(ordered)
-    by_stratum: dict[int, list[dict]] = {}
-    for d in ordered:
-        by_stratum.setdefault(strata[d["image_key"]], []).append(d)
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for k, members in sorted(by_stratum.items()):
-        perm = np.random.default_rng([int(seed), k + 1]).permutation(len(members))
+    for _, members, perm in _shuffled_strata(dicts, seed):
         bounds = np.cumsum([0] + largest_remainder(len(members), [1.0] * folds))
         test = perm[bounds[fold]:bounds[fold + 1]]
         rest = np.concatenate([perm[bounds[fold + 1]:], perm[:bounds[fold]]])

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 from .errors import UserError
 
 __all__ = ["UserError", "USER_ERRORS", "run_main", "check_output_dir", "check_output_file", "output_lock",
-           "model_parser", "add_config_overrides", "add_dataset_args"]
+           "model_parser", "add_config_overrides", "add_dataset_args", "skips_exit_code"]
 
 DEBUG_ENV = "STEEL_FSD_DEBUG"
 USER_ERRORS = (ValueError, OSError)
@@ -150,6 +150,16 @@ def add_dataset_args(ap: argparse.ArgumentParser, register_option: bool = True) 
     ap.add_argument("--datasets-file", action="append", default=[], metavar="YAML",
                     help="register the datasets listed in this YAML file (also $STEEL_FSD_DATASETS_FILE)")
     return ap
+
+
+def skips_exit_code(tool: str, skipped: Sequence[str], listed_in: str, allow_skips: bool) -> int:
+    """The exit code of a tool that skipped unreadable inputs: 1 (said on stderr) unless none were skipped or
+    ``--allow-skips`` was given."""
+    if skipped and not allow_skips:
+        print(f"[{tool}] {len(skipped)} unreadable image(s) skipped (listed in {listed_in}); exit code 1 "
+              "(--allow-skips for 0)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def add_config_overrides(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:

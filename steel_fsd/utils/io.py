@@ -81,6 +81,16 @@ def write_json(path: str | os.PathLike, obj, *, indent: int | None = 1, sort_key
         f.write(text)
 
 
+def write_csv(path: str | os.PathLike, header: list[str], rows: list[list]) -> None:
+    """A CSV file with a header row, written atomically."""
+    import csv
+
+    with atomic_open(path) as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` atomically: a symlink at ``path`` is replaced, never followed; a full disk leaves the old
     file (or none), never a partial one."""
