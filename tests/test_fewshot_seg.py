@@ -146,3 +146,26 @@ def test_episodic_training_lowers_the_loss_and_every_method_scores_the_novel_cla
     # the same seed draws the same supports: evaluation is repeatable
     again = evaluate_fold(model, train, test, novel=2, class_name="bar", shots=1, seeds=[0], methods=("panet",))
     assert again[("panet", 0)].summary() == scores[("panet", 0)].summary()
+
+
+def test_segment_shares_one_backbone_pass_and_equals_the_models_forward():
+    from steel_fsd.engine.setup import build_config
+    from steel_fsd.fewshot.segmentation import segment
+    from steel_fsd.modeling.fewshot_seg import FewShotSegmenter
+
+    cfg = build_config(CFG, ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32"])
+    torch.manual_seed(0)
+    model = FewShotSegmenter(cfg, reduce_dim=32, hidden=32).eval()
+    g = torch.Generator().manual_seed(3)
+    support, masks = torch.randn(2, 3, 72, 60, generator=g), torch.rand(2, 72, 60, generator=g) > 0.7
+    query = torch.randn(3, 3, 72, 60, generator=g)  # 72 x 60: padded to 96 x 64 inside, cut back
+    calls = []
+    model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    probs = segment(model, ["response", "average", "panet"], support, masks, query)
+    assert len(calls) == 2  # the supports once, the queries once
+    with torch.no_grad():
+        for method, kw in (("response", {}), ("average", {"pooling": "average"}),
+                           ("panet", {"decoder": False, "pooling": "average"})):
+            ref = model(support[None].expand(3, -1, -1, -1, -1), masks[None].expand(3, -1, -1, -1).float(), query, **kw)
+            assert probs[method].shape == (3, 72, 60)
+            assert torch.allclose(probs[method], ref.softmax(1)[:, 1], atol=1e-5), method

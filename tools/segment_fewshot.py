@@ -141,7 +141,7 @@ def apply(args, cfg) -> int:
             rows.append([i, path, "", "", "", "", str(e)])
             continue
         x, _ = harmonize(cfg, img)
-        prob = segment(model, args.method, support, masks, x[None])[0].numpy()
+        prob = segment(model, args.method, support, masks, x[None])[args.method][0].numpy()
         h, w = img.shape[:2]
         mask = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR) >= args.threshold
         write_image(os.path.join(args.output, "masks", name), (mask * 255).astype(np.uint8))

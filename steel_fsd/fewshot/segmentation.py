@@ -110,10 +110,12 @@ def train_episodes(model: FewShotSegmenter, examples, base: dict[int, list[int]]
 
 
 def finetune_head(model: FewShotSegmenter, support: torch.Tensor, masks: torch.Tensor, steps: int = 50,
-                  lr: float = 0.01) -> torch.nn.Module:
-    """A 1x1 convolution on the frozen backbone's first level, trained on the K support masks (Adam)."""
-    with torch.no_grad():
-        feat = model.features(support)[model.levels[0]]
+                  lr: float = 0.01, feat: torch.Tensor | None = None) -> torch.nn.Module:
+    """A 1x1 convolution on the frozen backbone's first level, trained on the K support masks (Adam);
+    ``feat``: that level's support features if already computed."""
+    if feat is None:
+        with torch.no_grad():
+            feat = model.features(support)[model.levels[0]]
     head = torch.nn.Conv2d(feat.shape[1], 2, 1)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(steps):
@@ -126,41 +128,52 @@ def finetune_head(model: FewShotSegmenter, support: torch.Tensor, masks: torch.T
 
 
 @torch.no_grad()
-def segment(model: FewShotSegmenter, method: str, support: torch.Tensor, masks: torch.Tensor,
-            query: torch.Tensor) -> torch.Tensor:
-    """(K, C, H, W) support, (K, H, W) masks, (N, C, H, W) queries -> (N, H, W) defect probability."""
-    if method == "finetune":
-        with torch.enable_grad():
-            head = finetune_head(model, support, masks.float())
-        logits = model.to_input_size(head(model.features(query)[model.levels[0]]), query.shape[-2:])
-    else:
-        n = len(query)
-        expand = (lambda x: x[None].expand(n, *x.shape))
-        logits = model(expand(support), expand(masks.float()), query, decoder=method != "panet",
-                       pooling="response" if method == "response" else "average")
-    return logits.softmax(1)[:, 1]
+def segment(model: FewShotSegmenter, methods, support: torch.Tensor, masks: torch.Tensor,
+            query: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(K, C, H, W) support, (K, H, W) masks, (N, C, H, W) queries -> ``{method: (N, H, W) defect
+    probability}`` for each of ``methods`` (a name or a list), from one backbone pass per image."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    sf, qf = model.features(support), model.features(query)
+    n, size, out = len(query), query.shape[-2:], {}
+    for method in methods:
+        if method == "finetune":
+            with torch.enable_grad():
+                head = finetune_head(model, support, masks.float(), feat=sf[model.levels[0]])
+            logits = model.to_input_size(head(qf[model.levels[0]]), size)
+        elif method in METHODS:
+            rep = {lv: f.repeat(n, 1, 1, 1) for lv, f in sf.items()}  # the K supports for each query
+            logits = model.logits(rep, masks.float().repeat(n, 1, 1), len(support), qf, size,
+                                  decoder=method != "panet", pooling="response" if method == "response" else "average")
+        else:
+            raise ValueError(f"method {method!r}: one of {METHODS}")
+        out[method] = logits.softmax(1)[:, 1]
+    return out
 
 
 def evaluate_fold(model: FewShotSegmenter, train_examples, test_examples, novel: int, class_name: str,
                   shots: int, seeds: list[int], methods=METHODS, scores: dict | None = None) -> dict:
     """Segment every test image holding class ``novel`` from ``shots`` support images of it drawn from the
     training examples (per query and seed); accumulate into ``scores[(method, seed)]`` (created if None) and
-    return it. Predictions are thresholded at probability 0.5 and compared in the harmonized (resized) frame."""
+    return it. Predictions are thresholded at probability 0.5 and compared in the harmonized (resized) frame.
+    Progress and an ETA are logged after each seed."""
     scores = {} if scores is None else scores
     pool = [i for i, (_, m) in enumerate(train_examples) if novel in m]
     queries = [i for i, (_, m) in enumerate(test_examples) if novel in m]
     model.eval()
-    for seed in seeds:
+    start = time.perf_counter()
+    for n_done, seed in enumerate(seeds, 1):
         rng = np.random.default_rng([seed, novel, shots])
         for q in queries:
             sup = sample_supports(pool, shots, rng)
             s = torch.stack([train_examples[i][0] for i in sup])
             sm = torch.stack([train_examples[i][1][novel] for i in sup])
             img, truth = test_examples[q][0][None], test_examples[q][1][novel]
-            for method in methods:
-                prob = segment(model, method, s, sm, img)[0]
-                scores.setdefault((method, seed), SegmentationScores()).add(class_name, (prob >= 0.5).numpy(),
+            for method, prob in segment(model, methods, s, sm, img).items():
+                scores.setdefault((method, seed), SegmentationScores()).add(class_name, (prob[0] >= 0.5).numpy(),
                                                                             truth.numpy())
+        el = time.perf_counter() - start
+        logger.info("[fewshot-seg] %s, K=%d: seed %d/%d (%d queries), ETA %.0f s", class_name, shots, n_done,
+                    len(seeds), len(queries), el / n_done * (len(seeds) - n_done))
     return scores
 
 

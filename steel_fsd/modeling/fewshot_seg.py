@@ -118,20 +118,25 @@ class FewShotSegmenter(nn.Module):
                 decoder: bool = True, pooling: str | None = None) -> torch.Tensor:
         """``support`` (B, K, 3, H, W), ``support_masks`` (B, K, H, W), ``query`` (B, 3, H, W) ->
         logits (B, 2, H, W), channel 1 the defect. ``decoder=False``: PANet-style scaled cosine similarity."""
-        b, k = support.shape[:2]
-        sf = self.features(support.flatten(0, 1))
-        qf = self.features(query)
-        protos = self.prototypes(sf, self.pad(support_masks.flatten(0, 1).float()), k, pooling)
-        size = qf[self.levels[0]].shape[-2:]
+        k = support.shape[1]
+        return self.logits(self.features(support.flatten(0, 1)), support_masks.flatten(0, 1), k,
+                           self.features(query), query.shape[-2:], decoder, pooling)
+
+    def logits(self, sf: dict[str, torch.Tensor], support_masks: torch.Tensor, shots: int,
+               qf: dict[str, torch.Tensor], size, decoder: bool = True, pooling: str | None = None) -> torch.Tensor:
+        """:meth:`forward` from precomputed features: (B*K) support features and (B*K, H, W) masks, (B) query
+        features, the input ``size``; several methods can then share one backbone pass."""
+        protos = self.prototypes(sf, self.pad(support_masks.float()), shots, pooling)
+        level_size = qf[self.levels[0]].shape[-2:]
         if not decoder:
             fg, bg = protos[self.levels[0]]
             q = qf[self.levels[0]]
-            logits = PANET_SCALE * torch.stack([cosine_map(q, bg), cosine_map(q, fg)], 1)
+            out = PANET_SCALE * torch.stack([cosine_map(q, bg), cosine_map(q, fg)], 1)
         else:
             sims = []
             for lv in self.levels:
                 fg, bg = protos[lv]
                 s = torch.stack([cosine_map(qf[lv], bg), cosine_map(qf[lv], fg)], 1)
-                sims.append(F.interpolate(s, size=size, mode="bilinear", align_corners=False))
-            logits = self.decoder(torch.cat([self.reduce(qf[self.levels[0]]), *sims], 1))
-        return self.to_input_size(logits, query.shape[-2:])
+                sims.append(F.interpolate(s, size=level_size, mode="bilinear", align_corners=False))
+            out = self.decoder(torch.cat([self.reduce(qf[self.levels[0]]), *sims], 1))
+        return self.to_input_size(out, size)
