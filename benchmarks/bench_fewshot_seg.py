@@ -34,7 +34,7 @@ def run_fold(args, novel_name: str, out: Path) -> dict:
 
     from steel_fsd.data.segmentation import fold_split
     from steel_fsd.engine.setup import build_config
-    from steel_fsd.fewshot.segmentation import evaluate_fold, load_examples, train_episodes
+    from steel_fsd.fewshot.segmentation import THRESHOLDS, evaluate_fold, load_examples, train_episodes
     from steel_fsd.modeling.fewshot_seg import FewShotSegmenter
 
     names = list(MetadataCatalog.get(f"{args.dataset}_train").thing_classes)
@@ -70,8 +70,8 @@ def run_fold(args, novel_name: str, out: Path) -> dict:
     results = {}
     for split, examples in evals.items():  # choices on val, numbers reported on test
         for k in args.shots:
-            scores = evaluate_fold(model, train_ex, examples, novel, novel_name, k, args.seeds)
-            results.setdefault(split, {})[str(k)] = {f"{m}/{s}": sc.state() for (m, s), sc in scores.items()}
+            scores = evaluate_fold(model, train_ex, examples, novel, novel_name, k, args.seeds, thresholds=THRESHOLDS)
+            results.setdefault(split, {})[str(k)] = {f"{m}/{s}/{t}": sc.state() for (m, s, t), sc in scores.items()}
     rec = {"novel": novel_name, "base_images": {names[c]: len(v) for c, v in base.items()},
            "excluded_train_images": len(excluded), "steps": args.steps, "batch": args.batch, "lr": args.lr,
            "size": args.size, "train_seed": args.train_seed, "backbone": args.backbone, "load_s": round(load_s, 1), "train_s": round(train_s, 1),
@@ -83,31 +83,50 @@ def run_fold(args, novel_name: str, out: Path) -> dict:
     return rec
 
 
-def report(records: list[dict], classes: list[str], split: str) -> dict:
-    """Per method and K on ``split``: per-class IoU, mIoU and FB-IoU, mean +- 95% CI over seeds (folds pooled per
-    seed)."""
+def summaries(records: list[dict], classes: list[str], split: str) -> dict:
+    """``{(method, K, threshold): row}`` on ``split``: per-class IoU, mIoU and FB-IoU, mean +- 95% CI over seeds
+    (the folds pooled per seed)."""
     from steel_fsd.evaluation.aggregate import mean_ci
     from steel_fsd.evaluation.segmentation import SegmentationScores
 
     out = {}
-    shots = sorted({k for r in records for k in r["scores"][split]}, key=int)
-    for k in shots:
-        keys = sorted({key for r in records for key in r["scores"][split].get(k, {})})
-        methods = list(dict.fromkeys(key.split("/")[0] for key in keys))
-        seeds = sorted({int(key.split("/")[1]) for key in keys})
-        for m in methods:
-            per_seed = []
-            for s in seeds:
-                sc = SegmentationScores()
-                for r in records:  # a fold without queries of its class in this split adds nothing
-                    if f"{m}/{s}" in r["scores"][split].get(k, {}):
-                        sc.merge(r["scores"][split][k][f"{m}/{s}"])
-                per_seed.append(sc.summary())
-            out[f"{m}, K={k}"] = {
-                "method": m, "K": int(k), "seeds": seeds, "folds": [r["novel"] for r in records],
-                "mIoU": mean_ci([p["mIoU"] for p in per_seed]), "FB-IoU": mean_ci([p["FB-IoU"] for p in per_seed]),
-                "per_class": {c: mean_ci([p["per_class"].get(c) for p in per_seed]) for c in classes
-                              if any(c in p["per_class"] for p in per_seed)}}
+    for k in sorted({k for r in records for k in r["scores"][split]}, key=int):
+        keys = [key.split("/") for r in records for key in r["scores"][split].get(k, {})]
+        for m in dict.fromkeys(key[0] for key in keys):
+            for t in sorted({key[2] for key in keys if key[0] == m}, key=float):
+                seeds = sorted({int(key[1]) for key in keys if key[0] == m and key[2] == t})
+                per_seed = []
+                for s in seeds:
+                    sc = SegmentationScores()
+                    for r in records:  # a fold without queries of its class in this split adds nothing
+                        if f"{m}/{s}/{t}" in r["scores"][split].get(k, {}):
+                            sc.merge(r["scores"][split][k][f"{m}/{s}/{t}"])
+                    per_seed.append(sc.summary())
+                out[(m, int(k), float(t))] = {
+                    "method": m, "K": int(k), "threshold": float(t), "seeds": seeds,
+                    "folds": [r["novel"] for r in records],
+                    "mIoU": mean_ci([p["mIoU"] for p in per_seed]), "FB-IoU": mean_ci([p["FB-IoU"] for p in per_seed]),
+                    "per_class": {c: mean_ci([p["per_class"].get(c) for p in per_seed]) for c in classes
+                                  if any(c in p["per_class"] for p in per_seed)}}
+    return out
+
+
+def report(records: list[dict], classes: list[str]) -> dict:
+    """Per method and K: the validation and test rows at probability 0.5, and the test row at the threshold with
+    the best mean validation mIoU (``chosen_on_val``)."""
+    val, test = summaries(records, classes, "val"), summaries(records, classes, "test")
+    out = {"val_at_0.5": {}, "test_at_0.5": {}, "test_at_val_threshold": {}}
+    for (m, k, t), row in test.items():
+        if t == 0.5:
+            out["test_at_0.5"][f"{m}, K={k}"] = row
+            if (m, k, t) in val:
+                out["val_at_0.5"][f"{m}, K={k}"] = val[(m, k, t)]
+    for m, k in dict.fromkeys((m, k) for m, k, _ in test):
+        options = [(row["mIoU"]["mean"], -t, t) for (mm, kk, t), row in val.items()
+                   if (mm, kk) == (m, k) and row["mIoU"]["mean"] is not None]
+        if options:
+            best = max(options)[2]
+            out["test_at_val_threshold"][f"{m}, K={k}"] = test[(m, k, best)]
     return out
 
 
@@ -118,9 +137,10 @@ def table(rows: dict) -> str:
         return "-" if ci["mean"] is None else f"{ci['mean']:.1f}" + (f" ± {ci['ci95']:.1f}" if ci["ci95"] else "")
 
     classes = list(dict.fromkeys(c for r in rows.values() for c in r["per_class"]))
-    return tabulate([[r["method"], r["K"], fmt(r["mIoU"]), fmt(r["FB-IoU"]),
+    return tabulate([[r["method"], r["K"], r["threshold"], fmt(r["mIoU"]), fmt(r["FB-IoU"]),
                       *(fmt(r["per_class"][c]) if c in r["per_class"] else "-" for c in classes)]
-                     for r in rows.values()], headers=["method", "K", "mIoU", "FB-IoU", *classes], tablefmt="github")
+                     for r in rows.values()], headers=["method", "K", "threshold", "mIoU", "FB-IoU", *classes],
+                    tablefmt="github")
 
 
 def main(argv=None) -> int:
@@ -159,10 +179,10 @@ def main(argv=None) -> int:
     if not records:
         print("[bench_fewshot_seg] no finished fold", file=sys.stderr)
         return 1
-    rows = {split: report(records, classes, split) for split in ("val", "test")}
-    md = {split: table(r) for split, r in rows.items()}
-    for split in md:
-        print(f"\n{args.dataset}_{split}:\n{md[split]}")
+    rows = report(records, classes)
+    md = {name: table(r) for name, r in rows.items()}
+    for name in md:
+        print(f"\n{args.dataset}: {name}\n{md[name]}")
     if len(records) == len(folds):
         save(args.save_as or f"fewshot_seg_{args.dataset}",
              {"dataset": args.dataset, "data": args.data, "command": " ".join(sys.argv), "rows": rows,

@@ -138,14 +138,17 @@ def test_episodic_training_lowers_the_loss_and_every_method_scores_the_novel_cla
     losses = train_episodes(model, train, base, steps=30, batch=2, lr=3e-3, seed=0, log_every=0)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     assert not model.training
-    scores = evaluate_fold(model, train, test, novel=2, class_name="bar", shots=1, seeds=[0, 1])
-    assert set(scores) == {(m, s) for m in METHODS for s in (0, 1)}
+    scores = evaluate_fold(model, train, test, novel=2, class_name="bar", shots=1, seeds=[0, 1],
+                           thresholds=(0.3, 0.5))
+    assert set(scores) == {(m, s, t) for m in METHODS for s in (0, 1) for t in (0.3, 0.5)}
     for sc in scores.values():
         s = sc.summary()
         assert set(s["per_class"]) == {"bar"} and 0.0 <= s["mIoU"] <= 100.0 and 0.0 <= s["FB-IoU"] <= 100.0
+    for m in METHODS:  # a lower threshold marks a superset of the pixels: the union can only grow
+        assert scores[(m, 0, 0.3)].state()["fg"]["bar"][1] >= scores[(m, 0, 0.5)].state()["fg"]["bar"][1]
     # the same seed draws the same supports: evaluation is repeatable
     again = evaluate_fold(model, train, test, novel=2, class_name="bar", shots=1, seeds=[0], methods=("panet",))
-    assert again[("panet", 0)].summary() == scores[("panet", 0)].summary()
+    assert again[("panet", 0, 0.5)].summary() == scores[("panet", 0, 0.5)].summary()
 
 
 def test_segment_shares_one_backbone_pass_and_equals_the_models_forward():

@@ -28,7 +28,7 @@ from ..data.transforms import build_harmonization
 from ..evaluation.segmentation import SegmentationScores
 from ..modeling.fewshot_seg import FewShotSegmenter
 
-__all__ = ["METHODS", "load_examples", "train_episodes", "evaluate_fold", "finetune_head", "segment",
+__all__ = ["METHODS", "THRESHOLDS", "load_examples", "train_episodes", "evaluate_fold", "finetune_head", "segment",
            "save_segmenter", "load_segmenter", "harmonize"]
 
 logger = logging.getLogger(__name__)
@@ -150,12 +150,16 @@ def segment(model: FewShotSegmenter, methods, support: torch.Tensor, masks: torc
     return out
 
 
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # defect-probability thresholds scored (choose one on val)
+
+
 def evaluate_fold(model: FewShotSegmenter, train_examples, test_examples, novel: int, class_name: str,
-                  shots: int, seeds: list[int], methods=METHODS, scores: dict | None = None) -> dict:
+                  shots: int, seeds: list[int], methods=METHODS, scores: dict | None = None,
+                  thresholds=(0.5,)) -> dict:
     """Segment every test image holding class ``novel`` from ``shots`` support images of it drawn from the
-    training examples (per query and seed); accumulate into ``scores[(method, seed)]`` (created if None) and
-    return it. Predictions are thresholded at probability 0.5 and compared in the harmonized (resized) frame.
-    Progress and an ETA are logged after each seed."""
+    training examples (per query and seed); accumulate into ``scores[(method, seed, threshold)]`` (created if
+    None) for each defect-probability threshold, and return it. Masks are compared in the harmonized (resized)
+    frame. Progress and an ETA are logged after each seed."""
     scores = {} if scores is None else scores
     pool = [i for i, (_, m) in enumerate(train_examples) if novel in m]
     queries = [i for i, (_, m) in enumerate(test_examples) if novel in m]
@@ -167,10 +171,11 @@ def evaluate_fold(model: FewShotSegmenter, train_examples, test_examples, novel:
             sup = sample_supports(pool, shots, rng)
             s = torch.stack([train_examples[i][0] for i in sup])
             sm = torch.stack([train_examples[i][1][novel] for i in sup])
-            img, truth = test_examples[q][0][None], test_examples[q][1][novel]
+            img, truth = test_examples[q][0][None], test_examples[q][1][novel].numpy()
             for method, prob in segment(model, methods, s, sm, img).items():
-                scores.setdefault((method, seed), SegmentationScores()).add(class_name, (prob[0] >= 0.5).numpy(),
-                                                                            truth.numpy())
+                for t in thresholds:
+                    scores.setdefault((method, seed, t), SegmentationScores()).add(
+                        class_name, (prob[0] >= t).numpy(), truth)
         el = time.perf_counter() - start
         logger.info("[fewshot-seg] %s, K=%d: seed %d/%d (%d queries), ETA %.0f s", class_name, shots, n_done,
                     len(seeds), len(queries), el / n_done * (len(seeds) - n_done))
