@@ -172,3 +172,30 @@ def test_segment_shares_one_backbone_pass_and_equals_the_models_forward():
             ref = model(support[None].expand(3, -1, -1, -1, -1), masks[None].expand(3, -1, -1, -1).float(), query, **kw)
             assert probs[method].shape == (3, 72, 60)
             assert torch.allclose(probs[method], ref.softmax(1)[:, 1], atol=1e-5), method
+
+
+def test_load_segmenter_round_trip_and_bad_files_name_the_file(tmp_path):
+    from steel_fsd.engine.setup import build_config
+    from steel_fsd.fewshot.segmentation import load_segmenter, save_segmenter
+    from steel_fsd.modeling.fewshot_seg import FewShotSegmenter
+
+    cfg = build_config(CFG, ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32"])
+    torch.manual_seed(0)
+    model = FewShotSegmenter(cfg, reduce_dim=32, hidden=32)
+    path = str(tmp_path / "seg.pth")
+    save_segmenter(path, model, trained_on=["spot"])
+    loaded, meta = load_segmenter(cfg, path)
+    assert meta["trained_on"] == ["spot"] and meta["pooling"] == model.pooling
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(ValueError, match=r"missing\.pth: weights file not found"):
+        load_segmenter(cfg, str(tmp_path / "missing.pth"))
+    (tmp_path / "text.pth").write_text("not weights")
+    with pytest.raises(ValueError, match=r"text\.pth: not a weights file"):
+        load_segmenter(cfg, str(tmp_path / "text.pth"))
+    torch.save({"model": {}}, tmp_path / "detector.pth")
+    with pytest.raises(ValueError, match=r"detector\.pth: not a segmenter file"):
+        load_segmenter(cfg, str(tmp_path / "detector.pth"))
+    torch.save({"x": torch.nn.Linear(2, 2)}, tmp_path / "module.pth")  # a pickled module: refused, not run
+    with pytest.raises(ValueError, match=r"module\.pth: refused"):
+        load_segmenter(cfg, str(tmp_path / "module.pth"))

@@ -14,6 +14,7 @@ support images drawn, per query and seed, from the training split's images of th
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -26,6 +27,7 @@ from ..data.images import read_dataset_image
 from ..data.segmentation import class_masks, sample_supports
 from ..data.transforms import build_harmonization
 from ..evaluation.segmentation import SegmentationScores
+from ..modeling.checkpoint import read_weights_file
 from ..modeling.fewshot_seg import FewShotSegmenter
 
 __all__ = ["METHODS", "THRESHOLDS", "load_examples", "train_episodes", "evaluate_fold", "finetune_head", "segment",
@@ -183,11 +185,11 @@ def evaluate_fold(model: FewShotSegmenter, train_examples, test_examples, novel:
 
 
 def save_segmenter(path: str, model: FewShotSegmenter, **meta) -> None:
-    """Write the segmenter's weights with what rebuilds it (levels, pooling) and ``meta`` (e.g. the classes
-    it was trained on), atomically."""
+    """Write the segmenter's weights with what rebuilds it (``model.arch``: levels, pooling, widths) and
+    ``meta`` (e.g. the classes it was trained on), atomically."""
     from ..utils.io import atomic_open
 
-    payload = {"segmenter": model.state_dict(), "levels": list(model.levels), "pooling": model.pooling, **meta}
+    payload = {"segmenter": model.state_dict(), **model.arch, **meta}
     with atomic_open(path, "wb") as f:
         torch.save(payload, f)
 
@@ -195,18 +197,13 @@ def save_segmenter(path: str, model: FewShotSegmenter, **meta) -> None:
 def load_segmenter(cfg, path: str) -> tuple[FewShotSegmenter, dict]:
     """(model in eval mode, the file's metadata) from :func:`save_segmenter`'s file, built with ``cfg``'s
     backbone; a file that is not a segmenter file or does not fit the config raises ``ValueError`` naming it."""
-    import os
-
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: segmenter file not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable payload is the same user error
-        raise ValueError(f"{path}: not a readable segmenter file ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or "segmenter" not in data:
+    data = read_weights_file(path)  # WeightsReadError / UnsafeWeightsError (ValueErrors) name the file
+    if "segmenter" not in data:
         raise ValueError(f"{path}: not a segmenter file (no 'segmenter' weights); write one with "
                          "tools/segment_fewshot.py --train-dataset")
-    model = FewShotSegmenter(cfg, levels=tuple(data["levels"]), pooling=data["pooling"])
+    keys = inspect.signature(FewShotSegmenter).parameters
+    arch = {k: data[k] for k in keys if k != "cfg" and k in data}  # files written before widths: levels, pooling
+    model = FewShotSegmenter(cfg, **arch)
     try:
         model.load_state_dict(data["segmenter"])
     except RuntimeError as e:

@@ -61,6 +61,8 @@ class FewShotSegmenter(nn.Module):
         if missing:
             raise ValueError(f"levels {missing} are not backbone outputs ({sorted(shapes)})")
         self.levels, self.pooling = tuple(levels), pooling
+        # what rebuilds this module from a config (written beside the weights by save_segmenter)
+        self.arch = {"levels": list(levels), "pooling": pooling, "reduce_dim": reduce_dim, "hidden": hidden}
         norm = cfg.MODEL.FPN.NORM or ""
         c2 = shapes[levels[0]].channels
         self.reduce = Conv2d(c2, reduce_dim, 1, norm=get_norm(norm, reduce_dim), activation=F.relu)
