@@ -574,3 +574,25 @@ def test_auto_tiling_follows_how_the_model_was_trained(trained, tmp_path):
         path = tmp_path / f"w{len(meta)}.pth"
         torch.save(payload, path)
         assert windows(path) == expected, meta
+
+
+def test_from_files_reads_the_weights_once_and_loads_them_whole(trained, monkeypatch):
+    """The predictor reads its weights file once (class names, training tile and the weights themselves come
+    from that one read) and the model gets every tensor of the file."""
+    from steel_fsd.engine.setup import finalize_config
+    from steel_fsd.inference import predict as predict_mod
+    from steel_fsd.modeling import checkpoint as ckpt
+
+    cfg = build_config(PROTO_CFG, TINY + ["DATASETS.TRAIN", "('t_pred_train',)"])
+    finalize_config(cfg, datasets=(), weights=trained["weights"])
+    reads, real = [], ckpt.read_weights_file
+    monkeypatch.setattr(ckpt, "read_weights_file", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(predict_mod, "read_weights_file", ckpt.read_weights_file)
+    pred = Predictor.from_files(cfg, trained["weights"])
+    assert reads == [trained["weights"]]
+    state = real(trained["weights"])["model"]
+    model_state = pred.model.state_dict()
+    assert set(state) <= set(model_state)
+    for k, v in state.items():
+        assert torch.equal(model_state[k], torch.as_tensor(v)), k
+    assert pred.class_names == ckpt.checkpoint_classes(real(trained["weights"]))

@@ -36,17 +36,20 @@ def check_weights(path: str) -> None:
             "configs do this with GroupNorm, the usual choice without pretraining.")
 
 
-def load_model_for_eval(cfg: CfgNode, resume: bool = False, check_classes: bool = True) -> torch.nn.Module:
+def load_model_for_eval(cfg: CfgNode, resume: bool = False, check_classes: bool = True,
+                        payload: dict | None = None) -> torch.nn.Module:
     """Build the model of ``cfg`` in eval mode and load MODEL.WEIGHTS (or the last checkpoint with ``resume``),
     then MODEL.PROTOTYPE.SUPPORT_FILE if set.
 
     Raises :class:`UserError` when there are no weights, when the checkpoint does not fit the config
     (missing weights or other head shapes: evaluating would use random layers), and, with
     ``check_classes`` and no support file (which maps classes by name), when the model's classes (stored
-    in the checkpoint, else the config's count) differ from the DATASETS.TEST classes.
+    in the checkpoint, else the config's count) differ from the DATASETS.TEST classes. ``payload``: MODEL.WEIGHTS
+    as :func:`read_weights_file` returned it, when the caller has read it already (it is not read again).
     """
     model = build_model(cfg).eval()  # (Trainer.build_model would also log the whole architecture)
-    checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR,
+                                    preread=(cfg.MODEL.WEIGHTS, payload) if payload is not None else None)
     resumed = resume and checkpointer.has_checkpoint()
     if not resumed:
         if not cfg.MODEL.WEIGHTS:

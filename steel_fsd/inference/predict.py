@@ -210,7 +210,7 @@ class Predictor:
         if kwargs.get("tile", "auto") == "auto" and checkpoint_train_tile(payload) == 0:
             logger.info("%s was trained on whole images: images are not tiled (--tile N to tile anyway)", weights)
             kwargs["tile"] = 0
-        model = load_model_for_eval(cfg, check_classes=False)
+        model = load_model_for_eval(cfg, check_classes=False, payload=payload)
         if ps is not None:
             model.roi_heads.box_predictor.set_support(ps.prototypes, ps.class_names)
             names = ps.class_names

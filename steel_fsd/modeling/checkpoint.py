@@ -152,20 +152,25 @@ class SafeCheckpointer(DetectionCheckpointer):
 
     ``class_names`` (the training classes) are saved in every checkpoint as ``steel_fsd.thing_classes``, and
     ``train_tile`` (the tile size of the training images, 0 for whole images) as ``steel_fsd.train_tile``;
+    ``preread=(path, payload)`` loads ``path`` from a payload the caller has already read;
     after :meth:`load`, ``last_incompatible`` holds the missing/unexpected/shape-mismatched keys and
     ``last_classes`` the stored class names (None for files from elsewhere).
     """
 
     def __init__(self, model, save_dir: str = "", *, class_names: list[str] | None = None,
-                 train_tile: int | None = None, **kwargs):
+                 train_tile: int | None = None, preread: tuple[str, dict] | None = None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.class_names = list(class_names) if class_names else None
         self.train_tile = train_tile
+        self.preread = preread  # (path, payload) already read by read_weights_file: not read again
         self.last_incompatible = None
         self.last_classes: list[str] | None = None
 
     def _load_file(self, filename: str) -> dict:
-        data = read_weights_file(filename)
+        if self.preread is not None and filename == self.preread[0]:
+            data = dict(self.preread[1])  # loading pops keys: leave the caller's payload whole
+        else:
+            data = read_weights_file(filename)
         if "model" not in data:
             data = {"model": data}
         self.last_classes = checkpoint_classes(data)
