@@ -2,7 +2,7 @@
 """Few-shot segmentation of unseen defect classes, fold by fold: each class is novel once.
 
     python benchmarks/bench_fewshot_seg.py --dataset mt --data ../shared/data --steps 400 --shots 1 5 \
-        --seeds 0 1 2 3 4 [--fold blowhole] [--save-as fewshot_seg_mt]
+        --seeds 0 1 2 3 4 [--fold blowhole] [--save-as fewshot_seg_mt] [--context] [--memory 32] [--distill 0.5]
 
 Per fold (novel class): a FewShotSegmenter (the detector's R18-FPN GroupNorm backbone from scratch, 200 px) is
 trained on episodes of the other classes of ``<dataset>_train`` (every image holding the novel class left out),
@@ -12,7 +12,10 @@ and seed from ``<dataset>_train``: the response-weighted decoder (the model), th
 masked-average prototypes, PANet-style non-parametric prediction, and a 1x1 head fine-tuned on the K support
 masks on the same backbone. Folds are resumable (``OUT/fold_<class>/``); ``--fold`` runs one (two processes can
 share the folds). The report pools the folds present: per method and K, per-class IoU, mIoU and FB-IoU as
-mean +- 95% CI over seeds, written to ``benchmarks/results/<save-as>.json``.
+mean +- 95% CI over seeds, written to ``benchmarks/results/<save-as>.json``. ``--context``, ``--memory`` and
+``--distill`` switch on the segmenter's query-context adaptation, cross-episode memory and attention
+distillation; ``--weights-from DIR`` evaluates another run's fold models instead of training (e.g. context
+adaptation at test time only, on a model trained without it).
 """
 from __future__ import annotations
 
@@ -52,17 +55,19 @@ def run_fold(args, novel_name: str, out: Path) -> dict:
     load_s = time.perf_counter() - t0
     base, excluded = fold_split(train_dicts, novel)
     torch.manual_seed(args.train_seed)
-    model = FewShotSegmenter(cfg, pooling="response")
+    model = FewShotSegmenter(cfg, pooling="response", context=args.context, memory=args.memory)
     if args.backbone:  # a detector trained on another line (it has never seen this dataset's classes)
         model.load_backbone(args.backbone)
-    weights = folder / "model.pth"
+    weights = (Path(args.weights_from) / f"fold_{novel_name}" if args.weights_from else folder) / "model.pth"
+    if args.weights_from and not weights.is_file():
+        raise SystemExit(f"--weights-from: {weights} not found (run that fold first)")
     t0 = time.perf_counter()
     if weights.is_file():
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        losses = json.loads((folder / "losses.json").read_text())
+        losses = json.loads((weights.parent / "losses.json").read_text())
     else:
         losses = train_episodes(model, train_ex, base, args.steps, batch=args.batch, shots=1, lr=args.lr,
-                                seed=args.train_seed)
+                                seed=args.train_seed, distill=args.distill)
         torch.save(model.state_dict(), weights)
         (folder / "losses.json").write_text(json.dumps(losses))
     train_s = time.perf_counter() - t0
@@ -74,7 +79,9 @@ def run_fold(args, novel_name: str, out: Path) -> dict:
             results.setdefault(split, {})[str(k)] = {f"{m}/{s}/{t}": sc.state() for (m, s, t), sc in scores.items()}
     rec = {"novel": novel_name, "base_images": {names[c]: len(v) for c, v in base.items()},
            "excluded_train_images": len(excluded), "steps": args.steps, "batch": args.batch, "lr": args.lr,
-           "size": args.size, "train_seed": args.train_seed, "backbone": args.backbone, "load_s": round(load_s, 1), "train_s": round(train_s, 1),
+           "size": args.size, "train_seed": args.train_seed, "backbone": args.backbone,
+           "switches": {"context": args.context, "memory": args.memory, "distill": args.distill,
+                        "weights_from": args.weights_from}, "load_s": round(load_s, 1), "train_s": round(train_s, 1),
            "eval_s": round(time.perf_counter() - t0, 1), "final_loss": round(float(sum(losses[-50:]) / max(len(losses[-50:]), 1)), 4),
            "queries": {split: sum(novel in m for _, m in ex) for split, ex in evals.items()},
            "support_pool": sum(novel in m for _, m in train_ex),
@@ -157,6 +164,10 @@ def main(argv=None) -> int:
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--backbone", help="initialize the backbone from this detector's weights (trained on another "
                                        "dataset with the R18-FPN GN CPU config); default: from scratch")
+    ap.add_argument("--context", action="store_true", help="query-context adaptation of the prototypes")
+    ap.add_argument("--memory", type=int, default=0, help="cross-episode memory slots (0: off)")
+    ap.add_argument("--distill", type=float, default=0.0, help="attention distillation loss weight (0: off)")
+    ap.add_argument("--weights-from", help="evaluate the fold models of this earlier --out folder (no training)")
     ap.add_argument("--out", help="default: output/fewshot_seg/<dataset>")
     ap.add_argument("--save-as", help="results name (default: fewshot_seg_<dataset>)")
     ap.add_argument("--report-only", action="store_true")

@@ -8,7 +8,8 @@ import torch
 
 from steel_fsd.data.segmentation import class_masks, fold_split, images_by_class, sample_supports
 from steel_fsd.evaluation.segmentation import SegmentationScores
-from steel_fsd.modeling.fewshot_seg import cosine_map, masked_average_pool, response_weighted_pool
+from steel_fsd.modeling.fewshot_seg import (context_prototype, cosine_map, distill_loss, masked_average_pool,
+                                            response_weighted_pool)
 
 CFG = "configs/baselines/faster_rcnn_R18_FPN_GN_neu_cpu.yaml"
 
@@ -47,6 +48,65 @@ def test_cosine_map_matches_a_loop():
         for x in range(2):
             v = feat[0, :, y, x]
             assert out[0, y, x] == pytest.approx(float(v @ proto[0] / (v.norm() * proto[0].norm())), abs=1e-5)
+
+
+def test_context_prototype_matches_a_loop_and_moves_toward_the_querys_defect():
+    g = torch.Generator().manual_seed(4)
+    feat, proto = torch.randn(2, 3, 3, 4, generator=g), torch.randn(2, 3, generator=g)
+    out = context_prototype(feat, proto)
+    for n in range(2):
+        pix = [feat[n, :, y, x].double() for y in range(3) for x in range(4)]
+        w = torch.tensor([math.exp(float(v @ proto[n].double() / (v.norm() * proto[n].double().norm())) / 0.1)
+                          for v in pix], dtype=torch.float64)
+        ref = sum(wi * v for wi, v in zip(w / w.sum(), pix))
+        assert torch.allclose(out[n].double(), ref, atol=1e-5)
+    # a query whose defect pixels point at (1, 0.5) while the support prototype is (1, 0): the context
+    # prototype is near the query's defect, not its background (0, 1)
+    q = torch.zeros(1, 2, 4, 4)
+    q[0, 1] = 1.0
+    q[0, :, :2, :2] = torch.tensor([1.0, 0.5])[:, None, None]
+    c = context_prototype(q, torch.tensor([[1.0, 0.0]]))[0]
+    assert torch.allclose(c, torch.tensor([1.0, 0.5]), atol=0.05)
+
+
+def test_distill_loss_matches_kl_by_hand_and_is_zero_when_levels_agree():
+    g = torch.Generator().manual_seed(5)
+    final = torch.randn(2, 4, 4, generator=g)
+    level = torch.rand(2, 4, 4, generator=g) * 2 - 1  # cosine maps at the final size
+    got = distill_loss([level], final, temperature=0.5)
+    ref = 0.0
+    for n in range(2):
+        t = torch.softmax(final[n].flatten().double(), 0)
+        s = torch.softmax(level[n].flatten().double() / 0.5, 0)
+        ref += float((t * (t.log() - s.log())).sum()) / 2
+    assert float(got) == pytest.approx(ref, rel=1e-4)
+    assert float(distill_loss([final * 0.5], final, temperature=0.5)) == pytest.approx(0.0, abs=1e-6)
+    # two levels: the mean of each level's loss; a coarse level is upsampled to the final size first
+    coarse = torch.rand(2, 2, 2, generator=g)
+    both = distill_loss([level, coarse], final, temperature=0.5)
+    assert float(both) == pytest.approx((float(got) + float(distill_loss([coarse], final, temperature=0.5))) / 2,
+                                        rel=1e-5)
+
+
+def test_memory_leaves_out_the_episodes_class_and_wraps_around():
+    from steel_fsd.engine.setup import build_config
+    from steel_fsd.modeling.fewshot_seg import FewShotSegmenter
+
+    cfg = build_config(CFG, ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32"])
+    model = FewShotSegmenter(cfg, levels=("p2",), reduce_dim=32, hidden=32, memory=3)
+    feat = torch.zeros(2, 32, 2, 2)
+    feat[:, 0] = 1.0  # every query pixel points along e0
+    assert torch.equal(model.memory_map(feat, "p2", None), torch.zeros(2, 2, 2))  # empty memory
+    e = torch.eye(32)
+    model.remember({"p2": (torch.stack([e[0], e[1]]), None)}, torch.tensor([0, 1]))
+    # query of class 0: its own class's e0 is left out, e1 (orthogonal) remains -> 0; class 1: sees e0 -> 1
+    got = model.memory_map(feat, "p2", torch.tensor([0, 1]))
+    assert torch.allclose(got[0], torch.zeros(2, 2)) and torch.allclose(got[1], torch.ones(2, 2))
+    assert torch.allclose(model.memory_map(feat, "p2", None), torch.ones(2, 2, 2))  # test time: every slot
+    # two more prototypes fill slot 2 and overwrite slot 0 (first in, first out): e0 is gone
+    model.remember({"p2": (-torch.stack([e[2], e[3]]), None)}, torch.tensor([2, 3]))
+    assert model.memory_classes.tolist() == [3, 1, 2]
+    assert torch.allclose(model.memory_map(feat, "p2", None), torch.zeros(2, 2, 2))
 
 
 def test_scores_pool_intersections_and_unions_over_queries():
@@ -199,3 +259,31 @@ def test_load_segmenter_round_trip_and_bad_files_name_the_file(tmp_path):
     torch.save({"x": torch.nn.Linear(2, 2)}, tmp_path / "module.pth")  # a pickled module: refused, not run
     with pytest.raises(ValueError, match=r"module\.pth: refused"):
         load_segmenter(cfg, str(tmp_path / "module.pth"))
+
+
+def test_switches_train_remember_base_classes_and_round_trip(tmp_path):
+    """Context adaptation, memory and distillation on together: training fills the memory with base classes
+    only, and the saved segmenter loads back with its switches and memory, predicting the same."""
+    from steel_fsd.engine.setup import build_config
+    from steel_fsd.fewshot.segmentation import load_segmenter, save_segmenter, segment, train_episodes
+    from steel_fsd.modeling.fewshot_seg import FewShotSegmenter
+
+    cfg = build_config(CFG, ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32"])
+    torch.manual_seed(0)
+    model = FewShotSegmenter(cfg, reduce_dim=32, hidden=32, context=True, memory=4)
+    train = _square_dataset(12, 0)
+    base = {0: [i for i, (_, m) in enumerate(train) if 0 in m], 1: [i for i, (_, m) in enumerate(train) if 1 in m]}
+    losses = train_episodes(model, train, base, steps=4, batch=2, lr=1e-3, seed=0, log_every=0, distill=0.5)
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert sorted(set(model.memory_classes.tolist())) <= [0, 1] and int(model.memory_next) == 8
+    path = str(tmp_path / "seg.pth")
+    save_segmenter(path, model)
+    loaded, meta = load_segmenter(cfg, path)
+    assert loaded.context and loaded.memory == 4 and meta["context"] is True
+    assert torch.equal(loaded.memory_p3, model.memory_p3)
+    img, masks = train[5]
+    s, m = img[None], next(iter(masks.values()))[None]
+    a = segment(model.eval(), ["response", "panet"], s, m, train[8][0][None])
+    b = segment(loaded, ["response", "panet"], s, m, train[8][0][None])
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k

@@ -28,7 +28,7 @@ from ..data.segmentation import class_masks, sample_supports
 from ..data.transforms import build_harmonization
 from ..evaluation.segmentation import SegmentationScores
 from ..modeling.checkpoint import read_weights_file
-from ..modeling.fewshot_seg import FewShotSegmenter
+from ..modeling.fewshot_seg import FewShotSegmenter, distill_loss
 
 __all__ = ["METHODS", "THRESHOLDS", "load_examples", "train_episodes", "evaluate_fold", "finetune_head", "segment",
            "save_segmenter", "load_segmenter", "harmonize"]
@@ -70,7 +70,7 @@ def _episode(examples, base: dict[int, list[int]], shots: int, rng: np.random.Ge
     flips = rng.random((shots + 1, 2)) < 0.5
     imgs = [_flip(examples[i][0], *f) for i, f in zip(sup + [q], flips)]
     masks = [_flip(examples[i][1][c].float(), *f) for i, f in zip(sup + [q], flips)]
-    return torch.stack(imgs[:-1]), torch.stack(masks[:-1]), imgs[-1], masks[-1]
+    return torch.stack(imgs[:-1]), torch.stack(masks[:-1]), imgs[-1], masks[-1], torch.tensor(c)
 
 
 def seg_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -82,9 +82,12 @@ def seg_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 def train_episodes(model: FewShotSegmenter, examples, base: dict[int, list[int]], steps: int, batch: int = 4,
-                   shots: int = 1, lr: float = 1e-3, seed: int = 0, log_every: int = 50) -> list[float]:
+                   shots: int = 1, lr: float = 1e-3, seed: int = 0, log_every: int = 50,
+                   distill: float = 0.0) -> list[float]:
     """AdamW on ``steps`` batches of ``batch`` episodes of the base classes; returns the loss per step.
-    Progress, the smoothed loss and an ETA are logged every ``log_every`` steps."""
+    ``distill``: weight of the attention distillation loss (:func:`distill_loss`; 0 = off). A model with a
+    memory remembers each episode's prototypes. Progress, the smoothed loss and an ETA are logged every
+    ``log_every`` steps."""
     if not base:
         raise ValueError("no base class with images to train on")
     rng = np.random.default_rng(seed)
@@ -95,12 +98,17 @@ def train_episodes(model: FewShotSegmenter, examples, base: dict[int, list[int]]
     losses, start = [], time.perf_counter()
     for step in range(steps):
         eps = [_episode(examples, base, shots, rng) for _ in range(batch)]
-        s, sm, q, qm = (torch.stack(x) for x in zip(*eps))
-        loss = seg_loss(model(s, sm, q), qm)
+        s, sm, q, qm, classes = (torch.stack(x) for x in zip(*eps))
+        aux: dict = {}
+        logits = model(s, sm, q, classes=classes, aux=aux)
+        loss = seg_loss(logits, qm)
+        if distill:
+            loss = loss + distill * distill_loss(aux["fg_maps"], logits[:, 1] - logits[:, 0])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+        model.remember(aux["prototypes"], classes)
         losses.append(loss.item())
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             el = time.perf_counter() - start
