@@ -99,6 +99,9 @@ ROWS: dict[str, tuple[str, list[str], float]] = {
     "default_tta_flip": (STOCK, ["TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(200,)", "TEST.AUG.FLIP", "True"], 1.0),
     # scratches are long and thin: anchors up to 1:10
     "default_ratios0.1-10": (STOCK, ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.1,0.25,0.5,1.0,2.0,4.0,10.0]]"], 1.0),
+    # DeFRCN's gradient-decoupled layers (RPN 0, ROI heads 0.75 of their gradient into the backbone)
+    "default_gdl": (STOCK, ["MODEL.META_ARCHITECTURE", "DecoupledRCNN"], 1.0),
+    "proto_default_gdl": (PROTO, ["MODEL.META_ARCHITECTURE", "DecoupledRCNN"], 1.0),
     "default_cascade": (STOCK, ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",
                                 "True"], 1.0),
 }

@@ -47,6 +47,11 @@ def add_steel_fsd_config(cfg: CN) -> CN:
     _C.TEST.VAL_LOSS_DATASET = ""              # registered dataset ("" = off)
     _C.TEST.VAL_LOSS_PERIOD = 0                # every N iterations and at the last one (0 = off)
     _C.TEST.VAL_LOSS_IMAGES = 32               # the first N images (with annotations) of that dataset
+    # Gradient-decoupled layers (MODEL.META_ARCHITECTURE "DecoupledRCNN", modeling/decouple.py): the factor on the
+    # gradient each branch sends back into the backbone (0 = stop, 1 = unchanged). Defaults: DeFRCN's base training.
+    _C.MODEL.GDL = CN()
+    _C.MODEL.GDL.RPN_SCALE = 0.0
+    _C.MODEL.GDL.ROI_SCALE = 0.75
     # Fine-tuning: parameter-name prefixes kept frozen, e.g. ["backbone", "proposal_generator"] (two-phase
     # transfer: only the ROI heads learn). Empty = everything trains (subject to MODEL.BACKBONE.FREEZE_AT).
     _C.MODEL.FREEZE = []
