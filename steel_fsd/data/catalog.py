@@ -1,4 +1,5 @@
-"""Detectron2 registration of NEU-DET, Severstal, the magnetic-tile set, the synthetic versions and unions.
+"""Detectron2 registration of NEU-DET, Severstal, the magnetic-tile set, X-SDD (image labels only), the synthetic
+versions and unions.
 
 Registration is lazy: only folder existence is checked when registering; the annotations are loaded
 on the first ``DatasetCatalog.get`` of any split and the load is shared by all splits of a dataset
@@ -23,6 +24,7 @@ from .images import verify_images
 from .magnetic_tile import MT_CLASSES, load_magnetic_tile
 from .neu import NEU_CLASSES, load_neu_voc
 from .severstal import SEVERSTAL_CLASSES, load_severstal, tile_dataset_dicts
+from .xsdd import XSDD_CLASSES, load_xsdd
 
 SPLITS = ("train", "val", "test")
 DEFAULT_TILE = 256
@@ -32,6 +34,12 @@ VERIFY_ENV = "STEEL_FSD_VERIFY_IMAGES"
 NEU_FOLDERS = (("neu-det", "neu"), ("neu-synth", "neu_synth"))
 SEVERSTAL_FOLDERS = (("severstal", "severstal"), ("severstal-synth", "severstal_synth"))
 MT_FOLDERS = (("magnetic-tile", "mt"),)
+XSDD_FOLDERS = (("x-sdd", "xsdd"),)
+# Loader kinds whose dicts carry image_labels and no box: registered with this evaluator_type (not "coco", so
+# the trainer's build_evaluator refuses them by name instead of scoring boxes that do not exist) and
+# image_level=True in their metadata.
+IMAGE_LEVEL_KINDS = ("xsdd",)
+IMAGE_LEVEL_EVALUATOR = "classification"
 UNIONS = (("steel_mixed", ("neu", "severstal")), ("steel_mixed_synth", ("neu_synth", "severstal_synth")),
           ("steel_neu_mt", ("neu", "mt")))  # box-only NEU-DET beside the magnetic tiles' masks
 
@@ -47,7 +55,7 @@ def _load(kind: str, root: str, class_names: tuple[str, ...], strict: bool) -> t
     any training starts.
     """
     skips = SkipLog(strict=strict)
-    loader = {"neu": load_neu_voc, "severstal": load_severstal, "mt": load_magnetic_tile}[kind]
+    loader = {"neu": load_neu_voc, "severstal": load_severstal, "mt": load_magnetic_tile, "xsdd": load_xsdd}[kind]
     dicts = loader(root, class_names, skips=skips)
     if os.environ.get(VERIFY_ENV, "1") != "0":
         start = time.perf_counter()
@@ -83,7 +91,13 @@ def _pickled(kind: str, root: str, class_names: tuple[str, ...], strict: bool, s
 
 
 def summary_line(name: str, dicts: list[dict], class_names: Sequence[str], skips: SkipLog | None = None) -> str:
-    """``"<name>: N images, boxes per class {...}, K negatives[, skips: ...]"``."""
+    """``"<name>: N images, boxes per class {...}, K negatives[, skips: ...]"``; for an image-level dataset (dicts
+    with ``image_labels``, no box) ``"<name>: N images, images per class {...}[, skips: ...]"``."""
+    if any("image_labels" in d for d in dicts) and not any(d.get("annotations") for d in dicts):
+        images = Counter(c for d in dicts for c in set(d["image_labels"]))
+        per_class = ", ".join(f"{c}: {images[i]}" for i, c in enumerate(class_names))
+        line = f"{name}: {len(dicts)} images, images per class {{{per_class}}}"
+        return line if skips is None else f"{line}, skips: {skips.summary()}"
     boxes = Counter(a["category_id"] for d in dicts for a in d.get("annotations", []))
     per_class = ", ".join(f"{c}: {boxes[i]}" for i, c in enumerate(class_names))
     negatives = sum(1 for d in dicts if not d.get("annotations"))
@@ -113,8 +127,10 @@ def _register(name: str, kind: str, root: str | os.PathLike, class_names: Sequen
     classes = tuple(class_names)
     fold = tuple(fold) if fold is not None else None
     DatasetCatalog.register(name, functools.partial(_get, name, kind, root, classes, strict, split, seed, tile, fold))
-    MetadataCatalog.get(name).set(thing_classes=list(classes), evaluator_type="coco", dataset_root=root,
-                                  split=split or "all", seed=seed, fold=list(fold) if fold else None, tile=tile)
+    image_level = {"evaluator_type": IMAGE_LEVEL_EVALUATOR, "image_level": True} if kind in IMAGE_LEVEL_KINDS \
+        else {"evaluator_type": "coco"}
+    MetadataCatalog.get(name).set(thing_classes=list(classes), dataset_root=root, split=split or "all", seed=seed,
+                                  fold=list(fold) if fold else None, tile=tile, **image_level)
 
 
 def register_neu(name: str, root: str | os.PathLike, class_names: Sequence[str] = NEU_CLASSES,
@@ -166,11 +182,20 @@ def register_magnetic_tile(name: str, root: str | os.PathLike, split: str | None
     _register(name, "mt", root, class_names, split, seed, None, strict)
 
 
+def register_xsdd(name: str, root: str | os.PathLike, split: str | None = None, seed: int = 0,
+                  strict: bool = True, class_names: Sequence[str] = XSDD_CLASSES) -> None:
+    """Register X-SDD at ``root`` (the folder holding ``datas/``; see :func:`~steel_fsd.data.xsdd.load_xsdd`) as
+    ``name``; ``split`` as in :func:`register_neu` (stratified by the image labels). Image labels only, no box:
+    the metadata has ``image_level=True`` and ``evaluator_type="classification"`` (the detection evaluators
+    refuse it), for backbone pretraining and classification probes."""
+    _register(name, "xsdd", root, class_names, split, seed, None, strict)
+
+
 def register_union(name: str, parts: Sequence[str], id_offset: int = UNION_ID_OFFSET) -> None:
     """Register the concatenation of registered datasets ``parts`` as ``name``.
 
-    Classes are the parts' ``thing_classes`` in order (category ids shifted accordingly); image ids of
-    part ``i`` are shifted by ``i * id_offset``. Loading raises ValueError if image ids collide.
+    Classes are the parts' ``thing_classes`` in order (category ids and ``image_labels`` shifted accordingly);
+    image ids of part ``i`` are shifted by ``i * id_offset``. Loading raises ValueError if image ids collide.
     """
     metas = [MetadataCatalog.get(p) for p in parts]
     offsets, classes = [], []
@@ -182,7 +207,9 @@ def register_union(name: str, parts: Sequence[str], id_offset: int = UNION_ID_OF
         out = []
         for i, (part, cat_offset) in enumerate(zip(parts, offsets)):
             out += [dict(d, image_id=int(d["image_id"]) + i * id_offset,
-                         annotations=[dict(a, category_id=a["category_id"] + cat_offset) for a in d["annotations"]])
+                         annotations=[dict(a, category_id=a["category_id"] + cat_offset) for a in d["annotations"]],
+                         **({"image_labels": [c + cat_offset for c in d["image_labels"]]} if "image_labels" in d
+                            else {}))
                     for d in DatasetCatalog.get(part)]
         if len({d["image_id"] for d in out}) != len(out):
             raise ValueError(f"{name}: image ids of {list(parts)} collide with offset {id_offset}")
@@ -219,7 +246,8 @@ def require_registered(name: str, where: str, nonempty: bool = False) -> None:
     raise UserError(f"dataset {name!r} is not registered", f"{where}",
                     f"the datasets root {datasets_root()} (set STEEL_FSD_DATASETS or pass --datasets-root) holds "
                     + (", ".join(found) if found else "no steel dataset (expected folders "
-                       + ", ".join(f for f, _ in NEU_FOLDERS + SEVERSTAL_FOLDERS + MT_FOLDERS) + ")"))
+                       + ", ".join(f for f, _ in NEU_FOLDERS + SEVERSTAL_FOLDERS + MT_FOLDERS + XSDD_FOLDERS)
+                       + ")"))
 
 
 def forget_loaded() -> None:
@@ -257,11 +285,12 @@ def register_all(root: str | os.PathLike | None = None) -> list[str]:
 
     ``root`` defaults to ``$STEEL_FSD_DATASETS``, else ``./datasets``. Folders: ``neu-det/``,
     ``neu-synth/`` (NEU layout), ``severstal/``, ``severstal-synth/`` (Severstal layout), ``magnetic-tile/``
-    (``MT_<Class>/Imgs``, registered as ``mt_{train,val,test}``). Names:
+    (``MT_<Class>/Imgs``, registered as ``mt_{train,val,test}``), ``x-sdd/`` (``datas/<class name>/<n>.jpg``,
+    registered as ``xsdd_{train,val,test}``: image labels only, no box; metadata ``image_level=True``). Names:
     ``{neu,neu_synth,severstal,severstal_synth}_{train,val,test}``, ``severstal[_synth]_tiled_{split}``
     (256-pixel tiles) and the unions ``steel_mixed_{split}`` (neu + severstal strips),
-    ``steel_mixed_synth_{split}`` and ``steel_neu_mt_{split}`` (neu + magnetic tile). Absent folders are skipped; names already registered are kept as
-    they are (so calling it twice is harmless).
+    ``steel_mixed_synth_{split}`` and ``steel_neu_mt_{split}`` (neu + magnetic tile). Absent folders are
+    skipped; names already registered are kept as they are (so calling it twice is harmless).
     """
     root = os.path.abspath(os.fspath(root)) if root is not None else datasets_root()
     new: list[str] = []
@@ -289,6 +318,11 @@ def register_all(root: str | os.PathLike | None = None) -> list[str]:
         if os.path.isdir(path):
             for s in SPLITS:
                 add(f"{prefix}_{s}", register_magnetic_tile, path, split=s)
+    for folder, prefix in XSDD_FOLDERS:
+        path = os.path.join(root, folder)
+        if os.path.isdir(path):
+            for s in SPLITS:
+                add(f"{prefix}_{s}", register_xsdd, path, split=s)
     for union, prefixes in UNIONS:
         for s in SPLITS:
             parts = [f"{p}_{s}" for p in prefixes]

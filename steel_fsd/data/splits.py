@@ -20,7 +20,7 @@ from ..utils.io import file_sha256
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 SPLIT_METHOD = "stratified-rarest-class-v1"
-NEGATIVE = -1  # stratum key of images without boxes
+NEGATIVE = -1  # stratum key of images without boxes (or image labels)
 
 
 def _normalized(ratios: Sequence[float]) -> np.ndarray:
@@ -39,11 +39,13 @@ def _sorted_by_key(dicts: Iterable[dict]) -> list[dict]:
 
 
 def _classes(d: dict) -> set[int]:
-    return {int(a["category_id"]) for a in d.get("annotations", [])}
+    """The classes an image holds: those of its boxes and its ``image_labels`` (image-level sets, e.g. X-SDD)."""
+    return {int(a["category_id"]) for a in d.get("annotations", [])} | {int(c) for c in d.get("image_labels", [])}
 
 
 def stratum_keys(dicts: Iterable[dict]) -> dict[str, int]:
-    """Stratum of every image, by ``image_key``: its rarest class id, or ``NEGATIVE`` (-1) without boxes.
+    """Stratum of every image, by ``image_key``: its rarest class id, or ``NEGATIVE`` (-1) without boxes
+    or image labels.
 
     "Rarest" = the class with the fewest images (over all of ``dicts``) among those the image
     contains; ties go to the lower class id.
@@ -90,8 +92,9 @@ def stratified_split(dicts: list[dict], seed: int = 0,
 
     1. Sort images by ``image_key`` (keys must be unique).
     2. Give every image ONE stratum: its rarest class, i.e. among the classes it contains the one
-       present in the fewest images of the whole input (ties: lower class id). Images without boxes
-       form their own "negative" stratum. (NEU images can hold several classes; stratifying by the
+       present in the fewest images of the whole input (ties: lower class id); an image's classes are
+       those of its boxes and of its ``image_labels`` (image-level sets). Images without either form
+       their own "negative" stratum. (NEU images can hold several classes; stratifying by the
        rarest one protects the small classes.)
     3. Shuffle each stratum with its own local generator ``numpy.random.default_rng([seed, k + 1])``
        (``k`` = stratum key, -1 for negatives; the global RNG is never used), then cut it into
@@ -164,7 +167,7 @@ def _split_summary(split: list[dict], class_names: Sequence[str] | None) -> dict
     ids = sorted(set(boxes) | (set(range(len(class_names))) if class_names is not None else set()))
     return {
         "images": len(split),
-        "negative_images": sum(1 for d in split if not d.get("annotations")),
+        "negative_images": sum(1 for d in split if not _classes(d)),
         "boxes": sum(boxes.values()),
         "class_images": {name(c): images[c] for c in ids},
         "class_boxes": {name(c): boxes[c] for c in ids},
