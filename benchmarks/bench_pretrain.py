@@ -72,8 +72,11 @@ def report(iters: int) -> dict:
             h = r.get("history", [])
             out["methods"][method] = {"seconds": round(sum(e["seconds"] for e in h), 1), "epochs": len(h),
                                       "images": r.get("images"), "final_loss": h[-1]["loss"] if h else None,
-                                      "probe_accuracy_init": r.get("probe_acc_init"),
-                                      "probe_accuracy": [e.get("probe_acc") for e in h],
+                                      # records before multi-source pretraining: probe_acc[_init]
+                                      "probe_accuracy_init": (r.get("probe_init") or {}).get("train",
+                                                                                            r.get("probe_acc_init")),
+                                      "probe_accuracy": [e.get("probe", {}).get("train", e.get("probe_acc"))
+                                                         for e in h],
                                       "record": str(rec.relative_to(REPO))}
         for head in HEADS:
             name = head if method == "scratch" else bench_recipe.row_name(head, str(weights_path(method)))

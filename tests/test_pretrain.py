@@ -186,13 +186,13 @@ def test_pretrain_exports_the_configs_backbone_and_resumes(tiny_neu, tmp_path, m
     rec = pretrain(cfg, dicts, method, 1, out, batch=6, label_classes=[0, 1, 2] if method == "supervised" else None,
                    progress=False)
     assert rec["images"] == 12 and len(rec["history"]) == 1 and math.isfinite(rec["history"][0]["loss"])
-    assert 0.0 <= rec["history"][0]["probe_acc"] <= 100.0 and Path(out + ".png").stat().st_size > 0
-    assert 0.0 <= rec["probe_acc_init"] <= 100.0  # the initial backbone's probe, the reference
-    first, init = rec["history"][0], rec["probe_acc_init"]
+    assert 0.0 <= rec["history"][0]["probe"]["train"] <= 100.0 and Path(out + ".png").stat().st_size > 0
+    assert 0.0 <= rec["probe_init"]["train"] <= 100.0  # the initial backbone's probe, the reference
+    first, init = rec["history"][0], rec["probe_init"]
     rec = pretrain(cfg, dicts, method, 2, out, batch=6, label_classes=[0, 1, 2] if method == "supervised" else None,
                    progress=False)
     assert len(rec["history"]) == 2 and rec["history"][0] == first  # resumed after epoch 1
-    assert rec["probe_acc_init"] == init  # carried over, not re-measured on the trained weights
+    assert rec["probe_init"] == init  # carried over, not re-measured on the trained weights
     other = "simclr" if method != "simclr" else "nnclr"  # resuming with another method: one line, not a traceback
     with pytest.raises(UserError, match=f"resumable state of a {method} pretraining, not of this {other} one"):
         pretrain(cfg, dicts, other, 3, out, batch=6, progress=False)
@@ -274,3 +274,154 @@ def test_linear_probe_separates_separable_features_and_not_noise():
                                       {"annotations": [{"category_id": 0}, {"category_id": 1}]}, {}]),
                        torch.tensor([2, -1, -1]))
     assert single_labels([{"file_name": "x"}]) is None
+
+
+def test_label_targets_masks_and_novel_classes_dropped():
+    from steel_fsd.pretrain.sources import SOURCE_KEY, drop_classes, label_targets, source_masks
+    from steel_fsd.utils.cli import UserError
+
+    dicts = [{SOURCE_KEY: "neu", "annotations": [{"category_id": 0}, {"category_id": 2}]},
+             {SOURCE_KEY: "neu", "annotations": [{"category_id": 1}]},
+             {SOURCE_KEY: "xsdd", "annotations": [], "image_labels": [1]},
+             {SOURCE_KEY: "", "file_name": "folder.png"}]
+    y = label_targets(dicts, {"neu": [0, 2], "xsdd": [0, 1, 2]})
+    # neu's space is classes 0 and 2 (class 1 outside it is ignored); xsdd's three classes
+    assert y["neu"].tolist() == [[1, 1], [0, 0], [0, 0], [0, 0]]
+    assert y["xsdd"].tolist() == [[0, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    m = source_masks(dicts, ["neu", "xsdd", ""])
+    assert m["neu"].tolist() == [True, True, False, False] and m[""].tolist() == [False, False, False, True]
+    names = {"neu": ["crazing", "inclusion", "patches"], "xsdd": ["red_iron", "slag_inclusion"], "": []}
+    kept = drop_classes(dicts, names, ["patches", "slag_inclusion"])  # a box of patches, an image label of slag
+    assert kept == [dicts[1], dicts[3]]
+    with pytest.raises(UserError, match="no source has these classes"):
+        drop_classes(dicts, names, ["nope"])
+
+
+@pytest.fixture(scope="module")
+def split_neu(tmp_path_factory):
+    """A synthetic NEU-DET folder large enough for non-empty splits, registered as t_hold_{train,val,test}."""
+    from steel_fsd.data import register_neu
+    from steel_fsd.synthetic import make_neu_synthetic
+
+    root = tmp_path_factory.mktemp("hold") / "neu"
+    make_neu_synthetic(root, n_per_class=7, seed=1)
+    for split in ("train", "val", "test"):
+        register_neu(f"t_hold_{split}", root, split=split)
+    return root
+
+
+def test_held_out_images_are_refused(split_neu):
+    from detectron2.data import DatasetCatalog
+
+    from steel_fsd.pretrain.sources import check_no_held_out, held_out_files
+    from steel_fsd.utils.cli import UserError
+
+    held = held_out_files()
+    assert {f for f, n in held.items() if n.startswith("t_hold_")} == {
+        str(Path(d["file_name"]).resolve()) for s in ("val", "test") for d in DatasetCatalog.get(f"t_hold_{s}")}
+    check_no_held_out(DatasetCatalog.get("t_hold_train"), "--datasets")  # the training split passes
+    test_file = DatasetCatalog.get("t_hold_test")[0]["file_name"]
+    with pytest.raises(UserError, match=rf"1 pretraining images .*{Path(test_file).name} in t_hold_test"):
+        check_no_held_out(DatasetCatalog.get("t_hold_train") + [{"file_name": test_file}], "--images")
+
+
+def test_sharded_weights_round_trip_and_errors(tmp_path):
+    from steel_fsd.modeling.checkpoint import SafeCheckpointer, WeightsReadError, read_weights_file, save_sharded
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    weights = model.state_dict()
+    path = str(tmp_path / "w.pth")
+    names = save_sharded(weights, path, 4 * 2**20)
+    assert len(names) > 1
+    for n in names:  # at most 4 MiB of tensors a piece, or one tensor larger than that alone
+        piece = torch.load(tmp_path / n, weights_only=True)["model"]
+        assert sum(v.numel() * v.element_size() for v in piece.values()) <= 4 * 2**20 or len(piece) == 1
+    joined = read_weights_file(path)["model"]
+    assert set(joined) == set(weights) and all(torch.equal(joined[k], weights[k]) for k in weights)
+    twin = torchvision.models.resnet18()
+    SafeCheckpointer(twin).load(path)  # the checkpointer reads the index as one file
+    assert all(torch.equal(twin.state_dict()[k], weights[k]) for k in weights)
+    (tmp_path / names[1]).unlink()
+    with pytest.raises(WeightsReadError, match=r"w\.pth: its piece .*w\.pth\.part1 is missing"):
+        read_weights_file(path)
+    torch.save({"steel_fsd.shards": ["w.pth"], "tensors": 1}, tmp_path / names[1])  # a piece naming an index
+    with pytest.raises(WeightsReadError, match="itself an index"):
+        read_weights_file(path)
+
+
+@pytest.fixture(scope="module")
+def two_sources(tiny_neu):
+    """t_pre_train (synthetic NEU-DET, six box classes) and t_pre_img: image-level labels over two classes."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from steel_fsd.data import register_neu
+
+    register_neu("t_pre_img_src", tiny_neu / "neu", split=None)
+    if "t_pre_img" not in DatasetCatalog.list():
+        def load():
+            return [dict(d, annotations=[], image_labels=[i % 2], image_id=100 + i)
+                    for i, d in enumerate(DatasetCatalog.get("t_pre_img_src")[:8])]
+        DatasetCatalog.register("t_pre_img", load)
+        MetadataCatalog.get("t_pre_img").set(thing_classes=["dark", "bright"], dataset_root=str(tiny_neu / "neu"),
+                                             split="all")
+    return tiny_neu
+
+
+def test_multi_source_supervised_and_simclr_with_a_held_out_probe(two_sources, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from steel_fsd.engine.setup import build_config, finalize_config
+    from steel_fsd.pretrain.sources import SOURCE_KEY
+    from steel_fsd.pretrain.train import pretrain
+
+    opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
+            "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
+    cfg = finalize_config(build_config("configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", opts))
+    dicts = [dict(d, **{SOURCE_KEY: n}) for n in ("t_pre_train", "t_pre_img") for d in DatasetCatalog.get(n)]
+    out = str(tmp_path / "m.pth")
+    rec = pretrain(cfg, dicts, "supervised+simclr", 1, out, batch=6, progress=False,
+                   label_spaces={"t_pre_train": list(range(6)), "t_pre_img": [0, 1]},
+                   probes={"held": DatasetCatalog.get("t_pre_train")}, shard_mib=4)
+    assert rec["sources"] == {"t_pre_img": 8, "t_pre_train": 12} and rec["label_spaces"] == {"t_pre_train": 6,
+                                                                                             "t_pre_img": 2}
+    assert set(rec["probe_init"]) == {"held"} and 0 <= rec["history"][0]["probe"]["held"] <= 100
+    assert math.isfinite(rec["history"][0]["loss"]) and len(rec["shards"]) >= 2
+    state = torch.load(out + ".state.pth", weights_only=True)["encoder"]
+    assert state["classifiers.s0.weight"].shape[0] == 6 and state["classifiers.s1.weight"].shape[0] == 2
+    model = build_model(cfg)
+    from steel_fsd.modeling.checkpoint import SafeCheckpointer
+    ck = SafeCheckpointer(model)
+    ck.load(out)
+    assert not [k for k in ck.last_incompatible.missing_keys if k.startswith("backbone.bottom_up.")]
+    with pytest.raises(ValueError, match="per source"):
+        pretrain(cfg, dicts, "supervised", 1, str(tmp_path / "x.pth"), batch=6, progress=False, label_classes=[0])
+
+
+def test_pretrain_tool_several_datasets_and_excluded_classes(two_sources, tmp_path):
+    from steel_fsd.utils.cli import run_main
+
+    tool = load_tool("pretrain_backbone")
+    common = ["--config-file", "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "--epochs", "1", "--batch", "6"]
+    opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
+            "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
+    out = tmp_path / "t.pth"
+    assert run_main(tool.main, [*common, "--datasets", "t_pre_train", "t_pre_img", "--method", "supervised",
+                                "--exclude-classes", "patches", "bright", "--out", str(out), *opts]) == 0
+    rec = json.loads(Path(str(out) + ".json").read_text())
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    names = MetadataCatalog.get("t_pre_train").thing_classes
+    keep_neu = sum(not any(names[a["category_id"]] == "patches" for a in d["annotations"])
+                   for d in DatasetCatalog.get("t_pre_train"))
+    assert rec["sources"] == {"t_pre_train": keep_neu, "t_pre_img": 4}  # the "bright" half of t_pre_img left out
+    assert rec["label_spaces"] == {"t_pre_train": 5, "t_pre_img": 1}
+
+def test_pretrain_tool_refuses_a_folder_with_held_out_images(split_neu, tmp_path):
+    from steel_fsd.utils.cli import run_main
+
+    tool = load_tool("pretrain_backbone")
+    opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_hold_train',)", "DATASETS.TEST", "()",
+            "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
+    assert run_main(tool.main, ["--config-file", "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "--epochs", "1",
+                                "--images", str(split_neu), "--out", str(tmp_path / "h.pth"), *opts]) == 2
+    assert not (tmp_path / "h.pth").exists()

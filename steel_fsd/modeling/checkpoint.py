@@ -13,7 +13,9 @@ a truncated or corrupt file raises :class:`WeightsReadError`. :class:`SafeCheckp
 ``DetectionCheckpointer`` with that reader, atomic saves (temp file + rename, for the checkpoint and for
 ``last_checkpoint``), the class names the model was trained on stored in each checkpoint
 (``steel_fsd.thing_classes``), the incompatible keys of the last load kept for checks, and a resume that
-falls back to the newest readable ``model_*.pth`` when ``last_checkpoint`` names a torn file.
+falls back to the newest readable ``model_*.pth`` when ``last_checkpoint`` names a torn file. Weights too large
+for one file where files are size-limited are written in pieces by :func:`save_sharded`; the small index file it
+writes at the given path is read like any weights file (the pieces are joined).
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def is_torch_save_file(path: str) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
-def read_weights_file(path: str) -> dict:
+def read_weights_file(path: str, _piece: bool = False) -> dict:
     """The payload of a weights file, read without running code from it (see the module docstring).
 
     ``.pkl`` payloads are returned in Detectron2's zoo form (:func:`_zoo_format`). Raises
@@ -112,7 +114,50 @@ def read_weights_file(path: str) -> dict:
                                f"{_first_line(e)})") from None
     if not isinstance(data, dict):
         raise WeightsReadError(f"{path}: holds a {type(data).__name__}, not a dict of weights")
+    if SHARDS_KEY in data:
+        if _piece:
+            raise WeightsReadError(f"{path}: a piece of sharded weights is itself an index")
+        return _join_shards(path, data)
     return _zoo_format(data) if path.endswith(".pkl") else data
+
+
+SHARDS_KEY = "steel_fsd.shards"  # an index file: {SHARDS_KEY: [piece file names beside it], "tensors": count}
+
+
+def save_sharded(weights: dict[str, torch.Tensor], path: str, max_bytes: int) -> list[str]:
+    """Write ``{"model": weights}`` as pieces of at most ``max_bytes`` of tensor data each (``<path>.part<i>``,
+    whole tensors; one tensor larger than that is a piece of its own) and an index at ``path`` that
+    :func:`read_weights_file` reads as the whole. Returns the piece file names."""
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in weights.items():
+        n = v.numel() * v.element_size()
+        if groups[-1] and size + n > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][k], size = v, size + n
+    names = [f"{os.path.basename(path)}.part{i}" for i in range(len(groups))]
+    for name, group in zip(names, groups):
+        atomic_save({"model": group}, os.path.join(os.path.dirname(path) or ".", name))
+    atomic_save({SHARDS_KEY: names, "tensors": len(weights)}, path)
+    return names
+
+
+def _join_shards(path: str, index: dict) -> dict:
+    names, joined = index[SHARDS_KEY], {}
+    if not isinstance(names, list) or not all(isinstance(n, str) and os.path.basename(n) == n for n in names):
+        raise WeightsReadError(f"{path}: a weights index must list piece file names in its own folder")
+    for name in names:
+        piece = os.path.join(os.path.dirname(path) or ".", name)
+        if not os.path.isfile(piece):
+            raise WeightsReadError(f"{path}: its piece {piece} is missing (copy every {os.path.basename(path)}.part* "
+                                   "file beside it)")
+        joined.update(read_weights_file(piece, _piece=True).get("model", {}))
+    if len(joined) != index.get("tensors", len(joined)):
+        raise WeightsReadError(f"{path}: its pieces hold {len(joined)} tensors, the index says {index['tensors']}")
+    return {"model": joined}
 
 
 def _first_line(e: BaseException) -> str:
