@@ -426,3 +426,21 @@ def test_novel_class_typos_and_paths_are_refused_before_any_training(data, tmp_p
         path.write_text(yaml.safe_dump(spec))
         with pytest.raises(UserError, match="novel"):
             Protocol(path)
+
+
+def test_swap_methods_apply_their_opts_to_a_copy_of_the_base_config(monkeypatch):
+    """A support (swap) method's ``opts`` reach the evaluation config (e.g. more proposals at adaptation time);
+    the base model's config is left as it was for the other methods."""
+    from steel_fsd.engine.setup import build_config
+    from steel_fsd.fewshot.protocol import methods
+
+    cfg = build_config("configs/prototype/proto_R18_FPN_GN_neu_cpu.yaml")
+    cfg.freeze()
+    seen = []
+    monkeypatch.setattr(methods, "support_eval", lambda c, *a, **k: seen.append(c.MODEL.RPN.POST_NMS_TOPK_TEST) or {})
+    ctx = methods.AdaptContext(None, "prototype", cfg, "w.pth", None, "s", {}, 1, 0, "t", None,
+                               ["MODEL.RPN.POST_NMS_TOPK_TEST", "1000"])
+    methods.ADAPTERS.get("support")(ctx)
+    plain = methods.AdaptContext(None, "prototype", cfg, "w.pth", None, "s", {}, 1, 0, "t", None)
+    methods.ADAPTERS.get("support")(plain)
+    assert seen == [1000, cfg.MODEL.RPN.POST_NMS_TOPK_TEST] and cfg.MODEL.RPN.POST_NMS_TOPK_TEST != 1000

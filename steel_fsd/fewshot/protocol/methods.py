@@ -141,7 +141,15 @@ def finetune_eval(ctx: AdaptContext, wrap=None) -> tuple[dict, int]:
 
 
 def _support(ctx: AdaptContext, wrap=None, novel=None) -> dict:
-    return support_eval(ctx.cfg, ctx.weights, ctx.support_ds, ctx.manifest, ctx.shots, ctx.seed, ctx.test, ctx.work,
+    """The swap with the base model's config and the method's ``opts`` (test-time keys, e.g.
+    ``MODEL.RPN.POST_NMS_TOPK_TEST 1000`` for more proposals at adaptation time)."""
+    cfg = ctx.cfg
+    if ctx.opts:
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.merge_from_list(ctx.opts)
+        cfg.freeze()
+    return support_eval(cfg, ctx.weights, ctx.support_ds, ctx.manifest, ctx.shots, ctx.seed, ctx.test, ctx.work,
                         wrap, novel)
 
 
