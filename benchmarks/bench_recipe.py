@@ -100,6 +100,10 @@ ROWS: dict[str, tuple[str, list[str], float]] = {
     # scratches are long and thin: anchors up to 1:10
     "default_ratios0.1-10": (STOCK, ["MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.1,0.25,0.5,1.0,2.0,4.0,10.0]]"], 1.0),
     # DeFRCN's gradient-decoupled layers (RPN 0, ROI heads 0.75 of their gradient into the backbone)
+    # augmentations that mix images, and multi-scale training (YOLO trains with mosaic and scale jitter)
+    "default_mosaic": (STOCK, ["INPUT.AUG.MOSAIC_PROB", "0.5"], 1.0),
+    "default_copy_paste": (STOCK, ["INPUT.AUG.COPY_PASTE_PROB", "0.5"], 1.0),
+    "default_multiscale": (STOCK, ["INPUT.AUG.SCALES", "[160, 200, 240]"], 1.0),
     "default_gdl": (STOCK, ["MODEL.META_ARCHITECTURE", "DecoupledRCNN"], 1.0),
     "proto_default_gdl": (PROTO, ["MODEL.META_ARCHITECTURE", "DecoupledRCNN"], 1.0),
     "default_cascade": (STOCK, ["MODEL.ROI_HEADS.NAME", "CascadeROIHeads", "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG",

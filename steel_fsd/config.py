@@ -29,6 +29,13 @@ def add_steel_fsd_config(cfg: CN) -> CN:
     _C.INPUT.AUG.VFLIP = True
     _C.INPUT.AUG.CROP = True
     _C.INPUT.AUG.CROP_RANGE = [0.8, 1.0]       # relative crop side, per axis
+    _C.INPUT.AUG.SCALES = []                   # multi-scale training: image sizes drawn per image (e.g. [160, 200,
+                                               # 240]); [] = INPUT.HARMONIZE.RESIZE only. Test time keeps RESIZE.
+    # Mixing images (data/mixing.py): mosaic of 4 images, copy-paste of another image's defects.
+    _C.INPUT.AUG.MOSAIC_PROB = 0.0
+    _C.INPUT.AUG.MOSAIC_MIN_VISIBLE = 0.3      # a box cut by the mosaic window is kept if this share of it is inside
+    _C.INPUT.AUG.COPY_PASTE_PROB = 0.0
+    _C.INPUT.AUG.COPY_PASTE_MAX = 3            # defects pasted per image at most
     # Mixed precision (Detectron2's SOLVER.AMP.ENABLED switches it on for training): the autocast dtype,
     # "bfloat16" (CPUs, GPUs from Ampere on; falls back to float16 where unsupported) or "float16" (loss-scaled).
     _C.SOLVER.AMP.PRECISION = "bfloat16"

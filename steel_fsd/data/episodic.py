@@ -60,14 +60,16 @@ class EpisodicBatchSampler(torch.utils.data.Sampler):
         yield from itertools.islice(self._episodes(), self.rank, None, self.world_size)
 
 
-def build_episodic_train_loader(cfg: CfgNode, mapper) -> torch.utils.data.DataLoader:
-    """A training loader whose every batch is one episode (see :class:`EpisodicBatchSampler`)."""
+def build_episodic_train_loader(cfg: CfgNode, mapper, dicts: list[dict] | None = None) -> torch.utils.data.DataLoader:
+    """A training loader whose every batch is one episode (see :class:`EpisodicBatchSampler`); ``dicts``: the
+    training dicts if already loaded (else read from DATASETS.TRAIN)."""
     n, k = cfg.DATALOADER.EPISODE_CLASSES, cfg.DATALOADER.EPISODE_IMAGES_PER_CLASS
     per_gpu = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
     if n * k != per_gpu:
         raise ValueError(f"DATALOADER.EPISODE_CLASSES x EPISODE_IMAGES_PER_CLASS = {n} x {k} must equal the "
                          f"per-GPU batch SOLVER.IMS_PER_BATCH / world size = {per_gpu}")
-    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+    if dicts is None:
+        dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     seed = cfg.SEED if cfg.SEED >= 0 else 0  # the same on every rank: each takes its shard of one stream
     return torch.utils.data.DataLoader(
         MapDataset(dicts, mapper), batch_sampler=EpisodicBatchSampler(dicts, n, k, seed),

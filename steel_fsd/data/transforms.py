@@ -19,6 +19,7 @@ __all__ = [
     "RandomGamma",
     "RandomGaussianNoise",
     "RandomRelativeCrop",
+    "RandomSquareResize",
     "build_augmentations",
     "build_harmonization",
 ]
@@ -150,6 +151,41 @@ def _clahe(cfg: CfgNode) -> list[T.Augmentation]:
     return [CLAHE(h.CLAHE_CLIP, h.CLAHE_TILES)] if h.CLAHE else []
 
 
+class RandomSquareResize(T.Augmentation):
+    """Multi-scale training: ``s`` drawn uniformly from ``sizes``, then stretch to ``s x s`` (``longest=False``,
+    the "stretch" policy) or scale the longest edge to ``s`` keeping the aspect ratio (``longest=True``)."""
+
+    def __init__(self, sizes, longest: bool = False):
+        sizes = [int(s) for s in sizes]
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"RandomSquareResize needs sizes >= 1, got {sizes}")
+        super().__init__()
+        self._init(locals())
+
+    def get_transform(self, image: np.ndarray) -> T.ResizeTransform:
+        s, (h, w) = int(np.random.choice(self.sizes)), image.shape[:2]
+        if not self.longest:
+            return T.ResizeTransform(h, w, s, s)
+        k = s / max(h, w)
+        return T.ResizeTransform(h, w, max(1, int(h * k + 0.5)), max(1, int(w * k + 0.5)))
+
+
+def _train_resize(cfg: CfgNode) -> list[T.Augmentation]:
+    """The harmonization's resize, or with INPUT.AUG.SCALES a size drawn per image (same policy)."""
+    scales = [int(s) for s in cfg.INPUT.AUG.SCALES]
+    if not scales:
+        return _resize(cfg)
+    if min(scales) < 1:
+        raise ValueError(f"INPUT.AUG.SCALES must be sizes >= 1, got {scales}")
+    policy = cfg.INPUT.HARMONIZE.RESIZE_POLICY
+    _resize(cfg)  # the policy and the test size are checked as at test time
+    if policy == "stretch":
+        return [RandomSquareResize(scales)]
+    if policy == "shortest_edge":
+        return [T.ResizeShortestEdge(scales, max_size=max(max(scales), cfg.INPUT.MAX_SIZE_TEST), sample_style="choice")]
+    return [RandomSquareResize(scales, longest=True)]
+
+
 def _resize(cfg: CfgNode) -> list[T.Augmentation]:
     size, policy = int(cfg.INPUT.HARMONIZE.RESIZE), cfg.INPUT.HARMONIZE.RESIZE_POLICY
     if policy not in RESIZE_POLICIES:
@@ -199,8 +235,8 @@ def build_harmonization(cfg: CfgNode) -> list[T.Augmentation]:
 def build_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
     """The mapper's augmentation list.
 
-    Train (with ``INPUT.AUG.ENABLED``): CLAHE -> crop -> rotation -> h/v flips -> resize -> gamma
-    -> noise, each per its switch. Test, or augmentation disabled: :func:`build_harmonization`.
+    Train (with ``INPUT.AUG.ENABLED``): CLAHE -> crop -> rotation -> h/v flips -> resize (a size drawn from
+    ``INPUT.AUG.SCALES`` when given) -> gamma -> noise, each per its switch. Test, or augmentation disabled: :func:`build_harmonization`.
     """
     aug = cfg.INPUT.AUG
     if not is_train or not aug.ENABLED:
@@ -215,7 +251,7 @@ def build_augmentations(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
         augs.append(RandomFlip(prob=0.5, horizontal=True, vertical=False))
     if aug.VFLIP:
         augs.append(RandomFlip(prob=0.5, horizontal=False, vertical=True))
-    augs += _resize(cfg)
+    augs += _train_resize(cfg)
     if aug.GAMMA:
         augs.append(RandomGamma(*aug.GAMMA_RANGE))
     if aug.NOISE:

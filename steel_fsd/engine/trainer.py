@@ -7,7 +7,8 @@ import time
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
+                             get_detection_dataset_dicts)
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.modeling import GeneralizedRCNNWithTTA
@@ -17,6 +18,7 @@ from detectron2.utils.events import EventStorage
 
 from ..data.episodic import SAMPLER_NAME, build_episodic_train_loader
 from ..data.mapper import SteelDatasetMapper
+from ..data.mixing import MixingMapper, mixing_enabled
 from ..evaluation.coco import SteelCOCOEvaluator
 from ..evaluation.image_level import ImageLevelEvaluator
 from ..evaluation.prf import build_prf_evaluator
@@ -163,9 +165,13 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         mapper = SteelDatasetMapper(cfg, is_train=True)
+        dicts = None
+        if mixing_enabled(cfg):  # mosaic / copy-paste draw other training images
+            dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+            mapper = MixingMapper(cfg, mapper, dicts)
         if cfg.DATALOADER.SAMPLER_TRAIN == SAMPLER_NAME:
-            return build_episodic_train_loader(cfg, mapper)
-        return build_detection_train_loader(cfg, mapper=mapper)
+            return build_episodic_train_loader(cfg, mapper, dicts)
+        return build_detection_train_loader(cfg, mapper=mapper, **({"dataset": dicts} if dicts is not None else {}))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
