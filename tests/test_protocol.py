@@ -444,3 +444,26 @@ def test_swap_methods_apply_their_opts_to_a_copy_of_the_base_config(monkeypatch)
     plain = methods.AdaptContext(None, "prototype", cfg, "w.pth", None, "s", {}, 1, 0, "t", None)
     methods.ADAPTERS.get("support")(plain)
     assert seen == [1000, cfg.MODEL.RPN.POST_NMS_TOPK_TEST] and cfg.MODEL.RPN.POST_NMS_TOPK_TEST != 1000
+
+
+def test_base_objectness_names_dataset_keys_and_skips_the_settings_own(tmp_path):
+    import yaml
+
+    from steel_fsd.fewshot.protocol.spec import ProtocolSpec
+
+    spec = {"DATASETS": {"a": {"train": "a_train", "val": "a_val", "test": "a_test"},
+                         "b": {"train": "b_train", "val": "b_val", "test": "b_test"}},
+            "MODELS": {"m": "configs/prototype/proto_R18_FPN_GN_neu_cpu.yaml"},
+            "METHODS": {"p": {"model": "m", "adapt": "support"}},
+            "SETTINGS": [{"kind": "cross", "source": "a", "target": "b"}], "BASE_OBJECTNESS": ["a", "c"]}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=r"BASE_OBJECTNESS \['c'\] are not DATASETS keys"):
+        ProtocolSpec(path)
+    spec["BASE_OBJECTNESS"] = ["a", "b"]
+    path.write_text(yaml.safe_dump(spec))
+    from steel_fsd.fewshot.protocol.runner import Protocol
+
+    protocol = Protocol(path, out_dir=str(tmp_path))
+    # the only setting is a -> b: both are its own, so no objectness view is added
+    assert protocol.objectness_views(protocol.settings[0], ["x"]) == ()

@@ -1,7 +1,8 @@
 """Episodic, class-balanced training batches: every batch is N classes x K images.
 
 Batch-hard triplet mining needs positives and negatives in every batch; a plain sampler may draw a
-batch of one class. Select with ``DATALOADER.SAMPLER_TRAIN EpisodicClassSampler``.
+batch of one class. Select with ``DATALOADER.SAMPLER_TRAIN EpisodicClassSampler``. Images holding only
+objectness-only boxes (``objectness.py``) form one more pseudo-class, drawn like the others.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from detectron2.data import get_detection_dataset_dicts
 from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.data.common import MapDataset
 from detectron2.utils import comm
+
+from .objectness import OBJECTNESS_KEY
 
 SAMPLER_NAME = "EpisodicClassSampler"
 
@@ -37,6 +40,8 @@ class EpisodicBatchSampler(torch.utils.data.Sampler):
         for i, d in enumerate(dataset_dicts):
             for c in sorted({a["category_id"] for a in d.get("annotations", [])}):
                 self.by_class.setdefault(c, []).append(i)
+            if not d.get("annotations") and d.get(OBJECTNESS_KEY):
+                self.by_class.setdefault(-1, []).append(i)
         self.classes = sorted(self.by_class)
         if n_way > len(self.classes):
             raise ValueError(f"episodes of {n_way} classes need {n_way} classes with annotations, "

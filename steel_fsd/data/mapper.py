@@ -9,11 +9,13 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import Boxes, Instances
 
 from .images import read_dataset_image
+from .objectness import OBJECTNESS_KEY
 from .transforms import build_augmentations
 
-__all__ = ["SteelDatasetMapper", "masks_all_or_none", "polygons_to_rle"]
+__all__ = ["SteelDatasetMapper", "masks_all_or_none", "polygons_to_rle", "add_objectness_instances"]
 
 
 class SteelDatasetMapper(DatasetMapper):
@@ -74,7 +76,27 @@ class SteelDatasetMapper(DatasetMapper):
                                                    if isinstance(a.get("segmentation"), list) and a["segmentation"]
                                                    else a for a in dataset_dict["annotations"]]
             self._transform_annotations(dataset_dict, transforms, image_shape)
+        if dataset_dict.get(OBJECTNESS_KEY) is not None:
+            add_objectness_instances(dataset_dict, transforms, image_shape)
         return dataset_dict
+
+
+def add_objectness_instances(dataset_dict: dict, transforms, image_shape) -> None:
+    """Append the dict's objectness-only boxes (``objectness_boxes``, XYXY_ABS; see ``objectness.py``), moved by
+    ``transforms`` and clipped to the image, to its instances as class -1 (empty boxes dropped, as Detectron2
+    drops empty class boxes)."""
+    raw = np.asarray(dataset_dict.pop(OBJECTNESS_KEY), dtype=np.float64).reshape(-1, 4)
+    boxes = Boxes(torch.as_tensor(transforms.apply_box(raw) if len(raw) else raw, dtype=torch.float32))
+    boxes.clip(image_shape)
+    boxes = boxes[boxes.nonempty()]
+    inst = dataset_dict.get("instances")
+    if inst is None:
+        inst = Instances(image_shape, gt_boxes=Boxes(torch.zeros((0, 4))), gt_classes=torch.zeros(0, dtype=torch.int64))
+    if inst.has("gt_masks"):
+        raise ValueError(f"{dataset_dict.get('file_name')}: objectness-only boxes beside instance masks in one image "
+                         "are not supported")
+    extra = Instances(image_shape, gt_boxes=boxes, gt_classes=torch.full((len(boxes),), -1, dtype=torch.int64))
+    dataset_dict["instances"] = Instances.cat([inst, extra])
 
 
 def _has_masks(annotations: list[dict]) -> bool:

@@ -130,10 +130,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_model(cls, cfg):
-        """Detectron2's model, with the parameters named by MODEL.FREEZE frozen (fine-tuning)."""
+        """Detectron2's model, with the parameters named by MODEL.FREEZE frozen (fine-tuning), and ROI heads that
+        leave objectness-only boxes (class -1, which train the RPN) out of their samples."""
         from ..modeling.freeze import freeze_parameters
+        from ..modeling.objectness import ignore_objectness_only
 
         model = super().build_model(cfg)
+        if getattr(model, "roi_heads", None) is not None:
+            ignore_objectness_only(model.roi_heads, cfg.MODEL.ROI_HEADS.IOU_THRESHOLDS[0])
+        elif any(MetadataCatalog.get(n).get("objectness_only") for n in cfg.DATASETS.TRAIN):
+            raise UserError(f"objectness-only datasets in DATASETS.TRAIN {list(cfg.DATASETS.TRAIN)} train an RPN; "
+                            f"{cfg.MODEL.META_ARCHITECTURE} has none", "", "use them with a two-stage config")
         if cfg.MODEL.FREEZE:
             frozen = freeze_parameters(model, list(cfg.MODEL.FREEZE))
             logger.info("MODEL.FREEZE %s: %d parameter tensors frozen, %d trainable", list(cfg.MODEL.FREEZE),

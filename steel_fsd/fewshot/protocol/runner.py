@@ -76,13 +76,17 @@ class Protocol(ProtocolSpec):
         cfg = build_config(self.models[model], opts + ["OUTPUT_DIR", str(out_dir)])
         return finalize_config(cfg)
 
-    def train(self, model: str, train_ds: str, val_ds: str, opts: list[str], label: str, seed: int = 0):
-        """Train (or resume, or reuse) ``model`` on ``train_ds``; returns (finalized cfg, weights path)."""
+    def train(self, model: str, train_ds: str, val_ds: str, opts: list[str], label: str, seed: int = 0,
+              extra_train: tuple[str, ...] = ()):
+        """Train (or resume, or reuse) ``model`` on ``train_ds`` (and ``extra_train``, e.g. objectness views);
+        returns (finalized cfg, weights path)."""
         n = len(MetadataCatalog.get(train_ds).thing_classes)
         pretrained = self.pretrained_weights(model)
         if pretrained:
             opts = opts + ["MODEL.WEIGHTS", pretrained]
-        opts = opts + ["DATASETS.TRAIN", f"('{train_ds}',)", "DATASETS.TEST", f"('{val_ds}',)",
+        if extra_train:  # objectness views hold images without class boxes: keep them
+            opts = opts + ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", "False"]
+        opts = opts + ["DATASETS.TRAIN", str((train_ds, *extra_train)), "DATASETS.TEST", f"('{val_ds}',)",
                        "MODEL.ROI_HEADS.NUM_CLASSES", str(n), "MODEL.RETINANET.NUM_CLASSES", str(n), "SEED", str(seed),
                        "TEST.VAL_LOSS_DATASET", val_ds]
         # the folder is keyed by the whole merged config, so editing a config file (or its _BASE_) retrains
@@ -90,7 +94,8 @@ class Protocol(ProtocolSpec):
         # content of its datasets: edited annotations or another image list retrain
         key = hashlib.sha256((model_identity(build_config(self.models[model], opts))
                               + (file_sha256(pretrained) if pretrained else "")
-                              + dataset_digest(train_ds) + dataset_digest(val_ds)).encode()).hexdigest()[:8]
+                              + "".join(dataset_digest(d) for d in (train_ds, *extra_train))
+                              + dataset_digest(val_ds)).encode()).hexdigest()[:8]
         out_dir = self.models_dir / f"{label}-{key}"
         cfg = self.config(model, opts, out_dir)
         weights = out_dir / "model_final.pth"
@@ -106,6 +111,20 @@ class Protocol(ProtocolSpec):
                 "num_images": len(DatasetCatalog.get(train_ds)), "seconds": round(time.perf_counter() - start, 1)})
         return cfg, str(weights)
 
+    def objectness_views(self, setting: Setting, classes: list[str]) -> tuple[str, ...]:
+        """The BASE_OBJECTNESS datasets' training splits as objectness views (registered here), leaving out the
+        setting's source and target."""
+        from ...data.objectness import register_objectness_view
+
+        out = []
+        for key in self.base_objectness:
+            if key in (setting.source, setting.target):
+                continue
+            name = f"objectness:{self.split(key, 'train')}"
+            register_objectness_view(name, self.split(key, "train"), classes)
+            out.append(name)
+        return tuple(out)
+
     def base_model(self, model: str, setting: Setting):
         """The base model of a setting (shared by every method built on ``model``)."""
         src = setting.source
@@ -115,8 +134,13 @@ class Protocol(ProtocolSpec):
             register_class_subset(name, self.split(src, "train"), base)
             val = f"base:{self.split(src, 'val')}:{'+'.join(base)}"
             register_class_subset(val, self.split(src, "val"), base)
-            return self.train(model, name, val, self.base_opts, f"{model}_{src}_base-{'+'.join(base)}")
-        return self.train(model, self.split(src, "train"), self.split(src, "val"), self.base_opts, f"{model}_{src}")
+            extra = self.objectness_views(setting, base)
+            return self.train(model, name, val, self.base_opts,
+                              f"{model}_{src}_base-{'+'.join(base)}" + ("+objectness" if extra else ""),
+                              extra_train=extra)
+        extra = self.objectness_views(setting, self.classes(src))
+        return self.train(model, self.split(src, "train"), self.split(src, "val"), self.base_opts,
+                          f"{model}_{src}" + ("+objectness" if extra else ""), extra_train=extra)
 
     def base_reference(self, setting: Setting, model: str) -> dict:
         """The no-forgetting reference of a base/novel setting: bAP and bAP50 of ``model``'s base model itself

@@ -114,6 +114,12 @@ class ProtocolSpec:
         # PRETRAINED: {model: backbone weights} (tools/pretrain_backbone.py or convert_torchvision.py), used as
         # MODEL.WEIGHTS whenever that model trains (base and K-shot training); the file has to exist only then
         # (see pretrained_weights), so --list and --report-only work without it
+        # BASE_OBJECTNESS: [dataset keys]: their training splits' boxes train the base models' RPN only
+        # (objectness views, steel_fsd/data/objectness.py); a setting's own source and target are never used
+        self.base_objectness = [str(k) for k in spec.get("BASE_OBJECTNESS", [])]
+        unknown = sorted(set(self.base_objectness) - set(self.datasets))
+        if unknown:
+            raise ValueError(f"{self.path}: BASE_OBJECTNESS {unknown} are not DATASETS keys ({sorted(self.datasets)})")
         self.pretrained: dict[str, str] = {str(m): str(w) for m, w in (spec.get("PRETRAINED") or {}).items()}
         for m in self.pretrained:
             if m not in self.models:
