@@ -425,3 +425,18 @@ def test_pretrain_tool_refuses_a_folder_with_held_out_images(split_neu, tmp_path
     assert run_main(tool.main, ["--config-file", "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "--epochs", "1",
                                 "--images", str(split_neu), "--out", str(tmp_path / "h.pth"), *opts]) == 2
     assert not (tmp_path / "h.pth").exists()
+
+
+def test_pretrain_time_budget_stops_after_the_epoch_that_spends_it(tiny_neu, tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from steel_fsd.engine.setup import build_config, finalize_config
+    from steel_fsd.pretrain.train import pretrain
+
+    opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
+            "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
+    cfg = finalize_config(build_config("configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", opts))
+    rec = pretrain(cfg, DatasetCatalog.get("t_pre_train"), "simclr", 3, str(tmp_path / "b.pth"), batch=6,
+                   progress=False, crop=32, max_minutes=1e-6)
+    assert len(rec["history"]) == 1 and rec["stopped_early"] == {"after_epoch": 1, "max_minutes": 1e-6}
+    assert (tmp_path / "b.pth").is_file()

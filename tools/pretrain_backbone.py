@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         "config's image size; e.g. 128 for about 2.4x fewer FLOPs)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast (GPUs)")
+    ap.add_argument("--max-minutes", type=float, default=0,
+                    help="stop after the first epoch that ends past this wall time (0: every epoch)")
     ap.add_argument("--shard-mib", type=float, default=0,
                     help="write the backbone in pieces of at most this many MiB (0: one file)")
     ap.add_argument("--out", required=True, help="backbone weights to write (.pth)")
@@ -68,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets-root", help="datasets folder to register (default $STEEL_FSD_DATASETS, else ./datasets)")
     add_dataset_args(ap, register_option=False)
     args = ap.parse_args(argv)
-    if args.epochs < 1 or args.batch < 2 or not args.lr > 0 or args.shard_mib < 0:
+    if args.epochs < 1 or args.batch < 2 or not args.lr > 0 or args.shard_mib < 0 or args.max_minutes < 0:
         ap.error(f"--epochs {args.epochs}, --batch {args.batch}, --lr {args.lr}, --shard-mib {args.shard_mib}: need at "
                  "least 1 epoch, a batch of at least 2 images (contrastive pairs and BatchNorm need two), a positive "
-                 "learning rate and a piece size of 0 or more")
+                 "learning rate, and a piece size and a time budget of 0 or more")
     if not args.images and not args.datasets:
         ap.error("give --images and/or --datasets")
     setup_logger(name="steel_fsd")
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     probes = {name: DatasetCatalog.get(name) for name in args.probe}
     record = pretrain(cfg, dicts, args.method, args.epochs, args.out, args.batch, args.lr, label_spaces=spaces,
                       seed=args.seed, crop=args.crop, probes=probes, device=args.device, amp=args.amp,
-                      shard_mib=args.shard_mib)
+                      shard_mib=args.shard_mib, max_minutes=args.max_minutes)
     print(json.dumps(record, indent=1))
     print(f"wrote {args.out}: train with MODEL.WEIGHTS {args.out}")
     return 0

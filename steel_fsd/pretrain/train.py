@@ -137,7 +137,7 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
              temperature: float = 0.1, queue_size: int = 4096, label_classes: list[int] | None = None,
              seed: int = 0, progress: bool = True, crop: int = 0, label_spaces: dict[str, list[int]] | None = None,
              probes: dict[str, list[dict]] | None = None, device: str = "cpu", amp: bool = False,
-             shard_mib: float = 0) -> dict:
+             shard_mib: float = 0, max_minutes: float = 0) -> dict:
     """Pretrain ``cfg``'s ResNet on ``dicts`` and export it to ``out`` (``{"model": {name: tensor}}``).
 
     Labels (``supervised`` and ``supervised+simclr``): ``label_spaces`` = ``{source: class ids}`` (the images'
@@ -146,7 +146,8 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
     training and after every epoch. ``crop``: side of the augmented views in pixels (0: the config's image size);
     smaller views cost quadratically less per step, and the backbone is fully convolutional, so the weights
     serve any input size. ``device``/``amp``: where to train, and bfloat16 autocast. ``shard_mib``: write the
-    backbone in pieces of at most this many MiB (0: one file).
+    backbone in pieces of at most this many MiB (0: one file). ``max_minutes``: stop after the first epoch that
+    ends past this wall time (0: run every epoch); the record says so (``stopped_early``).
     Resumable: ``out + ".state.pth"`` holds the encoder, optimizer and epoch after each epoch. Returns the run
     record (also ``out + ".json"``): method, images per source, epochs, per-epoch loss, probes and seconds.
     """
@@ -248,7 +249,12 @@ def pretrain(cfg, dicts: list[dict], method: str, epochs: int, out: str, batch: 
         logger.info("pretrain: linear probe of the initial backbone %s", record["probe_init"])
 
     model.train()
+    run_start = time.perf_counter()
     for epoch in range(start_epoch, epochs):
+        if max_minutes and time.perf_counter() - run_start > max_minutes * 60:
+            record["stopped_early"] = {"after_epoch": epoch, "max_minutes": max_minutes}
+            logger.info("pretrain: %.1f-minute budget spent after epoch %d of %d", max_minutes, epoch, epochs)
+            break
         t0, total, seen = time.perf_counter(), 0.0, 0
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).to(device)
         steps = range(0, max(len(order) - batch + 1, 1), batch)  # full batches (one short one if few images)
