@@ -14,7 +14,7 @@ masks on the same backbone. Folds are resumable (``OUT/fold_<class>/``); ``--fol
 share the folds). The report pools the folds present: per method and K, per-class IoU, mIoU and FB-IoU as
 mean +- 95% CI over seeds, written to ``benchmarks/results/<save-as>.json``. ``--context``, ``--memory`` and
 ``--distill`` switch on the segmenter's query-context adaptation, cross-episode memory and attention
-distillation; ``--weights-from DIR`` evaluates another run's fold models instead of training (e.g. context
+distillation; ``--freeze-backbone`` trains the rest on cached features of the (e.g. ``--backbone``) backbone; ``--weights-from DIR`` evaluates another run's fold models instead of training (e.g. context
 adaptation at test time only, on a model trained without it).
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def run_fold(args, novel_name: str, out: Path) -> dict:
         losses = json.loads((weights.parent / "losses.json").read_text())
     else:
         losses = train_episodes(model, train_ex, base, args.steps, batch=args.batch, shots=1, lr=args.lr,
-                                seed=args.train_seed, distill=args.distill)
+                                seed=args.train_seed, distill=args.distill, freeze_backbone=args.freeze_backbone)
         torch.save(model.state_dict(), weights)
         (folder / "losses.json").write_text(json.dumps(losses))
     train_s = time.perf_counter() - t0
@@ -81,7 +81,7 @@ def run_fold(args, novel_name: str, out: Path) -> dict:
            "excluded_train_images": len(excluded), "steps": args.steps, "batch": args.batch, "lr": args.lr,
            "size": args.size, "train_seed": args.train_seed, "backbone": args.backbone,
            "switches": {"context": args.context, "memory": args.memory, "distill": args.distill,
-                        "weights_from": args.weights_from}, "load_s": round(load_s, 1), "train_s": round(train_s, 1),
+                        "freeze_backbone": args.freeze_backbone, "weights_from": args.weights_from}, "load_s": round(load_s, 1), "train_s": round(train_s, 1),
            "eval_s": round(time.perf_counter() - t0, 1), "final_loss": round(float(sum(losses[-50:]) / max(len(losses[-50:]), 1)), 4),
            "queries": {split: sum(novel in m for _, m in ex) for split, ex in evals.items()},
            "support_pool": sum(novel in m for _, m in train_ex),
@@ -167,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--context", action="store_true", help="query-context adaptation of the prototypes")
     ap.add_argument("--memory", type=int, default=0, help="cross-episode memory slots (0: off)")
     ap.add_argument("--distill", type=float, default=0.0, help="attention distillation loss weight (0: off)")
+    ap.add_argument("--freeze-backbone", action="store_true",
+                    help="train the decoder on cached features of a frozen backbone (many more steps per minute)")
     ap.add_argument("--weights-from", help="evaluate the fold models of this earlier --out folder (no training)")
     ap.add_argument("--out", help="default: output/fewshot_seg/<dataset>")
     ap.add_argument("--save-as", help="results name (default: fewshot_seg_<dataset>)")

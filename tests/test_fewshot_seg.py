@@ -287,3 +287,28 @@ def test_switches_train_remember_base_classes_and_round_trip(tmp_path):
     b = segment(loaded, ["response", "panet"], s, m, train[8][0][None])
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_frozen_backbone_trains_on_cached_features_with_the_same_first_loss():
+    """With ``freeze_backbone`` the first step's loss equals the full model's on the same episodes (the cached
+    features of the flipped images are the backbone's), the backbone stays as it was and the rest learns."""
+    from steel_fsd.engine.setup import build_config
+    from steel_fsd.fewshot.segmentation import train_episodes
+    from steel_fsd.modeling.fewshot_seg import FewShotSegmenter
+
+    cfg = build_config(CFG, ["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", "32"])
+    train = _square_dataset(8, 0)
+    base = {0: [i for i, (_, m) in enumerate(train) if 0 in m], 1: [i for i, (_, m) in enumerate(train) if 1 in m]}
+    runs = {}
+    for frozen in (False, True):
+        torch.manual_seed(0)
+        model = FewShotSegmenter(cfg, reduce_dim=32, hidden=32)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        losses = train_episodes(model, train, base, steps=3, batch=2, shots=2, lr=1e-3, seed=0, log_every=0,
+                                freeze_backbone=frozen)
+        after = model.state_dict()
+        moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+        runs[frozen] = (losses, moved)
+    assert runs[True][0][0] == pytest.approx(runs[False][0][0], abs=1e-5)
+    assert "backbone" in runs[False][1] and "backbone" not in runs[True][1]
+    assert {"reduce", "decoder"} <= runs[True][1]

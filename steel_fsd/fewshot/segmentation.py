@@ -63,14 +63,31 @@ def _flip(x: torch.Tensor, h: bool, v: bool) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
-def _episode(examples, base: dict[int, list[int]], shots: int, rng: np.random.Generator):
+def _episode_draw(examples, base: dict[int, list[int]], shots: int, rng: np.random.Generator):
+    """(class, support indices + query index, their (h, v) flips) of one episode of a base class."""
     c = int(rng.choice(sorted(base)))
     q = int(rng.choice(base[c]))
     sup = sample_supports(base[c], shots, rng, exclude=q)
     flips = rng.random((shots + 1, 2)) < 0.5
-    imgs = [_flip(examples[i][0], *f) for i, f in zip(sup + [q], flips)]
-    masks = [_flip(examples[i][1][c].float(), *f) for i, f in zip(sup + [q], flips)]
+    return c, sup + [q], [tuple(bool(v) for v in f) for f in flips]
+
+
+def _episode(examples, base: dict[int, list[int]], shots: int, rng: np.random.Generator):
+    c, idx, flips = _episode_draw(examples, base, shots, rng)
+    imgs = [_flip(examples[i][0], *f) for i, f in zip(idx, flips)]
+    masks = [_flip(examples[i][1][c].float(), *f) for i, f in zip(idx, flips)]
     return torch.stack(imgs[:-1]), torch.stack(masks[:-1]), imgs[-1], masks[-1], torch.tensor(c)
+
+
+def _flipped_features(model: FewShotSegmenter, examples) -> list[dict]:
+    """Per example, ``{(h, v): {level: features}}`` of its four flips, from the (frozen) backbone."""
+    out = []
+    with torch.no_grad():
+        for img, _ in examples:
+            variants = [(h, v) for h in (False, True) for v in (False, True)]
+            feats = model.features(torch.stack([_flip(img, h, v) for h, v in variants]))
+            out.append({f: {lv: feats[lv][k] for lv in model.levels} for k, f in enumerate(variants)})
+    return out
 
 
 def seg_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -83,24 +100,47 @@ def seg_loss(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 def train_episodes(model: FewShotSegmenter, examples, base: dict[int, list[int]], steps: int, batch: int = 4,
                    shots: int = 1, lr: float = 1e-3, seed: int = 0, log_every: int = 50,
-                   distill: float = 0.0) -> list[float]:
+                   distill: float = 0.0, freeze_backbone: bool = False) -> list[float]:
     """AdamW on ``steps`` batches of ``batch`` episodes of the base classes; returns the loss per step.
     ``distill``: weight of the attention distillation loss (:func:`distill_loss`; 0 = off). A model with a
-    memory remembers each episode's prototypes. Progress, the smoothed loss and an ETA are logged every
-    ``log_every`` steps."""
+    memory remembers each episode's prototypes. ``freeze_backbone``: the backbone is not trained; its features
+    of every example and its four flips are computed once, and each step trains the rest on them (many more
+    steps for the same time). Progress, the smoothed loss and an ETA are logged every ``log_every`` steps."""
     if not base:
         raise ValueError("no base class with images to train on")
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    cache = None
+    if freeze_backbone:
+        model.backbone.requires_grad_(False)
+        model.backbone.eval()
+        t0 = time.perf_counter()
+        cache = _flipped_features(model, examples)
+        logger.info("[fewshot-seg] frozen backbone: features of %d examples x 4 flips in %.0f s", len(examples),
+                    time.perf_counter() - t0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     model.train()
+    if freeze_backbone:
+        model.backbone.eval()
     losses, start = [], time.perf_counter()
     for step in range(steps):
-        eps = [_episode(examples, base, shots, rng) for _ in range(batch)]
-        s, sm, q, qm, classes = (torch.stack(x) for x in zip(*eps))
         aux: dict = {}
-        logits = model(s, sm, q, classes=classes, aux=aux)
+        if cache is None:
+            eps = [_episode(examples, base, shots, rng) for _ in range(batch)]
+            s, sm, q, qm, classes = (torch.stack(x) for x in zip(*eps))
+            logits = model(s, sm, q, classes=classes, aux=aux)
+        else:
+            draws = [_episode_draw(examples, base, shots, rng) for _ in range(batch)]
+            classes = torch.tensor([c for c, _, _ in draws])
+            sf = {lv: torch.stack([cache[i][f][lv] for _, idx, fl in draws for i, f in zip(idx[:-1], fl[:-1])])
+                  for lv in model.levels}
+            qf = {lv: torch.stack([cache[idx[-1]][fl[-1]][lv] for _, idx, fl in draws]) for lv in model.levels}
+            sm = torch.stack([_flip(examples[i][1][c].float(), *f) for c, idx, fl in draws
+                              for i, f in zip(idx[:-1], fl[:-1])])
+            qm = torch.stack([_flip(examples[idx[-1]][1][c].float(), *fl[-1]) for c, idx, fl in draws])
+            logits = model.logits(sf, sm, shots, qf, qm.shape[-2:], classes=classes, aux=aux)
         loss = seg_loss(logits, qm)
         if distill:
             loss = loss + distill * distill_loss(aux["fg_maps"], logits[:, 1] - logits[:, 0])
