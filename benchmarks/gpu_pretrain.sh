@@ -20,16 +20,9 @@ PY=${PY:-python3}
 OUT=${OUT:-benchmarks/results/pretrain_gpu}
 NAME=${NAME:-r18_steel_multi_rot1}
 EXCLUDE=${EXCLUDE-inclusion patches}
-DEVICE=cuda
+source benchmarks/gpu_env.sh gpu_pretrain
 AMP=(--amp)
-export STEEL_FSD_DATASETS=${STEEL_FSD_DATASETS:-$PWD/.device/data}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-if ! "$PY" -c "import torch, detectron2; assert torch.cuda.is_available()" 2>/dev/null; then
-  [ "${ALLOW_CPU:-0}" = 1 ] || { echo "gpu_pretrain: needs torch with CUDA and Detectron2 in $PY (ALLOW_CPU=1: smoke run on CPU)" >&2; exit 2; }
-  DEVICE=cpu
-  AMP=()
-fi
+[ "$DEVICE" = cuda ] || AMP=()
 DATASETS=()
 for pair in neu-det:neu_train x-sdd:xsdd_train magnetic-tile:mt_train severstal:severstal_tiled_train; do
   [ -d "$STEEL_FSD_DATASETS/${pair%%:*}" ] && DATASETS+=("${pair#*:}")

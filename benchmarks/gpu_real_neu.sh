@@ -23,14 +23,7 @@ OUT=${OUT:-benchmarks/results}
 ITERS=${ITERS:-1100}
 AMP=${AMP:-True}
 TRAIN_LIMIT=${TRAIN_LIMIT:-200}
-DEVICE=cuda
-export STEEL_FSD_DATASETS=${STEEL_FSD_DATASETS:-$PWD/.device/data}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-if ! "$PY" -c "import torch, detectron2; assert torch.cuda.is_available()" 2>/dev/null; then
-  [ "${ALLOW_CPU:-0}" = 1 ] || { echo "gpu_real_neu: needs torch with CUDA and Detectron2 in $PY (ALLOW_CPU=1: smoke run on CPU)" >&2; exit 2; }
-  DEVICE=cpu
-fi
+source benchmarks/gpu_env.sh gpu_real_neu
 [ -d "$STEEL_FSD_DATASETS/neu-det" ] || { echo "gpu_real_neu: no $STEEL_FSD_DATASETS/neu-det" >&2; exit 2; }
 SCHEDULE=(MODEL.DEVICE "$DEVICE" SOLVER.IMS_PER_BATCH 8 SOLVER.BASE_LR 0.02 SOLVER.MAX_ITER "$ITERS"
           SOLVER.STEPS "($((ITERS * 3 / 4)), $((ITERS * 9 / 10)))" SOLVER.WARMUP_ITERS $((ITERS < 100 ? ITERS / 2 : 100))

@@ -39,6 +39,25 @@ def _drop_log_handlers_on_closed_streams():
                 lg.removeHandler(handler)
 
 
+@pytest.fixture
+def isolated_catalogs():
+    """Run a test on empty dataset catalogs; the names registered before are restored afterwards, and the loaded
+    dataset folders are forgotten. Use with ``pytestmark = pytest.mark.usefixtures("isolated_catalogs")``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from steel_fsd.data.catalog import forget_loaded
+
+    saved = dict(DatasetCatalog), dict(MetadataCatalog)
+    DatasetCatalog.clear()
+    MetadataCatalog.clear()
+    yield
+    DatasetCatalog.clear()
+    MetadataCatalog.clear()
+    DatasetCatalog.update(saved[0])
+    MetadataCatalog.update(saved[1])
+    forget_loaded()
+
+
 def _real(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_dir():

@@ -17,17 +17,7 @@ from steel_fsd.data import (NEU_CLASSES, SEVERSTAL_CLASSES, DatasetError, regist
 SPLITS = ("train", "val", "test")
 
 
-@pytest.fixture(autouse=True)
-def isolated_catalogs():
-    """Run each test on empty catalogs (names registered at import are restored afterwards)."""
-    saved = dict(DatasetCatalog), dict(MetadataCatalog)
-    DatasetCatalog.clear()
-    MetadataCatalog.clear()
-    yield
-    DatasetCatalog.clear()
-    MetadataCatalog.clear()
-    DatasetCatalog.update(saved[0])
-    MetadataCatalog.update(saved[1])
+pytestmark = pytest.mark.usefixtures("isolated_catalogs")
 
 
 @pytest.fixture

@@ -207,15 +207,20 @@ def test_pretrain_exports_the_configs_backbone_and_resumes(tiny_neu, tmp_path, m
     assert len(changed) == sum(k.endswith(".weight") for k in before)
 
 
+def _tool_args(tmp_path, train: str = "t_pre_train") -> tuple[list[str], list[str]]:
+    """(the pretraining tool's common arguments, tiny config overrides) for the synthetic fixtures."""
+    return (["--config-file", "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "--epochs", "1", "--batch", "6"],
+            ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", "()",
+             "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"])
+
+
 def test_pretrain_tool_from_folders_and_its_errors(tiny_neu, tmp_path):
     from pathlib import Path
 
     from steel_fsd.utils.cli import run_main
 
     tool = load_tool("pretrain_backbone")
-    common = ["--config-file", "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "--epochs", "1", "--batch", "6"]
-    opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
-            "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
+    common, opts = _tool_args(tmp_path)
     out = tmp_path / "f.pth"
     assert run_main(tool.main, [*common, "--images", str(tiny_neu / "neu"), "--out", str(out), "--crop", "32",
                                 *opts]) == 0
@@ -402,9 +407,7 @@ def test_pretrain_tool_several_datasets_and_excluded_classes(two_sources, tmp_pa
     from steel_fsd.utils.cli import run_main
 
     tool = load_tool("pretrain_backbone")
-    common = ["--config-file", "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "--epochs", "1", "--batch", "6"]
-    opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_pre_train',)", "DATASETS.TEST", "()",
-            "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
+    common, opts = _tool_args(tmp_path)
     out = tmp_path / "t.pth"
     assert run_main(tool.main, [*common, "--datasets", "t_pre_train", "t_pre_img", "--method", "supervised",
                                 "--exclude-classes", "patches", "bright", "--out", str(out), *opts]) == 0
@@ -420,10 +423,8 @@ def test_pretrain_tool_refuses_a_folder_with_held_out_images(split_neu, tmp_path
     from steel_fsd.utils.cli import run_main
 
     tool = load_tool("pretrain_backbone")
-    opts = ["INPUT.HARMONIZE.RESIZE", "64", "DATASETS.TRAIN", "('t_hold_train',)", "DATASETS.TEST", "()",
-            "OUTPUT_DIR", str(tmp_path / "o"), "INPUT.HARMONIZE.NORMALIZE_MAX_IMAGES", "4"]
-    assert run_main(tool.main, ["--config-file", "configs/demo/faster_rcnn_R18_FPN_synth_neu.yaml", "--epochs", "1",
-                                "--images", str(split_neu), "--out", str(tmp_path / "h.pth"), *opts]) == 2
+    common, opts = _tool_args(tmp_path, "t_hold_train")
+    assert run_main(tool.main, [*common, "--images", str(split_neu), "--out", str(tmp_path / "h.pth"), *opts]) == 2
     assert not (tmp_path / "h.pth").exists()
 
 

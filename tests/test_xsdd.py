@@ -11,7 +11,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from steel_fsd.data import DatasetError, SkipLog, register_all
-from steel_fsd.data.catalog import forget_loaded, register_xsdd, steel_datasets, summary_line
+from steel_fsd.data.catalog import register_xsdd, steel_datasets, summary_line
 from steel_fsd.data.splits import DEFAULT_RATIOS, NEGATIVE, stratified_split, stratum_keys
 from steel_fsd.data.xsdd import XSDD_CLASSES, load_xsdd
 
@@ -20,18 +20,7 @@ SPLITS = ("train", "val", "test")
 FIXTURE = {"red iron": (9, ".jpg"), "slag inclusion": (6, ".jpg"), "finishing roll printing": (5, ".png")}
 
 
-@pytest.fixture(autouse=True)
-def isolated_catalogs():
-    """Run each test on empty catalogs (names registered before are restored afterwards)."""
-    saved = dict(DatasetCatalog), dict(MetadataCatalog)
-    DatasetCatalog.clear()
-    MetadataCatalog.clear()
-    yield
-    DatasetCatalog.clear()
-    MetadataCatalog.clear()
-    DatasetCatalog.update(saved[0])
-    MetadataCatalog.update(saved[1])
-    forget_loaded()
+pytestmark = pytest.mark.usefixtures("isolated_catalogs")
 
 
 def _image(path, h: int, w: int) -> None:

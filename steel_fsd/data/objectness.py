@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.structures import BoxMode
+
+from .subsets import register_derived
 
 logger = logging.getLogger("steel_fsd")
 OBJECTNESS_KEY = "objectness_boxes"
@@ -40,10 +42,4 @@ def register_objectness_view(name: str, parent: str, thing_classes: list[str]) -
                     sum(len(d[OBJECTNESS_KEY]) for d in dicts), parent, sum(not d[OBJECTNESS_KEY] for d in dicts))
         return dicts
 
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, load)
-    pm = MetadataCatalog.get(parent)
-    MetadataCatalog.get(name).set(thing_classes=list(thing_classes), evaluator_type="coco", parent=parent,
-                                  dataset_root=pm.get("dataset_root"), objectness_only=True)
+    register_derived(name, load, parent, list(thing_classes), objectness_only=True)
