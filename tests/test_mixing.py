@@ -64,6 +64,10 @@ def test_mosaic_moves_bitmasks_with_the_boxes_and_resizes_other_sizes():
     # item 3 -> (65,45,70,50) -> (55,35,60,40): inside, kept
     assert sorted(int(c) for c in inst.gt_classes) == [0, 3]
     assert inst.gt_boxes.tensor[inst.gt_classes == 3].tolist() == [[55.0, 35.0, 60.0, 40.0]]
+    mixed = mosaic([_item(10, [[5, 5, 25, 25]], [0])] + items[1:], (40.0, 30.0), min_visible=0.0)
+    assert not mixed["instances"].has("gt_masks") and len(mixed["instances"]) == 2  # a box-only image among them
+    target = _item(10, [[0, 0, 5, 5]], [0])
+    assert copy_paste(target, items[1], 2, np.random.default_rng(0)) is target  # box-only and mask image: nothing
     polys = _item(10, [[5, 5, 25, 25]], [0])
     polys["instances"].gt_masks = PolygonMasks([[np.array([5, 5, 25, 5, 25, 25], dtype=np.float64)]])
     with pytest.raises(ValueError, match="bitmask"):

@@ -13,7 +13,9 @@ the dataset mapper and maps the extra images it draws with it.
   (10 tries each; a defect that finds no free place is not pasted). A defect with a mask is pasted by its mask's
   pixels; a box-only defect (NEU-DET) by its whole box.
 
-Instance masks go along when they are bitmasks (``INPUT.MASK_FORMAT bitmask``); polygon masks are refused.
+Instance masks go along when they are bitmasks (``INPUT.MASK_FORMAT bitmask``); polygon masks are refused. In
+mixed data (box-only images beside images with masks), a mosaic holding a box-only image is box-only, and no
+defect is pasted between a box-only image and one with masks.
 Randomness comes from NumPy's global generator, which Detectron2 seeds per data-loader worker.
 """
 from __future__ import annotations
@@ -64,7 +66,8 @@ def mosaic(items: list[dict], center: tuple[float, float], min_visible: float = 
         raise ValueError(f"mosaic needs 4 images, got {len(items)}")
     c, h, w = items[0]["image"].shape
     canvas = torch.zeros((c, 2 * h, 2 * w), dtype=items[0]["image"].dtype)
-    with_masks = _masks(items[0]["instances"]) is not None
+    # masks go along only when every image has them (a box-only image among them: a box-only mosaic)
+    with_masks = all(_masks(it["instances"]) is not None for it in items)
     boxes, classes, masks = [], [], []
     for k, item in enumerate(items):
         img, inst = _resized(item, h, w)
@@ -105,8 +108,8 @@ def copy_paste(target: dict, donor: dict, max_objects: int, rng: np.random.Gener
     dimg, dinst = donor["image"], donor["instances"]
     boxes, classes = inst.gt_boxes.tensor.clone(), inst.gt_classes.clone()
     tmasks, dmasks = _masks(inst), _masks(dinst)
-    if (tmasks is None) != (dmasks is None):
-        raise ValueError("copy-paste needs both images with masks or both without")
+    if (tmasks is None) != (dmasks is None):  # a box-only image and a mask image (mixed data): nothing pasted
+        return target
     new_masks = [tmasks] if tmasks is not None else []
     order = rng.permutation(len(dinst))[:max_objects] if len(dinst) else []
     for i in order:
