@@ -347,12 +347,18 @@ def test_sharded_weights_round_trip_and_errors(tmp_path):
     twin = torchvision.models.resnet18()
     SafeCheckpointer(twin).load(path)  # the checkpointer reads the index as one file
     assert all(torch.equal(twin.state_dict()[k], weights[k]) for k in weights)
+    piece1 = (tmp_path / names[1]).read_bytes()
     (tmp_path / names[1]).unlink()
     with pytest.raises(WeightsReadError, match=r"w\.pth: its piece .*w\.pth\.part1 is missing"):
         read_weights_file(path)
-    torch.save({"steel_fsd.shards": ["w.pth"], "tensors": 1}, tmp_path / names[1])  # a piece naming an index
-    with pytest.raises(WeightsReadError, match="itself an index"):
+    torch.save({"model": {"x": torch.zeros(1)}}, tmp_path / names[1])  # another file in its place
+    with pytest.raises(WeightsReadError, match="not the one it was written with"):
         read_weights_file(path)
+    (tmp_path / names[1]).write_bytes(piece1)
+    torch.save({"steel_fsd.shards": ["w.pth"], "tensors": 1}, tmp_path / "idx.pth")  # a piece naming an index
+    torch.save({"steel_fsd.shards": ["idx.pth"], "tensors": 1}, tmp_path / "outer.pth")
+    with pytest.raises(WeightsReadError, match="itself an index"):
+        read_weights_file(str(tmp_path / "outer.pth"))
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import zipfile
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..utils.io import atomic_open
+from ..utils.io import atomic_open, file_sha256
 
 logger = logging.getLogger("steel_fsd")
 
@@ -121,13 +121,15 @@ def read_weights_file(path: str, _piece: bool = False) -> dict:
     return _zoo_format(data) if path.endswith(".pkl") else data
 
 
-SHARDS_KEY = "steel_fsd.shards"  # an index file: {SHARDS_KEY: [piece file names beside it], "tensors": count}
+# an index file: {SHARDS_KEY: [piece file names beside it], "sha256": [their sha256], "tensors": count}
+SHARDS_KEY = "steel_fsd.shards"
 
 
 def save_sharded(weights: dict[str, torch.Tensor], path: str, max_bytes: int) -> list[str]:
     """Write ``{"model": weights}`` as pieces of at most ``max_bytes`` of tensor data each (``<path>.part<i>``,
     whole tensors; one tensor larger than that is a piece of its own) and an index at ``path`` that
-    :func:`read_weights_file` reads as the whole. Returns the piece file names."""
+    :func:`read_weights_file` reads as the whole. The index holds each piece's sha256 (checked on reading), so the
+    index's own hash stands for the whole. Returns the piece file names."""
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     groups: list[dict[str, torch.Tensor]] = [{}]
@@ -139,21 +141,30 @@ def save_sharded(weights: dict[str, torch.Tensor], path: str, max_bytes: int) ->
             size = 0
         groups[-1][k], size = v, size + n
     names = [f"{os.path.basename(path)}.part{i}" for i in range(len(groups))]
+    digests = []
     for name, group in zip(names, groups):
-        atomic_save({"model": group}, os.path.join(os.path.dirname(path) or ".", name))
-    atomic_save({SHARDS_KEY: names, "tensors": len(weights)}, path)
+        piece = os.path.join(os.path.dirname(path) or ".", name)
+        atomic_save({"model": group}, piece)
+        digests.append(file_sha256(piece))
+    atomic_save({SHARDS_KEY: names, "sha256": digests, "tensors": len(weights)}, path)
     return names
 
 
 def _join_shards(path: str, index: dict) -> dict:
     names, joined = index[SHARDS_KEY], {}
-    if not isinstance(names, list) or not all(isinstance(n, str) and os.path.basename(n) == n for n in names):
-        raise WeightsReadError(f"{path}: a weights index must list piece file names in its own folder")
-    for name in names:
+    digests = index.get("sha256") or [None] * len(names)
+    if not isinstance(names, list) or not all(isinstance(n, str) and os.path.basename(n) == n for n in names) \
+            or len(digests) != len(names):
+        raise WeightsReadError(f"{path}: a weights index must list piece file names in its own folder (and their "
+                               "sha256)")
+    for name, digest in zip(names, digests):
         piece = os.path.join(os.path.dirname(path) or ".", name)
         if not os.path.isfile(piece):
             raise WeightsReadError(f"{path}: its piece {piece} is missing (copy every {os.path.basename(path)}.part* "
                                    "file beside it)")
+        if digest is not None and file_sha256(piece) != digest:
+            raise WeightsReadError(f"{path}: its piece {piece} is not the one it was written with (sha256 differs): "
+                                   "copy the pieces written with this index")
         joined.update(read_weights_file(piece, _piece=True).get("model", {}))
     if len(joined) != index.get("tensors", len(joined)):
         raise WeightsReadError(f"{path}: its pieces hold {len(joined)} tensors, the index says {index['tensors']}")
