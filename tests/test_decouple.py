@@ -46,6 +46,7 @@ def _backbone_grad(model, keys) -> torch.Tensor:
                       for p in model.backbone.parameters()])
 
 
+@pytest.mark.slow
 def test_backbone_gradient_is_the_branch_gradients_times_their_factors():
     torch.manual_seed(0)
     model = build_model(build_config(CFG, GDL + ["MODEL.GDL.RPN_SCALE", "1.0", "MODEL.GDL.ROI_SCALE", "1.0"])).train()

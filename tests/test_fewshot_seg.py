@@ -261,6 +261,7 @@ def test_load_segmenter_round_trip_and_bad_files_name_the_file(tmp_path):
         load_segmenter(cfg, str(tmp_path / "module.pth"))
 
 
+@pytest.mark.slow
 def test_switches_train_remember_base_classes_and_round_trip(tmp_path):
     """Context adaptation, memory and distillation on together: training fills the memory with base classes
     only, and the saved segmenter loads back with its switches and memory, predicting the same."""
@@ -289,6 +290,7 @@ def test_switches_train_remember_base_classes_and_round_trip(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_frozen_backbone_trains_on_cached_features_with_the_same_first_loss():
     """With ``freeze_backbone`` the first step's loss equals the full model's on the same episodes (the cached
     features of the flipped images are the backbone's), the backbone stays as it was and the rest learns."""

@@ -379,6 +379,7 @@ def two_sources(tiny_neu):
     return tiny_neu
 
 
+@pytest.mark.slow
 def test_multi_source_supervised_and_simclr_with_a_held_out_probe(two_sources, tmp_path):
     from detectron2.data import DatasetCatalog
 
@@ -434,6 +435,7 @@ def test_pretrain_tool_refuses_a_folder_with_held_out_images(split_neu, tmp_path
     assert not (tmp_path / "h.pth").exists()
 
 
+@pytest.mark.slow
 def test_pretrain_time_budget_stops_after_the_epoch_that_spends_it(tiny_neu, tmp_path):
     from detectron2.data import DatasetCatalog
 
