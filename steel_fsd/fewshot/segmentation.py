@@ -200,7 +200,7 @@ def segment(model: FewShotSegmenter, methods, support: torch.Tensor, masks: torc
     return out
 
 
-THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)  # defect-probability thresholds scored (choose one on val)
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # defect-probability thresholds scored (choose on val)
 
 
 def evaluate_fold(model: FewShotSegmenter, train_examples, test_examples, novel: int, class_name: str,
