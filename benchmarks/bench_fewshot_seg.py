@@ -119,10 +119,10 @@ def summaries(records: list[dict], classes: list[str], split: str) -> dict:
 
 
 def report(records: list[dict], classes: list[str]) -> dict:
-    """Per method and K: the validation and test rows at probability 0.5, and the test row at the threshold with
-    the best mean validation mIoU (``chosen_on_val``)."""
+    """Per method and K: the validation and test rows at probability 0.5, and the validation and test rows at the
+    threshold with the best mean validation mIoU (the validation one is what switches are chosen on)."""
     val, test = summaries(records, classes, "val"), summaries(records, classes, "test")
-    out = {"val_at_0.5": {}, "test_at_0.5": {}, "test_at_val_threshold": {}}
+    out = {"val_at_0.5": {}, "test_at_0.5": {}, "val_at_val_threshold": {}, "test_at_val_threshold": {}}
     for (m, k, t), row in test.items():
         if t == 0.5:
             out["test_at_0.5"][f"{m}, K={k}"] = row
@@ -133,6 +133,7 @@ def report(records: list[dict], classes: list[str]) -> dict:
                    if (mm, kk) == (m, k) and row["mIoU"]["mean"] is not None]
         if options:
             best = max(options)[2]
+            out["val_at_val_threshold"][f"{m}, K={k}"] = val[(m, k, best)]
             out["test_at_val_threshold"][f"{m}, K={k}"] = test[(m, k, best)]
     return out
 
