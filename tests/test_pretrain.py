@@ -321,7 +321,7 @@ def test_held_out_images_are_refused(split_neu):
     from steel_fsd.pretrain.sources import check_no_held_out, held_out_files
     from steel_fsd.utils.cli import UserError
 
-    held = held_out_files()
+    held = held_out_files([d["file_name"] for d in DatasetCatalog.get("t_hold_train")])
     assert {f for f, n in held.items() if n.startswith("t_hold_")} == {
         str(Path(d["file_name"]).resolve()) for s in ("val", "test") for d in DatasetCatalog.get(f"t_hold_{s}")}
     check_no_held_out(DatasetCatalog.get("t_hold_train"), "--datasets")  # the training split passes

@@ -32,17 +32,28 @@ def image_classes(d: dict) -> set[int]:
     return {int(a["category_id"]) for a in d.get("annotations", [])} | {int(c) for c in d.get("image_labels", [])}
 
 
-def held_out_files(exclude_names: tuple[str, ...] = ()) -> dict[str, str]:
-    """``{real path of an image file: registered split holding it}`` over every registered steel dataset whose
-    split is validation or test (``exclude_names``: datasets not to load)."""
+def held_out_files(files: list[str] | None = None) -> dict[str, str]:
+    """``{real path of an image file: registered split holding it}`` over the registered steel datasets whose split
+    is validation or test; with ``files``, only the datasets whose root folder holds one of them are read."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from ..data.catalog import steel_datasets
 
+    folders = None if files is None else {os.path.dirname(os.path.realpath(f)) for f in files}
+
+    def relevant(root) -> bool:
+        if folders is None:
+            return True
+        if not root:
+            return False
+        root = os.path.realpath(root)
+        return any(f == root or f.startswith(root + os.sep) for f in folders)
+
     out: dict[str, str] = {}
     for name in steel_datasets():
         meta = MetadataCatalog.get(name)
-        if name in exclude_names or meta.get("split") not in HELD_OUT_SPLITS or meta.get("parts") is not None:
+        if meta.get("split") not in HELD_OUT_SPLITS or meta.get("parts") is not None or \
+                not relevant(meta.get("dataset_root")):
             continue  # (a union's parts are registered on their own)
         for d in DatasetCatalog.get(name):
             out.setdefault(os.path.realpath(d["file_name"]), name)
@@ -51,8 +62,9 @@ def held_out_files(exclude_names: tuple[str, ...] = ()) -> dict[str, str]:
 
 def check_no_held_out(dicts: list[dict], where: str) -> None:
     """``UserError`` naming the first offending file and split if an image of ``dicts`` is in a validation or
-    test split of a registered steel dataset (compared by real file path, so tiles of a held-out strip count)."""
-    held = held_out_files()
+    test split of a registered steel dataset (compared by real file path, so tiles of a held-out strip count).
+    Only the datasets whose folders hold some of these images are read."""
+    held = held_out_files([d["file_name"] for d in dicts])
     bad = [(d["file_name"], held[p]) for d in dicts if (p := os.path.realpath(d["file_name"])) in held]
     if bad:
         raise UserError(f"{len(bad)} pretraining images belong to held-out splits (first: {bad[0][0]} in "
