@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.structures.boxes import pairwise_intersection
 
 __all__ = ["MixingMapper", "mosaic", "copy_paste", "mixing_enabled"]
 
@@ -92,14 +93,6 @@ def mosaic(items: list[dict], center: tuple[float, float], min_visible: float = 
     return dict(items[0], image=canvas[:, y0:y0 + h, x0:x0 + w].contiguous(), instances=out)
 
 
-def _overlaps(box: torch.Tensor, others: torch.Tensor) -> bool:
-    if len(others) == 0:
-        return False
-    ix = (torch.minimum(box[2], others[:, 2]) - torch.maximum(box[0], others[:, 0])).clamp(min=0)
-    iy = (torch.minimum(box[3], others[:, 3]) - torch.maximum(box[1], others[:, 1])).clamp(min=0)
-    return bool(((ix * iy) > 0).any())
-
-
 def copy_paste(target: dict, donor: dict, max_objects: int, rng: np.random.Generator) -> dict:
     """Paste up to ``max_objects`` of ``donor``'s defects (chosen at random) into ``target`` at random free
     places (see the module docstring); returns the new item. Both are mapped items of the same channel count."""
@@ -121,7 +114,7 @@ def copy_paste(target: dict, donor: dict, max_objects: int, rng: np.random.Gener
         for _ in range(_PASTE_TRIES):
             tx, ty = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
             new = torch.tensor([tx, ty, tx + bw, ty + bh], dtype=torch.float32)
-            if not _overlaps(new, boxes):
+            if not (pairwise_intersection(Boxes(new[None]), Boxes(boxes)) > 0).any():
                 break
         else:
             continue

@@ -38,7 +38,7 @@ def _sorted_by_key(dicts: Iterable[dict]) -> list[dict]:
     return out
 
 
-def _classes(d: dict) -> set[int]:
+def image_classes(d: dict) -> set[int]:
     """The classes an image holds: those of its boxes and its ``image_labels`` (image-level sets, e.g. X-SDD)."""
     return {int(a["category_id"]) for a in d.get("annotations", [])} | {int(c) for c in d.get("image_labels", [])}
 
@@ -50,7 +50,7 @@ def stratum_keys(dicts: Iterable[dict]) -> dict[str, int]:
     "Rarest" = the class with the fewest images (over all of ``dicts``) among those the image
     contains; ties go to the lower class id.
     """
-    classes = {d["image_key"]: _classes(d) for d in dicts}
+    classes = {d["image_key"]: image_classes(d) for d in dicts}
     freq = Counter(c for cs in classes.values() for c in cs)
     return {k: min(cs, key=lambda c: (freq[c], c)) if cs else NEGATIVE for k, cs in classes.items()}
 
@@ -163,11 +163,11 @@ def _split_summary(split: list[dict], class_names: Sequence[str] | None) -> dict
         return class_names[c] if class_names is not None else str(c)
 
     boxes = Counter(int(a["category_id"]) for d in split for a in d.get("annotations", []))
-    images = Counter(c for d in split for c in _classes(d))
+    images = Counter(c for d in split for c in image_classes(d))
     ids = sorted(set(boxes) | (set(range(len(class_names))) if class_names is not None else set()))
     return {
         "images": len(split),
-        "negative_images": sum(1 for d in split if not _classes(d)),
+        "negative_images": sum(1 for d in split if not image_classes(d)),
         "boxes": sum(boxes.values()),
         "class_images": {name(c): images[c] for c in ids},
         "class_boxes": {name(c): boxes[c] for c in ids},

@@ -20,16 +20,12 @@ import os
 
 import torch
 
+from ..data.splits import image_classes
 from ..utils.errors import UserError
 
 logger = logging.getLogger("steel_fsd")
 SOURCE_KEY = "pretrain_source"
 HELD_OUT_SPLITS = ("val", "test")
-
-
-def image_classes(d: dict) -> set[int]:
-    """Class ids an image holds: its boxes' classes and its image-level labels (``image_labels``)."""
-    return {int(a["category_id"]) for a in d.get("annotations", [])} | {int(c) for c in d.get("image_labels", [])}
 
 
 def held_out_files(files: list[str] | None = None) -> dict[str, str]:

@@ -27,7 +27,8 @@ import torchvision.transforms.v2 as T2
 from ..utils.errors import UserError
 from ..utils.io import write_json
 from .contrastive import SupportQueue, nnclr_loss, nt_xent
-from .sources import SOURCE_KEY, image_classes, label_targets, source_masks
+from ..data.splits import image_classes
+from .sources import SOURCE_KEY, label_targets, source_masks
 
 logger = logging.getLogger("steel_fsd")
 METHODS = ("simclr", "nnclr", "supervised", "supervised+simclr")
