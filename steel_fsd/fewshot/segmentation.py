@@ -63,7 +63,7 @@ def _flip(x: torch.Tensor, h: bool, v: bool) -> torch.Tensor:
     return x.flip(dims) if dims else x
 
 
-def _episode_draw(examples, base: dict[int, list[int]], shots: int, rng: np.random.Generator):
+def _episode_draw(base: dict[int, list[int]], shots: int, rng: np.random.Generator):
     """(class, support indices + query index, their (h, v) flips) of one episode of a base class."""
     c = int(rng.choice(sorted(base)))
     q = int(rng.choice(base[c]))
@@ -73,7 +73,7 @@ def _episode_draw(examples, base: dict[int, list[int]], shots: int, rng: np.rand
 
 
 def _episode(examples, base: dict[int, list[int]], shots: int, rng: np.random.Generator):
-    c, idx, flips = _episode_draw(examples, base, shots, rng)
+    c, idx, flips = _episode_draw(base, shots, rng)
     imgs = [_flip(examples[i][0], *f) for i, f in zip(idx, flips)]
     masks = [_flip(examples[i][1][c].float(), *f) for i, f in zip(idx, flips)]
     return torch.stack(imgs[:-1]), torch.stack(masks[:-1]), imgs[-1], masks[-1], torch.tensor(c)
@@ -132,7 +132,7 @@ def train_episodes(model: FewShotSegmenter, examples, base: dict[int, list[int]]
             s, sm, q, qm, classes = (torch.stack(x) for x in zip(*eps))
             logits = model(s, sm, q, classes=classes, aux=aux)
         else:
-            draws = [_episode_draw(examples, base, shots, rng) for _ in range(batch)]
+            draws = [_episode_draw(base, shots, rng) for _ in range(batch)]
             classes = torch.tensor([c for c, _, _ in draws])
             sf = {lv: torch.stack([cache[i][f][lv] for _, idx, fl in draws for i, f in zip(idx[:-1], fl[:-1])])
                   for lv in model.levels}
