@@ -99,3 +99,5 @@ def test_backbone_outputs_of_several_widths_are_refused():
     plain.backbone.output_shape = lambda: {"p2": ShapeSpec(channels=256, stride=4), "p3": ShapeSpec(channels=128, stride=8)}
     with pytest.raises(ValueError, match="one width"):
         DecoupledRCNN(**kwargs)
+    with pytest.raises(ValueError, match="RPN_SCALE -1.0"):
+        build_model(build_config(CFG, GDL + ["MODEL.GDL.RPN_SCALE", "-1.0"]))

@@ -63,6 +63,8 @@ class DecoupledRCNN(GeneralizedRCNN):
     @configurable
     def __init__(self, *, rpn_scale: float, roi_scale: float, **kwargs):
         super().__init__(**kwargs)
+        if rpn_scale < 0 or roi_scale < 0:
+            raise ValueError(f"MODEL.GDL.RPN_SCALE {rpn_scale} / ROI_SCALE {roi_scale}: gradient factors must be >= 0")
         channels = {s.channels for s in self.backbone.output_shape().values()}
         if len(channels) != 1:
             raise ValueError(f"DecoupledRCNN needs backbone outputs of one width, got {sorted(channels)}")
