@@ -20,7 +20,9 @@ from steel_fsd.evaluation.aggregate import mean_ci, read_cell
 from scipy import stats
 
 ROWS = {"cross_neu-mt": ["prototype", "prototype_pcb", "prototype_ft", "finetune", "tfa"],
-        "cross_neu-severstal": ["prototype", "prototype_pcb", "prototype_ft", "finetune"]}
+        "cross_neu-severstal": ["prototype", "prototype_pcb", "prototype_ft", "finetune"],
+        "cross_mt-neu": ["prototype", "prototype_pcb", "prototype_ft", "finetune"],
+        "cross_severstal-neu": ["prototype", "prototype_pcb", "prototype_ft", "finetune", "tfa"]}
 
 
 def main() -> None:
@@ -29,7 +31,11 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for setting, methods in ROWS.items():
-        yolo = json.loads((RESULTS / f"yolo_{setting}.json").read_text())["cross"]["shots"]
+        results = RESULTS / f"yolo_{setting}.json"
+        if not results.is_file():
+            print(f"{setting}: no YOLO results ({results.name}); skipped")
+            continue
+        yolo = json.loads(results.read_text())["cross"]["shots"]
         for k in (5, 10):
             per_seed = yolo[str(k)]["per_seed"]
             for m in methods:
